@@ -364,7 +364,14 @@ class FineTuneJobStatus(Model):
 
     phase: Optional[Phase] = None
     observed_generation: Optional[int] = None
+    reason: Optional[str] = Field(
+        default=None, description="Machine-readable reason of the current phase (CamelCase)."
+    )
     message: Optional[str] = None
+    spec_hash: Optional[str] = Field(
+        default=None,
+        description="Hash of the spec (without suspend) that the phase and children belong to.",
+    )
     conditions: list[Condition] = Field(default_factory=list)
     progress: Optional[Progress] = None
     dataset: Optional[DatasetStatus] = None

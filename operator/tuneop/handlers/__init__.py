@@ -1,0 +1,59 @@
+"""The operator process: kopf handlers of tuneop's resources, and :func:`run_operator`."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+from ..builders.finetunejob import DEFAULT_IMAGE
+
+
+def run_operator(
+    namespaces: Optional[list[str]] = None,
+    metrics_port: Optional[int] = 8080,
+    image: str = DEFAULT_IMAGE,
+    *,
+    metrics_addr: str = "0.0.0.0",
+    liveness_endpoint: Optional[str] = None,
+    progress_interval: float = 15.0,
+    verbose: bool = False,
+    debug: bool = False,
+    stop_flag: Optional[threading.Event] = None,
+    ready_flag: Optional[threading.Event] = None,
+) -> None:
+    """Run the operator until stopped (blocks; `tuneop operator` calls this).
+
+    namespaces: watch these namespaces; None or [] watches the whole cluster.
+    metrics_port: serve Prometheus /metrics on metrics_addr:metrics_port (None: no server).
+    image: the trainer image for FineTuneJobs without spec.image.
+    liveness_endpoint: e.g. "http://0.0.0.0:8081/healthz" (kopf's probe endpoint).
+    One replica (Recreate): kopf runs standalone, without peering.
+    """
+    import kopf
+
+    from .. import metrics
+    from . import finetunejob
+
+    kopf.configure(verbose=verbose, debug=debug)
+    registry = kopf.OperatorRegistry()
+    finetunejob.register(
+        registry,
+        finetunejob.OperatorConfig(image=image, progress_interval=progress_interval),
+    )
+    if metrics_port:
+        metrics.start_metrics_server(metrics_port, metrics_addr)
+    kwargs: dict[str, Any] = {}
+    if namespaces:
+        kwargs["namespaces"] = list(namespaces)
+    else:
+        kwargs["clusterwide"] = True
+    kopf.run(
+        registry=registry,
+        standalone=True,
+        liveness_endpoint=liveness_endpoint,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        **kwargs,
+    )
+
+
+__all__ = ["run_operator"]

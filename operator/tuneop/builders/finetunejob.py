@@ -1,0 +1,458 @@
+"""Manifests of a FineTuneJob's children (backend: kubernetes). Pure: dict in, dict out.
+
+Children, all named from the owner and adopted by it (ownerReferences, controller, so that
+deleting the FineTuneJob garbage-collects them):
+
+- ConfigMap ``<name>-config``: key ``job.json`` = the resolved job config (``jobconfig.resolve``).
+- Job ``<name>-validate``: CPU-only ``python -m tuneop.trainer --config ... --validate-only`` with
+  the same data mounts, read-only. Created only when a dataset lives in a PVC or at a URL.
+- Job ``<name>-train``: the trainer; ``torchrun`` when gpus > 1 or nodes > 1; an Indexed Job
+  plus the headless Service ``<name>-train`` (pod DNS ``<name>-train-<i>.<name>-train``) when
+  nodes > 1.
+
+Every child carries the ``tuneop.dev/spec-hash`` annotation: a hash of the spec without
+``suspend``. The reducer in ``status.py`` uses it to tell children of the current spec from
+children of an older one (a suspend toggle changes the generation, not the children).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from typing import Any, Optional
+
+from ..api.common import API_VERSION
+from ..api.finetunejob import KIND, FineTuneJobSpec, parse_spec
+from ..jobconfig import CONFIG_KEY, pod_configmap_dir, pod_pvc_dir, resolve
+
+DEFAULT_IMAGE = "ghcr.io/tuneop/trainer:latest"
+CONFIG_DIR = "/etc/tuneop"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+TERMINATION_LOG = "/dev/termination-log"
+TRAINER_CONTAINER = "trainer"
+VALIDATOR_CONTAINER = "validate"
+RDZV_PORT = 29500
+RUN_AS_USER = 1000
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+APP_NAME = "app.kubernetes.io/name"
+COMPONENT = "app.kubernetes.io/component"
+OWNER_LABEL = "tuneop.dev/finetunejob"
+GENERATION_LABEL = "tuneop.dev/generation"
+SPEC_HASH_ANNOTATION = "tuneop.dev/spec-hash"
+JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+VALIDATE_RESOURCES = {
+    "requests": {"cpu": "100m", "memory": "256Mi"},
+    "limits": {"cpu": "1", "memory": "2Gi"},
+}
+VALIDATE_BACKOFF_LIMIT = 1
+VALIDATE_DEADLINE_SECONDS = 1800
+
+
+# ---------------------------------------------------------------------------------- names
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def validation_job_name(name: str) -> str:
+    return f"{name}-validate"
+
+
+def training_job_name(name: str) -> str:
+    return f"{name}-train"
+
+
+def service_name(name: str) -> str:
+    return f"{name}-train"
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _spec_of(ftj: dict[str, Any], spec: Optional[FineTuneJobSpec]) -> FineTuneJobSpec:
+    return spec if spec is not None else parse_spec(ftj.get("spec") or {})
+
+
+def spec_hash(spec: FineTuneJobSpec | dict[str, Any]) -> str:
+    """Hash of everything in the spec that changes what is trained (i.e. all but ``suspend``)."""
+    data = spec.to_dict() if isinstance(spec, FineTuneJobSpec) else dict(spec)
+    data.pop("suspend", None)
+    raw = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def labels(ftj: dict[str, Any], component: str) -> dict[str, str]:
+    meta = ftj.get("metadata") or {}
+    return {
+        MANAGED_BY: "tuneop",
+        APP_NAME: "tuneop",
+        COMPONENT: component,
+        OWNER_LABEL: meta["name"],
+        GENERATION_LABEL: str(meta.get("generation", 1)),
+    }
+
+
+def owner_reference(ftj: dict[str, Any]) -> dict[str, Any]:
+    meta = ftj.get("metadata") or {}
+    ref = {
+        "apiVersion": ftj.get("apiVersion", API_VERSION),
+        "kind": ftj.get("kind", KIND),
+        "name": meta["name"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    if meta.get("uid"):
+        ref["uid"] = meta["uid"]
+    return ref
+
+
+def _metadata(
+    ftj: dict[str, Any], name: str, component: str, spec: FineTuneJobSpec
+) -> dict[str, Any]:
+    meta = ftj.get("metadata") or {}
+    out: dict[str, Any] = {
+        "name": name,
+        "labels": labels(ftj, component),
+        "annotations": {SPEC_HASH_ANNOTATION: spec_hash(spec)},
+        "ownerReferences": [owner_reference(ftj)],
+    }
+    if meta.get("namespace"):
+        out["namespace"] = meta["namespace"]
+    return out
+
+
+def resolved_config(ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None) -> dict[str, Any]:
+    return resolve(ftj.get("metadata") or {}, _spec_of(ftj, spec))
+
+
+def output_dir(spec: FineTuneJobSpec) -> str:
+    p = spec.output.pvc
+    return posixpath.join(pod_pvc_dir(p.claim_name), p.path) if p.path else pod_pvc_dir(p.claim_name)
+
+
+def adapter_location(spec: FineTuneJobSpec) -> str:
+    """``pvc://<claim>/<path>/adapter``: where the adapter ends up (status.adapter.location)."""
+    p = spec.output.pvc
+    path = posixpath.join(p.path, "adapter") if p.path else "adapter"
+    return f"pvc://{p.claim_name}/{path}"
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
+    """Every distinct PVC the pods mount, in a stable order (datasets, output, model)."""
+    claims: list[str] = []
+    for src in (spec.dataset.train, spec.dataset.validation, spec.dataset.test):
+        if src is not None and src.pvc is not None:
+            claims.append(src.pvc.claim_name)
+    claims.append(spec.output.pvc.claim_name)
+    if spec.model_volume is not None:
+        claims.append(spec.model_volume.claim_name)
+    return list(dict.fromkeys(claims))
+
+
+def dataset_config_maps(spec: FineTuneJobSpec) -> list[str]:
+    names = [
+        src.config_map.name
+        for src in (spec.dataset.train, spec.dataset.validation, spec.dataset.test)
+        if src is not None and src.config_map is not None
+    ]
+    return list(dict.fromkeys(names))
+
+
+def needs_validation_job(spec: FineTuneJobSpec) -> bool:
+    """PVC and URL datasets are checked by the ``<name>-validate`` Job; ConfigMaps by the operator."""
+    return any(
+        src is not None and src.config_map is None
+        for src in (spec.dataset.train, spec.dataset.validation, spec.dataset.test)
+    )
+
+
+def _volumes(
+    ftj: dict[str, Any], spec: FineTuneJobSpec, *, read_only_output: bool, shm: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    name = ftj["metadata"]["name"]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(name)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+    ]
+    output_claim = spec.output.pvc.claim_name
+    for i, claim in enumerate(pvc_claims(spec)):
+        writable = claim == output_claim and not read_only_output
+        vol = f"pvc-{i}"
+        volumes.append(
+            {"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}}
+        )
+        mounts.append({"name": vol, "mountPath": pod_pvc_dir(claim), "readOnly": not writable})
+    for i, cm in enumerate(dataset_config_maps(spec)):
+        vol = f"dataset-cm-{i}"
+        volumes.append({"name": vol, "configMap": {"name": cm}})
+        mounts.append({"name": vol, "mountPath": pod_configmap_dir(cm), "readOnly": True})
+    if shm:
+        empty: dict[str, Any] = {"medium": "Memory"}
+        if spec.resources.shm_size:
+            empty["sizeLimit"] = spec.resources.shm_size
+        volumes.append({"name": "dshm", "emptyDir": empty})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _env(spec: FineTuneJobSpec, *, hf_home: str) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "TUNEOP_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HF_HOME", "value": hf_home},
+    ]
+    if spec.hf_token_secret_ref is not None:
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": spec.hf_token_secret_ref.name,
+                        "key": spec.hf_token_secret_ref.key,
+                    }
+                },
+            }
+        )
+    return env
+
+
+def _exit_code_2_fails_job(container: str) -> dict[str, Any]:
+    """Exit code 2 = user error (bad data/config/hardware): fail at once, don't retry.
+    Evictions and preemptions (DisruptionTarget) don't count against backoffLimit."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": container, "operator": "In", "values": [2]},
+            },
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+        ]
+    }
+
+
+# ---------------------------------------------------------------------------------- builders
+
+
+def build_config_map(
+    ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None
+) -> dict[str, Any]:
+    """ConfigMap ``<name>-config`` holding the resolved job config as ``job.json``."""
+    spec = _spec_of(ftj, spec)
+    name = ftj["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(ftj, config_map_name(name), "config", spec),
+        "data": {CONFIG_KEY: json.dumps(resolved_config(ftj, spec), indent=2, sort_keys=True)},
+    }
+
+
+def build_validation_job(
+    ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None, *, image: str = DEFAULT_IMAGE
+) -> dict[str, Any]:
+    """Job ``<name>-validate``: CPU only, every mount read-only, small resources."""
+    spec = _spec_of(ftj, spec)
+    name = ftj["metadata"]["name"]
+    meta = _metadata(ftj, validation_job_name(name), "validate", spec)
+    volumes, mounts = _volumes(ftj, spec, read_only_output=True, shm=False)
+    container = {
+        "name": VALIDATOR_CONTAINER,
+        "image": spec.image or image,
+        "command": ["python", "-m", "tuneop.trainer", "--config", CONFIG_PATH, "--validate-only"],
+        "env": _env(spec, hf_home="/tmp/hf-home"),
+        "resources": VALIDATE_RESOURCES,
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security_context(),
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    # No GPU and no nodeSelector/tolerations of the training pods: it must not wait for a GPU node.
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": VALIDATE_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": VALIDATE_DEADLINE_SECONDS,
+            "podFailurePolicy": _exit_code_2_fails_job(VALIDATOR_CONTAINER),
+            "template": {
+                "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def trainer_command(ftj: dict[str, Any], spec: FineTuneJobSpec) -> list[str]:
+    """``python -m tuneop.trainer`` for one process; ``torchrun`` for several GPUs or nodes."""
+    name = ftj["metadata"]["name"]
+    nodes = spec.resources.nodes
+    gpus = spec.resources.gpus
+    tail = ["-m", "tuneop.trainer", "--config", CONFIG_PATH]
+    if nodes <= 1 and gpus <= 1:
+        return ["python", *tail]
+    nproc = str(max(gpus, 1))
+    if nodes <= 1:
+        return ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", nproc, *tail]
+    return [
+        "torchrun",
+        "--nnodes", str(nodes),
+        "--nproc-per-node", nproc,
+        "--node-rank", "$(JOB_COMPLETION_INDEX)",
+        "--rdzv-backend", "static",
+        "--master-addr", f"{training_job_name(name)}-0.{service_name(name)}",
+        "--master-port", str(RDZV_PORT),
+        *tail,
+    ]
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    r = spec.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if r.cpu:
+        requests["cpu"] = limits["cpu"] = r.cpu
+    if r.memory:
+        requests["memory"] = limits["memory"] = r.memory
+    if r.gpus > 0:
+        limits[r.gpu_resource_name] = r.gpus
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def build_training_job(
+    ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None, *, image: str = DEFAULT_IMAGE
+) -> dict[str, Any]:
+    """Job ``<name>-train`` (Indexed, one pod per node, when nodes > 1)."""
+    spec = _spec_of(ftj, spec)
+    name = ftj["metadata"]["name"]
+    meta = _metadata(ftj, training_job_name(name), "train", spec)
+    volumes, mounts = _volumes(ftj, spec, read_only_output=False, shm=True)
+    nodes = spec.resources.nodes
+    env = _env(spec, hf_home=posixpath.join(output_dir(spec), ".hf-home"))
+    if nodes > 1:
+        env.insert(
+            0,
+            {
+                "name": "JOB_COMPLETION_INDEX",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{JOB_INDEX_ANNOTATION}']"}
+                },
+            },
+        )
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or image,
+        "command": trainer_command(ftj, spec),
+        "env": env,
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security_context(),
+    }
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
+    if nodes > 1:
+        container["ports"] = [{"name": "rdzv", "containerPort": RDZV_PORT}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.to_dict() for t in spec.resources.tolerations]
+    if nodes > 1:
+        pod_spec["subdomain"] = service_name(name)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.max_retries,
+        "suspend": bool(spec.suspend),
+        "podFailurePolicy": _exit_code_2_fails_job(TRAINER_CONTAINER),
+        "template": {
+            "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if nodes > 1:
+        job_spec.update(
+            {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
+        )
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def build_headless_service(
+    ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None
+) -> Optional[dict[str, Any]]:
+    """Headless Service ``<name>-train`` for the pods of a multi-node Job; None for one node."""
+    spec = _spec_of(ftj, spec)
+    if spec.resources.nodes <= 1:
+        return None
+    name = ftj["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ftj, service_name(name), "train", spec),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {OWNER_LABEL: name, COMPONENT: "train"},
+            "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}],
+        },
+    }
+
+
+def build_children(
+    ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None, *, image: str = DEFAULT_IMAGE
+) -> list[dict[str, Any]]:
+    """Everything for `tuneop render`: config, validation Job (if needed), Service, training Job."""
+    spec = _spec_of(ftj, spec)
+    out = [build_config_map(ftj, spec)]
+    if needs_validation_job(spec):
+        out.append(build_validation_job(ftj, spec, image=image))
+    svc = build_headless_service(ftj, spec)
+    if svc is not None:
+        out.append(svc)
+    out.append(build_training_job(ftj, spec, image=image))
+    return out

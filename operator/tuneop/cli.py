@@ -1,0 +1,300 @@
+"""`tuneop`: run the operator, run a FineTuneJob locally, check datasets, render manifests, print CRDs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+DEFAULT_TRAINER_IMAGE = os.environ.get("TUNEOP_TRAINER_IMAGE", "ghcr.io/tuneop/trainer:0.1.0")
+
+
+def _err(msg: str) -> int:
+    print(f"tuneop: {msg}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------- crds
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .api.crdgen import all_crds, render_yaml
+
+    crds = all_crds()
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for fname, crd in crds.items():
+            (out / fname).write_text(render_yaml(crd))
+            print(f"wrote {out / fname}")
+    else:
+        sys.stdout.write("---\n".join(render_yaml(c) for c in crds.values()))
+    return 0
+
+
+# ---------------------------------------------------------------- validate
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .dataset import check_file
+    from .manifests import ManifestError, load_finetunejob
+
+    path = Path(args.file)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            job = load_finetunejob(path)
+        except (ManifestError, OSError) as exc:
+            return _err(str(exc))
+        spec = job["spec"]
+        name = job["doc"]["metadata"]["name"]
+        print(f"FineTuneJob {name}: spec valid")
+        resolved = _resolve_local(job, path, args.volume or [])
+        declared = spec.dataset.format.value
+        failed = False
+        for split in ("train", "validation", "test"):
+            p = resolved["paths"].get(split)
+            if not p or p.startswith(("http://", "https://")):
+                continue
+            if not Path(p).exists():
+                print(f"  {split}: {p} not found locally (skipped)")
+                continue
+            report = check_file(p, declared)
+            print(f"  {split}: {report.summary()}")
+            failed |= not report.ok
+        return 1 if failed else 0
+    report = check_file(path, args.format)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(f"{path}: {report.format or 'unknown format'}: {report.summary()}")
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------- render
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .builders import finetunejob as b
+    from .manifests import ManifestError, load_finetunejob
+
+    try:
+        job = load_finetunejob(args.file)
+    except (ManifestError, OSError) as exc:
+        return _err(str(exc))
+    doc = dict(job["doc"])
+    meta = dict(doc.get("metadata") or {})
+    meta.setdefault("namespace", args.namespace)
+    meta.setdefault("uid", "00000000-0000-0000-0000-000000000000")
+    meta.setdefault("generation", 1)
+    doc["metadata"] = meta
+    doc["spec"] = job["spec"].to_dict()
+    manifests = b.build_all(doc, image=args.image)
+    sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False, width=100))
+    return 0
+
+
+# ---------------------------------------------------------------- run
+def _resolve_local(job: dict[str, Any], yaml_path: Path, volumes: list[str]) -> dict[str, Any]:
+    from .jobconfig import local_pvc_resolver, resolve
+
+    overrides = {}
+    for v in volumes:
+        claim, _, directory = v.partition("=")
+        if not directory:
+            raise SystemExit(_err(f"--volume {v!r}: expected CLAIM=DIR"))
+        overrides[claim] = directory
+    scratch = Path(os.environ.get("TUNEOP_HOME", ".tuneop")) / "volumes"
+    pvc = local_pvc_resolver(yaml_path.parent, overrides, scratch)
+    cm_root = Path(os.environ.get("TUNEOP_HOME", ".tuneop")) / "configmaps"
+    meta = job["doc"].get("metadata") or {}
+    return resolve(
+        {"name": meta.get("name"), "namespace": meta.get("namespace", "local"), "generation": 1},
+        job["spec"],
+        pvc_dir=pvc,
+        configmap_dir=lambda name: str((cm_root / name).resolve()),
+    )
+
+
+def _fmt_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def summary_table(events: dict[str, dict[str, Any]], wall_seconds: float) -> str:
+    """The before/after table `tuneop run` prints, from the trainer's last events."""
+    done = events.get("done", {})
+    ev = done.get("evaluation") or events.get("eval") or {}
+    metrics = done.get("metrics") or {}
+    start = events.get("start", {})
+    rows = [("", "base model", "adapter")]
+    if ev:
+        rows.append(
+            (f"exact match ({ev.get('samples', '?')} test rows)", _pct(ev.get("base")), _pct(ev.get("adapter")))
+        )
+    loss = metrics.get("train_loss")
+    rows.append(("train loss (mean)", "-", "-" if loss is None else f"{loss:.4f}"))
+    last = events.get("progress", {})
+    if last.get("loss") is not None:
+        rows.append(("train loss (last step)", "-", f"{last['loss']:.4f}"))
+    if metrics.get("eval_loss") is not None:
+        rows.append(("validation loss", "-", f"{metrics['eval_loss']:.4f}"))
+    rows.append(("train time", "-", _fmt_duration(metrics.get("train_runtime"))))
+    steps = metrics.get("steps") or last.get("step")
+    if steps:
+        rows.append(("steps", "-", str(steps)))
+    rows.append(("total wall time", "", _fmt_duration(wall_seconds)))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    out = [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    adapter = done.get("adapter") or {}
+    if adapter:
+        out.append(f"adapter: {adapter.get('path')}  sha256 {str(adapter.get('sha256'))[:16]}…")
+    if start.get("model"):
+        out.insert(0, f"base model: {start['model']}")
+    return "\n".join(out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .manifests import ManifestError, load_finetunejob
+
+    path = Path(args.file)
+    try:
+        job = load_finetunejob(path)
+    except (ManifestError, OSError) as exc:
+        return _err(str(exc))
+    spec = job["spec"]
+    if spec.backend.value != "kubernetes":
+        return _err(f"tuneop run runs backend: kubernetes jobs locally; this one is backend: {spec.backend.value}")
+    resolved = _resolve_local(job, path, args.volume or [])
+    if args.output:
+        resolved["paths"]["output"] = str(Path(args.output).resolve())
+    if args.max_steps:
+        resolved["spec"]["hyperparameters"]["maxSteps"] = args.max_steps
+    name = resolved["metadata"]["name"]
+    run_dir = Path(os.environ.get("TUNEOP_HOME", ".tuneop")) / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "job.json"
+    config_path.write_text(json.dumps(resolved, indent=2))
+    out = resolved["paths"]["output"]
+    print(f"tuneop: running FineTuneJob {name} locally; output in {out}", file=sys.stderr)
+    env = dict(os.environ)
+    env.setdefault("TUNEOP_PROGRESS", "1")
+    env["TUNEOP_TERMINATION_LOG"] = str(run_dir / "termination-log")
+    cmd = [sys.executable, "-m", "tuneop.trainer", "--config", str(config_path)]
+    if args.gpus and args.gpus > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.gpus}",
+               "-m", "tuneop.trainer", "--config", str(config_path)]
+    t0 = time.time()
+    events: dict[str, dict[str, Any]] = {}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                sys.stderr.write(line)
+                continue
+            kind = ev.get("event", "")
+            events[kind] = ev
+            if args.json_events:
+                print(line, end="", flush=True)
+            elif kind == "start":
+                print(
+                    f"tuneop: {ev.get('rows', '?')} training rows, {ev.get('total_steps', '?')} steps"
+                    + (f", resuming from {ev['resumed_from']}" if ev.get("resumed_from") else ""),
+                    file=sys.stderr,
+                )
+            elif kind == "error":
+                print(f"tuneop: {ev.get('reason', 'Error')}: {ev.get('message', '')}", file=sys.stderr)
+        rc = proc.wait()
+    if rc != 0:
+        return rc
+    if not args.json_events:
+        print(summary_table(events, time.time() - t0))
+    return 0
+
+
+# ---------------------------------------------------------------- operator
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .handlers import run_operator
+
+    namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
+    return run_operator(
+        namespaces=namespaces,
+        metrics_port=args.metrics_port,
+        image=args.trainer_image,
+        liveness_port=args.liveness_port,
+        verbose=args.verbose,
+    ) or 0
+
+
+def cmd_quickstart_data(args: argparse.Namespace) -> int:
+    from .quickstart import write
+
+    for split, p in write(Path(args.dir), seed=args.seed).items():
+        print(f"{split}: {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneop", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run a FineTuneJob (backend: kubernetes) locally with the trainer")
+    s.add_argument("file", help="FineTuneJob YAML")
+    s.add_argument(
+        "--volume", action="append", metavar="CLAIM=DIR",
+        help="local directory for a PVC claim (default: <yaml dir>/volumes/CLAIM if it exists, else .tuneop/volumes/CLAIM)",
+    )
+    s.add_argument("--output", help="output directory (overrides the output PVC path)")
+    s.add_argument("--max-steps", type=int, help="override hyperparameters.maxSteps")
+    s.add_argument("--gpus", type=int, default=0, help="processes to start with torchrun (>1)")
+    s.add_argument("--json-events", action="store_true", help="print the trainer's JSON events as they come")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("validate", help="check a dataset (JSONL) or a FineTuneJob YAML and its local datasets")
+    s.add_argument("file")
+    s.add_argument("--format", default="auto", help="declared dataset format (JSONL only)")
+    s.add_argument("--volume", action="append", metavar="CLAIM=DIR")
+    s.add_argument("--json", action="store_true", help="print the report as JSON (JSONL only)")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("render", help="print the manifests the operator would create for a FineTuneJob")
+    s.add_argument("file")
+    s.add_argument("--namespace", default="default")
+    s.add_argument("--image", default=DEFAULT_TRAINER_IMAGE, help="trainer image")
+    s.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("crds", help="print (or write with --out) the CRDs generated from the models")
+    s.add_argument("--out", help="directory to write the CRD files to (e.g. crds/)")
+    s.set_defaults(func=cmd_crds)
+
+    s = sub.add_parser("operator", help="run the operator (kopf)")
+    s.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
+    s.add_argument("--all-namespaces", "-A", action="store_true", help="watch all namespaces (default)")
+    s.add_argument("--metrics-port", type=int, default=8080, help="port for /metrics (0 disables)")
+    s.add_argument("--liveness-port", type=int, default=8081, help="port for kopf's /healthz (0 disables)")
+    s.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE)
+    s.add_argument("--verbose", action="store_true")
+    s.set_defaults(func=cmd_operator)
+
+    s = sub.add_parser("quickstart-data", help="(re)generate the quickstart dataset")
+    s.add_argument("dir")
+    s.add_argument("--seed", type=int, default=7)
+    s.set_defaults(func=cmd_quickstart_data)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""kopf handlers of the FineTuneJob (backend: kubernetes). Thin glue around st.reconcile.
+
+Every trigger ends in :func:`reconcile_object`: under a per-object lock it reads the
+FineTuneJob fresh from the API, observes its children and dependencies, lets the pure reducer
+decide, applies the decision (deletes, creates with 409 = exists, patches, status), then posts
+one Event per transition. Running it twice in a row does nothing the second time.
+
+Triggers:
+- FineTuneJob created / spec changed / operator (re)started -> reconcile. Waiting is not an
+  error: while the status says DependencyMissing, SpecChanged or ApiError (a refused request:
+  quota, RBAC, 5xx), the `retry` timer reconciles every ``retry_interval`` seconds (no crash
+  loop, one Event per distinct reason). Only an unreachable API server fails the handler
+  (kopf.TemporaryError, kopf retries it).
+- any event of a batch/v1 Job labelled managed-by tuneop -> reconcile its owner at once.
+- a timer, every ``progress_interval`` seconds while phase is Running: the newest
+  ``{"event": "progress"}`` line of the training pod's log -> status.progress + metrics.
+- FineTuneJob watch events -> the phase gauge; deletion -> its metric series are dropped.
+
+Handlers are registered explicitly with :func:`register` (tests use a fresh registry each).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import kopf
+
+from .. import kube
+from .. import status as st
+from ..builders import finetunejob as b
+from ..metrics import METRICS
+
+GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PREFIX = "tuneop.dev"
+
+
+@dataclasses.dataclass
+class OperatorConfig:
+    image: str = b.DEFAULT_IMAGE
+    progress_interval: float = 15.0
+    retry_interval: float = 30.0
+    log_tail_lines: int = 200
+    request_timeout: float = 60.0
+
+
+CONFIG = OperatorConfig()
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """Our kopf settings: tuneop.dev prefixes, Events only for errors from logs (transitions
+    are posted explicitly), bounded watches and requests."""
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.ERROR
+    settings.posting.reporting_component = "tuneop"
+    settings.posting.event_name_prefix = "tuneop-"
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = CONFIG.request_timeout
+    settings.networking.connect_timeout = 30
+
+
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    configure_settings(settings)
+
+
+async def cleanup(**_: Any) -> None:
+    await kube.close()
+
+
+async def login(settings: kopf.OperatorSettings, logger: logging.Logger, **kwargs: Any) -> Any:
+    """kopf's own login functions; the result is also kept for kube.py."""
+    info = None
+    if os.environ.get("KUBECONFIG"):
+        info = kopf.login_with_kubeconfig(settings=settings, logger=logger, **kwargs)
+    elif os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
+        info = kopf.login_with_service_account(settings=settings, logger=logger, **kwargs)
+    elif os.path.exists(os.path.expanduser("~/.kube/config")):
+        info = kopf.login_with_kubeconfig(settings=settings, logger=logger, **kwargs)
+    if info is None:
+        info = kopf.login_via_client(settings=settings, logger=logger, **kwargs)
+    if info is not None:
+        kube.set_connection(info, timeout=settings.networking.request_timeout or CONFIG.request_timeout)
+    return info
+
+
+# ---------------------------------------------------------------------------------- observe/apply
+
+_locks: dict[tuple[int, str, str], asyncio.Lock] = {}
+
+
+def _lock(namespace: str, name: str) -> asyncio.Lock:
+    key = (id(asyncio.get_running_loop()), namespace, name)
+    lock = _locks.get(key)
+    if lock is None:
+        lock = _locks[key] = asyncio.Lock()
+    return lock
+
+
+async def check_inline_dataset(text: str, declared: str, source: str) -> dict[str, Any]:
+    from ..dataset import check_lines
+
+    report = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: check_lines(text, declared=declared, max_errors=10, source=source)
+    )
+    return report.to_dict()
+
+
+async def observe(kc: kube.KubeClient, body: dict[str, Any]) -> st.Observed:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    obs = st.Observed()
+    obs.config_map = await kc.get("v1", "ConfigMap", b.config_map_name(name), ns)
+    obs.validation_job = await kc.get("batch/v1", "Job", b.validation_job_name(name), ns)
+    obs.training_job = await kc.get("batch/v1", "Job", b.training_job_name(name), ns)
+    if obs.validation_job or obs.training_job:
+        pods = await kc.list("v1", "Pod", ns, label_selector={b.OWNER_LABEL: name})
+        obs.validation_pods = st.pods_of(obs.validation_job, pods)
+        obs.training_pods = st.pods_of(obs.training_job, pods)
+    try:
+        spec = st.spec_of(body)
+    except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
+        return obs
+    if spec.resources.nodes > 1:
+        obs.service = await kc.get("v1", "Service", b.service_name(name), ns)
+    if st.is_settled(body) or obs.training_job is not None:
+        return obs
+    contents: dict[str, dict[str, Any]] = {}
+    for kind, dep, key in st.dependencies(spec):
+        obj = await kc.get("v1", kind, dep, ns)
+        if obj is None:
+            obs.missing.append(f"{kind} {dep}")
+            continue
+        if key is not None:
+            data = obj.get("data") or {}
+            if key not in data and key not in (obj.get("binaryData") or {}):
+                obs.missing.append(f"{kind} {dep} (key {key})")
+        if kind == "ConfigMap":
+            contents[dep] = obj.get("data") or {}
+        del obj  # Secrets: only their existence matters
+    if not obs.missing and not st.is_validated(body):
+        for split, (cm, key) in st.inline_sources(spec).items():
+            text = (contents.get(cm) or {}).get(key, "")
+            obs.inline_datasets[split] = await check_inline_dataset(
+                text, spec.dataset.format.value, f"configMap {cm}/{key}"
+            )
+    return obs
+
+
+async def apply(
+    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision
+) -> None:
+    ns = body["metadata"]["namespace"]
+    name = body["metadata"]["name"]
+    for ref in decision.delete:
+        await kc.delete(ref["apiVersion"], ref["kind"], ref["name"], ns, propagation="Background")
+    for obj in decision.create:
+        await kc.create(obj, ns)
+    for p in decision.patch:
+        await kc.patch(p["apiVersion"], p["kind"], p["name"], ns, p["patch"])
+    diff = st.merge_patch(body.get("status") or {}, decision.status)
+    if diff:
+        await kc.patch(API_VERSION, KIND, name, ns, {"status": diff}, subresource="status")
+    for ev in decision.events:
+        kopf.event(body, type=ev["type"], reason=ev["reason"], message=ev["message"])
+    METRICS.set_phase(ns, name, decision.status.get("phase"))
+
+
+async def reconcile_object(
+    namespace: str, name: str, *, logger: Optional[logging.Logger] = None
+) -> Optional[st.Decision]:
+    """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists."""
+    log = logger or logging.getLogger("tuneop")
+    started = time.monotonic()
+    result = "error"
+    try:
+        async with _lock(namespace, name):
+            kc = kube.client()
+            body = await kc.get(API_VERSION, KIND, name, namespace)
+            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+                result = "success"
+                return None
+            body.setdefault("apiVersion", API_VERSION)
+            body.setdefault("kind", KIND)
+            observed = await observe(kc, body)
+            decision = st.reconcile(body, observed, image=CONFIG.image, now=now_iso())
+            await apply(kc, body, decision)
+            for ev in decision.events:
+                log.info("%s: %s", ev["reason"], ev["message"])
+            result = "retry" if decision.retry_after else "success"
+            return decision
+    finally:
+        METRICS.observe_reconcile(KIND, result, time.monotonic() - started)
+
+
+# ---------------------------------------------------------------------------------- handlers
+
+
+async def report_api_error(namespace: str, name: str, error: kube.ApiError) -> bool:
+    """Put an API error of a reconcile into the status (reason ApiError). False if that failed too."""
+    try:
+        async with _lock(namespace, name):
+            kc = kube.client()
+            body = await kc.get(API_VERSION, KIND, name, namespace)
+            if body is None:
+                return True
+            body.setdefault("apiVersion", API_VERSION)
+            body.setdefault("kind", KIND)
+            decision = st.api_error(body, f"Kubernetes API error: {error}", now=now_iso())
+            await apply(kc, body, decision)
+        return True
+    except kube.ApiError:
+        return False
+
+
+async def reconcile_or_report(namespace: str, name: str, logger: logging.Logger) -> bool:
+    """Reconcile; an API error goes into the status. False when even that was impossible."""
+    try:
+        await reconcile_object(namespace, name, logger=logger)
+        return True
+    except kube.ApiError as e:
+        logger.warning(f"reconcile of FineTuneJob {namespace}/{name} failed: {e}")
+        return await report_api_error(namespace, name, e)
+
+
+async def on_change(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    """create / update(spec) / resume. Waiting (a missing PVC, old Jobs being deleted, an API
+    error) is not a handler failure: the status says why and the `retry` timer looks again.
+    Only when the API server cannot even take the status does kopf retry the handler."""
+    if not await reconcile_or_report(namespace, name, logger):
+        raise kopf.TemporaryError("the Kubernetes API is not reachable", delay=15)
+
+
+def _is_waiting(status: kopf.Status, **_: Any) -> bool:
+    return (status or {}).get("reason") in st.RETRY_REASONS and (status or {}).get("phase") not in st.TERMINAL
+
+
+async def retry_timer(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    await reconcile_or_report(namespace, name, logger)
+
+
+async def on_job_event(
+    type: Optional[str], body: kopf.Body, logger: logging.Logger, **_: Any
+) -> None:
+    """Any change of one of our Jobs: reconcile its owner now."""
+    meta = body.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(b.OWNER_LABEL)
+    if not owner or not meta.get("namespace"):
+        return
+    await reconcile_or_report(meta["namespace"], owner, logger)
+
+
+async def on_ftj_event(
+    type: Optional[str], name: str, namespace: str, status: kopf.Status, **_: Any
+) -> None:
+    if type == "DELETED":
+        METRICS.forget(namespace, name)
+        _locks.pop((id(asyncio.get_running_loop()), namespace, name), None)
+    else:
+        METRICS.set_phase(namespace, name, (status or {}).get("phase"))
+
+
+def _is_running(status: kopf.Status, **_: Any) -> bool:
+    return (status or {}).get("phase") == "Running"
+
+
+def pick_progress_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The pod whose log has the progress: rank 0 (index 0) first, running first, newest first."""
+
+    def rank(p: dict[str, Any]) -> tuple[bool, bool]:
+        meta = p.get("metadata") or {}
+        index = (meta.get("annotations") or {}).get(b.JOB_INDEX_ANNOTATION)
+        return (index not in (None, "0"), (p.get("status") or {}).get("phase") != "Running")
+
+    ordered = sorted(
+        pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True
+    )
+    ordered.sort(key=rank)
+    return ordered[0] if ordered else None
+
+
+async def read_progress(namespace: str, name: str) -> Optional[dict[str, Any]]:
+    kc = kube.client()
+    job = await kc.get("batch/v1", "Job", b.training_job_name(name), namespace)
+    if job is None:
+        return None
+    pods = st.pods_of(job, await kc.list("v1", "Pod", namespace, label_selector={b.OWNER_LABEL: name}))
+    pod = pick_progress_pod(pods)
+    if pod is None:
+        return None
+    try:
+        text = await kc.pod_log(
+            namespace, pod["metadata"]["name"], container=b.TRAINER_CONTAINER,
+            tail_lines=CONFIG.log_tail_lines,
+        )
+    except kube.ApiError:
+        return None  # the container may not have started yet
+    return st.parse_progress(text, now=now_iso())
+
+
+async def progress_timer(
+    name: str, namespace: str, status: kopf.Status, logger: logging.Logger, **_: Any
+) -> None:
+    try:
+        progress = await read_progress(namespace, name)
+    except kube.ApiError as e:
+        logger.debug(f"progress not read: {e}")
+        return
+    if not progress:
+        return
+    METRICS.set_progress(namespace, name, progress)
+    old = dict((status or {}).get("progress") or {})
+    same = {k: v for k, v in old.items() if k != "updatedAt"} == {
+        k: v for k, v in progress.items() if k != "updatedAt"
+    }
+    if same:
+        return
+    patch = {"status": {"progress": st.merge_patch(old, progress) if old else progress}}
+    await kube.client().patch(API_VERSION, KIND, name, namespace, patch, subresource="status")
+
+
+# ---------------------------------------------------------------------------------- registration
+
+
+def register(registry: Optional[kopf.OperatorRegistry] = None, config: Optional[OperatorConfig] = None) -> kopf.OperatorRegistry:
+    """Register every FineTuneJob handler in `registry` (default: kopf's default registry)."""
+    global CONFIG
+    if config is not None:
+        CONFIG = config
+    reg = registry if registry is not None else kopf.get_default_registry()
+    ftj = (GROUP, VERSION, PLURAL)
+    kopf.on.startup(registry=reg)(startup)
+    kopf.on.cleanup(registry=reg)(cleanup)
+    kopf.on.login(registry=reg)(login)
+    kopf.on.create(*ftj, registry=reg, id="reconcile")(on_change)
+    kopf.on.update(*ftj, registry=reg, id="reconcile-spec", field="spec")(on_change)
+    kopf.on.resume(*ftj, registry=reg, id="reconcile-resume")(on_change)
+    kopf.on.event(*ftj, registry=reg, id="phase-metrics")(on_ftj_event)
+    kopf.on.event(
+        "batch", "v1", "jobs", registry=reg, id="child-job",
+        labels={b.MANAGED_BY: "tuneop", b.OWNER_LABEL: kopf.PRESENT},
+    )(on_job_event)
+    kopf.timer(
+        *ftj, registry=reg, id="retry", interval=CONFIG.retry_interval,
+        initial_delay=CONFIG.retry_interval, when=_is_waiting,
+    )(retry_timer)
+    kopf.timer(
+        *ftj, registry=reg, id="progress", interval=CONFIG.progress_interval,
+        when=_is_running,
+    )(progress_timer)
+    return reg

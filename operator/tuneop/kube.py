@@ -1,0 +1,372 @@
+"""A small async Kubernetes REST client over aiohttp, built from kopf's login credentials.
+
+The operator's ``@kopf.on.login`` handler (handlers/finetunejob.py) calls kopf's own login
+functions and hands the resulting ``kopf.ConnectionInfo`` to :func:`set_connection`; every
+handler then uses :func:`client` (one client per event loop, closed at operator cleanup).
+
+Only what the operator needs: get / list / create (409 = already there) / merge or strategic
+patch / delete / pod log tail / post an Event. Errors are :class:`ApiError` with the status code.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import ssl
+from typing import Any, Optional
+from urllib.parse import quote
+
+import aiohttp
+
+# (apiVersion, kind) -> (plural, namespaced)
+RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
+    ("v1", "ConfigMap"): ("configmaps", True),
+    ("v1", "Secret"): ("secrets", True),
+    ("v1", "Pod"): ("pods", True),
+    ("v1", "PersistentVolumeClaim"): ("persistentvolumeclaims", True),
+    ("v1", "Service"): ("services", True),
+    ("v1", "Event"): ("events", True),
+    ("v1", "Namespace"): ("namespaces", False),
+    ("batch/v1", "Job"): ("jobs", True),
+    ("tuneop.dev/v1alpha1", "FineTuneJob"): ("finetunejobs", True),
+    ("tuneop.dev/v1alpha1", "AdapterDeployment"): ("adapterdeployments", True),
+    ("apps/v1", "Deployment"): ("deployments", True),
+}
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+DEFAULT_TIMEOUT = 30.0
+
+
+class ApiError(Exception):
+    """A non-2xx answer of the API server (or no answer: status 0)."""
+
+    def __init__(self, status: int, reason: str = "", message: str = "", body: Any = None):
+        super().__init__(f"{status} {reason}: {message}".strip())
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.body = body
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in (0, 408, 429) or self.status >= 500
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    pass
+
+
+def resource_path(
+    api_version: str,
+    kind: str,
+    namespace: Optional[str] = None,
+    name: Optional[str] = None,
+    subresource: Optional[str] = None,
+) -> str:
+    """``/api/v1/namespaces/ns/pods/name/log`` and friends."""
+    try:
+        plural, namespaced = RESOURCES[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"unknown resource {api_version} {kind}; add it to kube.RESOURCES") from None
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    if namespaced and namespace:
+        base += f"/namespaces/{quote(namespace, safe='')}"
+    base += f"/{plural}"
+    if name:
+        base += f"/{quote(name, safe='')}"
+    if subresource:
+        base += f"/{subresource}"
+    return base
+
+
+def _error(status: int, text: str) -> ApiError:
+    reason, message, body = "", text, None
+    try:
+        body = json.loads(text)
+        if isinstance(body, dict):
+            reason = str(body.get("reason") or "")
+            message = str(body.get("message") or text)
+    except ValueError:
+        pass
+    message = message[:500]
+    cls = NotFound if status == 404 else Conflict if status == 409 else ApiError
+    return cls(status, reason, message, body)
+
+
+class KubeClient:
+    """One aiohttp session against one API server. Use within one event loop."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        headers: Optional[dict[str, str]] = None,
+        ssl_context: ssl.SSLContext | bool | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        default_namespace: Optional[str] = None,
+        proxy: Optional[str] = None,
+        trust_env: bool = False,
+    ):
+        self.server = server.rstrip("/")
+        self.default_namespace = default_namespace
+        self._headers = {"User-Agent": "tuneop", **(headers or {})}
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._proxy = proxy
+        self._trust_env = trust_env
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    @classmethod
+    def from_connection(cls, info: Any, *, timeout: float = DEFAULT_TIMEOUT) -> "KubeClient":
+        """From a ``kopf.ConnectionInfo`` (what kopf's login handlers return)."""
+        ssl_context: ssl.SSLContext | bool | None = None
+        if str(info.server).startswith("https"):
+            ssl_context = info.as_ssl_context()
+        return cls(
+            info.server,
+            headers=info.as_http_headers(),
+            ssl_context=ssl_context,
+            timeout=timeout,
+            default_namespace=info.default_namespace,
+            proxy=getattr(info, "proxy_url", None),
+            trust_env=bool(getattr(info, "trust_env", False)),
+        )
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=connector,
+                timeout=self._timeout,
+                trust_env=self._trust_env,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Optional[dict[str, Any]] = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        raw: bool = False,
+    ) -> Any:
+        session = self._get_session()
+        headers = {"Accept": "*/*" if raw else "application/json"}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body)
+        try:
+            async with session.request(
+                method, self.server + path, params=params, data=data, headers=headers,
+                proxy=self._proxy,
+            ) as rsp:
+                text = await rsp.text()
+                if rsp.status >= 400:
+                    raise _error(rsp.status, text)
+        except ApiError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise ApiError(0, type(e).__name__, str(e) or repr(e)) from e
+        if raw:
+            return text
+        return json.loads(text) if text else {}
+
+    # --- verbs
+
+    async def get(
+        self, api_version: str, kind: str, name: str, namespace: Optional[str] = None
+    ) -> Optional[dict[str, Any]]:
+        """The object, or None when it does not exist."""
+        try:
+            return await self.request("GET", resource_path(api_version, kind, namespace, name))
+        except NotFound:
+            return None
+
+    async def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: Optional[str] = None,
+        *,
+        label_selector: Optional[str | dict[str, str]] = None,
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {}
+        if isinstance(label_selector, dict):
+            label_selector = ",".join(f"{k}={v}" for k, v in label_selector.items())
+        if label_selector:
+            params["labelSelector"] = label_selector
+        out = await self.request("GET", resource_path(api_version, kind, namespace), params=params)
+        items = out.get("items") or []
+        for item in items:  # list items come without apiVersion/kind
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items
+
+    async def create(
+        self, obj: dict[str, Any], namespace: Optional[str] = None
+    ) -> tuple[dict[str, Any], bool]:
+        """(object, created). A 409 (it already exists) is success: (the sent object, False)."""
+        ns = namespace or (obj.get("metadata") or {}).get("namespace")
+        path = resource_path(obj["apiVersion"], obj["kind"], ns)
+        try:
+            return await self.request("POST", path, body=obj), True
+        except Conflict:
+            return obj, False
+
+    async def patch(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: Optional[str],
+        patch: dict[str, Any],
+        *,
+        subresource: Optional[str] = None,
+        strategic: bool = False,
+    ) -> dict[str, Any]:
+        path = resource_path(api_version, kind, namespace, name, subresource)
+        ctype = STRATEGIC_PATCH if strategic else MERGE_PATCH
+        return await self.request("PATCH", path, body=patch, content_type=ctype)
+
+    async def delete(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: Optional[str] = None,
+        *,
+        propagation: str = "Background",
+    ) -> bool:
+        """True if deleted now; False if it was already gone."""
+        path = resource_path(api_version, kind, namespace, name)
+        try:
+            await self.request(
+                "DELETE", path,
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
+            )
+            return True
+        except NotFound:
+            return False
+
+    async def pod_log(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        container: Optional[str] = None,
+        tail_lines: Optional[int] = 100,
+        limit_bytes: Optional[int] = 256 * 1024,
+    ) -> str:
+        params: dict[str, Any] = {}
+        if container:
+            params["container"] = container
+        if tail_lines is not None:
+            params["tailLines"] = str(tail_lines)
+        if limit_bytes is not None:
+            params["limitBytes"] = str(limit_bytes)
+        path = resource_path("v1", "Pod", namespace, name, "log")
+        return await self.request("GET", path, params=params, raw=True)
+
+    async def post_event(
+        self,
+        involved: dict[str, Any],
+        *,
+        type: str,
+        reason: str,
+        message: str,
+        component: str = "tuneop",
+    ) -> dict[str, Any]:
+        """A core/v1 Event about `involved` (kopf.event does the same from handlers)."""
+        meta = involved.get("metadata") or {}
+        ns = meta.get("namespace") or self.default_namespace or "default"
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        ref = {
+            "apiVersion": involved.get("apiVersion"),
+            "kind": involved.get("kind"),
+            "name": meta.get("name"),
+            "namespace": ns,
+        }
+        if meta.get("uid"):
+            ref["uid"] = meta["uid"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name', 'tuneop')}.", "namespace": ns},
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "involvedObject": ref,
+            "source": {"component": component},
+            "reportingComponent": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        out, _ = await self.create(event, ns)
+        return out
+
+
+# --- the operator's connection (set by the login handler)
+
+_connection: Any = None
+_clients: dict[int, tuple[asyncio.AbstractEventLoop, KubeClient]] = {}
+_timeout: float = DEFAULT_TIMEOUT
+
+
+def set_connection(info: Any, *, timeout: Optional[float] = None) -> None:
+    """Remember kopf's ConnectionInfo; clients built from an older one are replaced."""
+    global _connection, _timeout
+    _connection = info
+    if timeout is not None:
+        _timeout = timeout
+    for _, (loop, c) in list(_clients.items()):
+        if not loop.is_closed() and c._session is not None:
+            session = c._session
+            c._session = None
+            try:
+                if loop.is_running():
+                    loop.call_soon_threadsafe(lambda s=session: asyncio.ensure_future(s.close()))
+            except RuntimeError:
+                pass
+    _clients.clear()
+
+
+def connection() -> Any:
+    return _connection
+
+
+def client() -> KubeClient:
+    """The client for the running event loop (created from the login's ConnectionInfo)."""
+    if _connection is None:
+        raise RuntimeError("no Kubernetes credentials yet: kopf's login handler has not run")
+    loop = asyncio.get_running_loop()
+    entry = _clients.get(id(loop))
+    if entry is None or entry[0] is not loop:
+        entry = (loop, KubeClient.from_connection(_connection, timeout=_timeout))
+        _clients[id(loop)] = entry
+    return entry[1]
+
+
+async def close() -> None:
+    """Close the running loop's client (operator cleanup)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    entry = _clients.pop(id(loop), None)
+    if entry is not None:
+        await entry[1].close()

@@ -1,0 +1,116 @@
+"""Prometheus metrics of the operator, in their own CollectorRegistry.
+
+- ``tuneop_finetunejobs{phase}``: FineTuneJobs per phase (every phase always exported).
+- ``tuneop_reconcile_total{kind,result}``: reconciles by result (success|retry|error).
+- ``tuneop_reconcile_duration_seconds{kind}``: reconcile duration histogram.
+- ``tuneop_training_step|total_steps|loss|progress_ratio{namespace,name}``: the latest progress
+  of each training job; removed when the job is deleted (:meth:`Metrics.forget`).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import start_http_server as _start_http_server
+
+PHASES = ("Pending", "Validating", "Running", "Succeeded", "Failed", "Suspended")
+
+
+class Metrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.finetunejobs = Gauge(
+            "tuneop_finetunejobs", "FineTuneJobs by phase.", ["phase"], registry=r
+        )
+        self.reconcile_total = Counter(
+            "tuneop_reconcile", "Reconciles by kind and result.", ["kind", "result"], registry=r
+        )
+        self.reconcile_duration = Histogram(
+            "tuneop_reconcile_duration_seconds", "Duration of one reconcile.", ["kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        labels = ["namespace", "name"]
+        self.training_step = Gauge(
+            "tuneop_training_step", "Latest optimizer step.", labels, registry=r
+        )
+        self.training_total_steps = Gauge(
+            "tuneop_training_total_steps", "Total optimizer steps.", labels, registry=r
+        )
+        self.training_loss = Gauge("tuneop_training_loss", "Latest training loss.", labels, registry=r)
+        self.training_progress_ratio = Gauge(
+            "tuneop_training_progress_ratio", "step / total steps (0..1).", labels, registry=r
+        )
+        self._lock = threading.Lock()
+        self._phases: dict[tuple[str, str], str] = {}
+        self._refresh_phases()
+
+    # --- phases
+
+    def _refresh_phases(self) -> None:
+        counts = {p: 0 for p in PHASES}
+        for phase in self._phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase, n in counts.items():
+            self.finetunejobs.labels(phase=phase).set(n)
+
+    def set_phase(self, namespace: str, name: str, phase: Optional[str]) -> None:
+        with self._lock:
+            if phase:
+                self._phases[(namespace, name)] = phase
+            else:
+                self._phases.pop((namespace, name), None)
+            self._refresh_phases()
+
+    # --- reconciles
+
+    def observe_reconcile(self, kind: str, result: str, seconds: float) -> None:
+        self.reconcile_total.labels(kind=kind, result=result).inc()
+        self.reconcile_duration.labels(kind=kind).observe(max(seconds, 0.0))
+
+    # --- training progress
+
+    def set_progress(self, namespace: str, name: str, progress: dict[str, Any]) -> None:
+        step = progress.get("step")
+        total = progress.get("totalSteps", progress.get("total_steps"))
+        loss = progress.get("loss")
+        if step is not None:
+            self.training_step.labels(namespace, name).set(step)
+        if total:
+            self.training_total_steps.labels(namespace, name).set(total)
+            if step is not None:
+                self.training_progress_ratio.labels(namespace, name).set(
+                    min(max(float(step) / float(total), 0.0), 1.0)
+                )
+        if loss is not None:
+            self.training_loss.labels(namespace, name).set(loss)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop every series of a deleted FineTuneJob."""
+        for g in (
+            self.training_step, self.training_total_steps, self.training_loss,
+            self.training_progress_ratio,
+        ):
+            try:
+                g.remove(namespace, name)
+            except KeyError:
+                pass
+        self.set_phase(namespace, name, None)
+
+    # --- exposition
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = Metrics()
+
+
+def start_metrics_server(
+    port: int, addr: str = "0.0.0.0", metrics: Optional[Metrics] = None
+) -> Any:
+    """Serve /metrics of `metrics` (default: the operator's) on addr:port in a thread."""
+    m = metrics if metrics is not None else METRICS
+    return _start_http_server(port, addr=addr, registry=m.registry)

@@ -1,0 +1,882 @@
+"""The FineTuneJob reducer: what exists -> what to do and the new status. Pure: no I/O, no kopf.
+
+``reconcile(body, observed, image=..., now=...)`` takes the FineTuneJob as a dict and an
+:class:`Observed` (children, their pods, missing dependencies, the operator's own checks of
+ConfigMap datasets) and returns a :class:`Decision`: manifests to create, merge patches, objects
+to delete, the complete new ``status``, one Event per transition, and when to look again.
+
+State machine of one spec (``status.specHash`` = hash of the spec without ``suspend``)::
+
+    Pending(DependencyMissing | BackendNotImplemented | SpecChanged)
+      -> Validating (Job <name>-validate; only for PVC/URL datasets)
+      -> Running (Job <name>-train) <-> Suspended
+      -> Succeeded | Failed
+
+Rules:
+
+- A finished job (Succeeded/Failed) is never re-run for the same spec, even when its children
+  are deleted later. Toggling ``spec.suspend`` alone never replaces anything.
+- A changed spec (new spec hash) replaces the children of the old spec, whatever the phase:
+  the old Jobs are deleted (their pods with them), the status is reset, and once they are gone
+  the new config, validation and training Jobs are created. A running training is stopped; the
+  new one resumes from the newest checkpoint in the output directory only if the trainer finds
+  one compatible with the new spec (the operator does not decide that).
+- User errors (SpecInvalid, DatasetInvalid, UnsupportedHardware, TrainingFailed) and platform
+  errors (PodEvicted, BackoffLimitExceeded, DeadlineExceeded, OOMKilled) are terminal with
+  different reasons; a missing dependency (DependencyMissing, naming the object) is not terminal:
+  the decision asks to look again later.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from .api.finetunejob import AdapterType, Backend, FineTuneJobSpec, parse_spec
+from .builders import finetunejob as b
+
+# Phases
+PENDING = "Pending"
+VALIDATING = "Validating"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+TERMINAL = (SUCCEEDED, FAILED)
+
+# Condition types
+VALIDATED = "Validated"
+RUNNING_COND = "Running"
+SUCCEEDED_COND = "Succeeded"
+FAILED_COND = "Failed"
+
+# Reasons: user errors
+SPEC_INVALID = "SpecInvalid"
+DATASET_INVALID = "DatasetInvalid"
+UNSUPPORTED_HARDWARE = "UnsupportedHardware"
+TRAINING_FAILED = "TrainingFailed"
+USER_ERRORS = (SPEC_INVALID, DATASET_INVALID, UNSUPPORTED_HARDWARE, TRAINING_FAILED)
+# Reasons: platform errors
+DEPENDENCY_MISSING = "DependencyMissing"
+POD_EVICTED = "PodEvicted"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+OOM_KILLED = "OOMKilled"
+API_ERROR = "ApiError"
+PLATFORM_ERRORS = (
+    DEPENDENCY_MISSING, POD_EVICTED, BACKOFF_LIMIT_EXCEEDED, DEADLINE_EXCEEDED, OOM_KILLED, API_ERROR
+)
+# Reasons: progress
+BACKEND_NOT_IMPLEMENTED = "BackendNotImplemented"
+SPEC_CHANGED = "SpecChanged"
+VALIDATING_REASON = "Validating"
+DATASET_VALID = "DatasetValid"
+TRAINING_STARTED = "TrainingStarted"
+RESUMED = "Resumed"
+SUSPENDED_REASON = "Suspended"
+SUCCEEDED_REASON = "Succeeded"
+
+# Waiting states: the operator looks again every retry interval.
+RETRY_REASONS = (DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR)
+
+WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED}
+
+# Trainer termination-message reasons -> ours.
+_TRAINER_REASONS = {
+    "DatasetInvalid": DATASET_INVALID,
+    "ConfigInvalid": SPEC_INVALID,
+    "UnsupportedHardware": UNSUPPORTED_HARDWARE,
+    "TrainingError": TRAINING_FAILED,
+}
+
+DEPENDENCY_RETRY_SECONDS = 30.0
+DELETION_RETRY_SECONDS = 5.0
+MAX_MESSAGE = 1000
+SPLITS = ("train", "validation", "test")
+
+
+# ---------------------------------------------------------------------------------- conditions
+
+
+def find_condition(conditions: Iterable[dict[str, Any]], type_: str) -> Optional[dict[str, Any]]:
+    for c in conditions or ():
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def make_condition(
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str = "",
+    *,
+    now: str,
+    generation: Optional[int] = None,
+    previous: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """A condition; lastTransitionTime is kept from `previous` when the status did not change."""
+    s = status if isinstance(status, str) else ("True" if status else "False")
+    ltt = now
+    if previous is not None and previous.get("status") == s and previous.get("lastTransitionTime"):
+        ltt = previous["lastTransitionTime"]
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": s,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": ltt,
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str = "",
+    *,
+    now: str,
+    generation: Optional[int] = None,
+) -> list[dict[str, Any]]:
+    """New list with the condition `type_` replaced (or appended); order is kept."""
+    prev = find_condition(conditions, type_)
+    new = make_condition(
+        type_, status, reason, message, now=now, generation=generation, previous=prev
+    )
+    out = [new if c.get("type") == type_ else c for c in conditions]
+    if prev is None:
+        out.append(new)
+    return out
+
+
+def remove_condition(conditions: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:
+    return [c for c in conditions if c.get("type") != type_]
+
+
+def is_true(conditions: Iterable[dict[str, Any]], type_: str) -> bool:
+    c = find_condition(conditions, type_)
+    return c is not None and c.get("status") == "True"
+
+
+# ---------------------------------------------------------------------------------- small parsers
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = str(text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_termination_message(text: Optional[str]) -> dict[str, Any]:
+    """The trainer's JSON termination message; anything else (e.g. the log tail that
+    FallbackToLogsOnError puts there) becomes ``{"event": None, "text": ...}``."""
+    if not text:
+        return {}
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            return data
+        # A truncated message, or a JSON line among other log lines: try the last JSON line.
+    for line in reversed(stripped.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("event") in ("error", "done", "validated"):
+                return data
+    return {"event": None, "text": stripped}
+
+
+_PROGRESS_KEYS = {
+    "step": ("step", int),
+    "total_steps": ("totalSteps", int),
+    "epoch": ("epoch", float),
+    "loss": ("loss", float),
+    "eval_loss": ("evalLoss", float),
+    "learning_rate": ("learningRate", float),
+    "tokens_per_second": ("tokensPerSecond", float),
+    "eta_seconds": ("etaSeconds", int),
+}
+
+
+def progress_from_event(event: dict[str, Any], *, now: Optional[str] = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (alias, cast) in _PROGRESS_KEYS.items():
+        value = event.get(key, event.get(alias))
+        if value is None:
+            continue
+        try:
+            out[alias] = cast(value)
+        except (TypeError, ValueError):
+            continue
+    if now is not None:
+        out["updatedAt"] = now
+    return out
+
+
+def parse_progress(log_text: str, *, now: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The newest ``{"event": "progress", ...}`` line of a log tail -> status.progress."""
+    for line in reversed((log_text or "").splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "progress":
+            out = progress_from_event(event, now=now)
+            if "step" in out:
+                return out
+    return None
+
+
+# ---------------------------------------------------------------------------------- jobs & pods
+
+
+def job_state(job: dict[str, Any]) -> str:
+    """``succeeded`` | ``failed`` | ``active`` from a batch/v1 Job's status."""
+    st = job.get("status") or {}
+    conds = st.get("conditions") or []
+    if is_true(conds, "Complete") or is_true(conds, "SuccessCriteriaMet"):
+        return "succeeded"
+    if is_true(conds, "Failed") or is_true(conds, "FailureTarget"):
+        return "failed"
+    completions = (job.get("spec") or {}).get("completions") or 1
+    if (st.get("succeeded") or 0) >= completions:
+        return "succeeded"
+    return "active"
+
+
+def job_failure_condition(job: dict[str, Any]) -> dict[str, Any]:
+    conds = (job.get("status") or {}).get("conditions") or []
+    for t in ("Failed", "FailureTarget"):
+        c = find_condition(conds, t)
+        if c is not None and c.get("status") == "True":
+            return c
+    return {}
+
+
+def child_hash(obj: Optional[dict[str, Any]]) -> Optional[str]:
+    if not obj:
+        return None
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(b.SPEC_HASH_ANNOTATION)
+
+
+def is_terminating(obj: Optional[dict[str, Any]]) -> bool:
+    return bool(obj and (obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def pods_of(job: Optional[dict[str, Any]], pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods that belong to `job` (by job-name label; uid and spec hash when both known)."""
+    if not job:
+        return []
+    jmeta = job.get("metadata") or {}
+    name, uid, h = jmeta.get("name"), jmeta.get("uid"), child_hash(job)
+    out = []
+    for pod in pods or ():
+        meta = pod.get("metadata") or {}
+        lbl = meta.get("labels") or {}
+        if name not in (lbl.get("batch.kubernetes.io/job-name"), lbl.get("job-name")):
+            owners = [o.get("name") for o in meta.get("ownerReferences") or ()]
+            if name not in owners:
+                continue
+        pod_uid = lbl.get("batch.kubernetes.io/controller-uid") or lbl.get("controller-uid")
+        if uid and pod_uid and pod_uid != uid:
+            continue
+        pod_hash = (meta.get("annotations") or {}).get(b.SPEC_HASH_ANNOTATION)
+        if h and pod_hash and pod_hash != h:
+            continue
+        out.append(pod)
+    return out
+
+
+@dataclass(frozen=True)
+class Termination:
+    pod: str
+    exit_code: Optional[int]
+    reason: str
+    message: str
+    finished_at: str
+    index: Optional[str]
+    evicted: bool
+
+
+def pod_evicted(pod: dict[str, Any]) -> bool:
+    st = pod.get("status") or {}
+    if st.get("reason") in ("Evicted", "Preempting"):
+        return True
+    return is_true(st.get("conditions") or [], "DisruptionTarget")
+
+
+def terminations(pods: Iterable[dict[str, Any]], container: str) -> list[Termination]:
+    """Terminated states of `container` in `pods`, oldest first."""
+    out = []
+    for pod in pods or ():
+        meta = pod.get("metadata") or {}
+        st = pod.get("status") or {}
+        statuses = st.get("containerStatuses") or []
+        chosen = [c for c in statuses if c.get("name") == container] or statuses[:1]
+        evicted = pod_evicted(pod)
+        found = False
+        for cs in chosen:
+            for key in ("state", "lastState"):
+                term = (cs.get(key) or {}).get("terminated")
+                if term:
+                    out.append(
+                        Termination(
+                            pod=meta.get("name", ""),
+                            exit_code=term.get("exitCode"),
+                            reason=term.get("reason") or "",
+                            message=term.get("message") or "",
+                            finished_at=term.get("finishedAt") or "",
+                            index=(meta.get("annotations") or {}).get(b.JOB_INDEX_ANNOTATION),
+                            evicted=evicted,
+                        )
+                    )
+                    found = True
+                    break
+        if not found and evicted:
+            out.append(
+                Termination(
+                    pod=meta.get("name", ""), exit_code=None, reason=st.get("reason") or "Evicted",
+                    message=st.get("message") or "", finished_at="", index=None, evicted=True,
+                )
+            )
+    out.sort(key=lambda t: t.finished_at)
+    return out
+
+
+def success_message(pods: Iterable[dict[str, Any]], container: str) -> dict[str, Any]:
+    """The termination message of the pod that succeeded (rank 0 / index 0 preferred)."""
+    ok = [t for t in terminations(pods, container) if t.exit_code == 0]
+    ok.sort(key=lambda t: (t.index not in (None, "0"), t.finished_at))
+    parsed = [parse_termination_message(t.message) for t in ok]
+    for p in parsed:
+        if p.get("event") in ("done", "validated"):
+            return p
+    return parsed[0] if parsed else {}
+
+
+def failure_of(
+    job: dict[str, Any], pods: Iterable[dict[str, Any]], container: str
+) -> tuple[str, str]:
+    """(reason, message) of a failed Job, from the trainer's termination message if any."""
+    cond = job_failure_condition(job)
+    job_reason = cond.get("reason") or ""
+    failed = [t for t in terminations(pods, container) if t.exit_code != 0]
+    last = failed[-1] if failed else None
+    parsed = parse_termination_message(last.message) if last else {}
+    name = (job.get("metadata") or {}).get("name", "")
+    if parsed.get("event") == "error":
+        reason = _TRAINER_REASONS.get(str(parsed.get("reason")), TRAINING_FAILED)
+        msg = str(parsed.get("message") or parsed.get("reason") or "")
+        errors = parsed.get("errors")
+        if reason == DATASET_INVALID and not msg and isinstance(errors, list):
+            msg = "; ".join(f"line {e.get('line')}: {e.get('message')}" for e in errors[:3])
+        return reason, shorten(msg)
+    if job_reason == "DeadlineExceeded":
+        deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        return DEADLINE_EXCEEDED, f"Job {name} ran longer than activeDeadlineSeconds={deadline}"
+    if last is not None and last.evicted:
+        return POD_EVICTED, shorten(f"pod {last.pod} was evicted: {last.message or last.reason}")
+    if last is not None and last.reason == "OOMKilled":
+        return OOM_KILLED, f"pod {last.pod} ran out of memory (OOMKilled); raise resources.memory"
+    text = parsed.get("text") or (cond.get("message") or "")
+    if last is not None and last.exit_code == 2:
+        return TRAINING_FAILED, shorten(text or f"pod {last.pod} exited with code 2 (user error)")
+    if job_reason == "PodFailurePolicy":
+        return TRAINING_FAILED, shorten(text or cond.get("message") or "user error")
+    if last is not None and last.exit_code not in (None, 0):
+        prefix = f"Job {name} failed after {((job.get('status') or {}).get('failed') or 0)} attempt(s)"
+        return BACKOFF_LIMIT_EXCEEDED, shorten(f"{prefix}: {text}" if text else prefix)
+    return BACKOFF_LIMIT_EXCEEDED, shorten(
+        cond.get("message") or f"Job {name} failed ({job_reason or 'no reason given'})"
+    )
+
+
+# ---------------------------------------------------------------------------------- datasets
+
+
+def _report_summary(report: dict[str, Any]) -> str:
+    try:
+        from .dataset import DatasetReport
+
+        return DatasetReport.from_dict(report).summary()
+    except Exception:  # noqa: BLE001  (dataset.py missing or an unexpected report shape)
+        if report.get("ok"):
+            return f"{report.get('rows', 0)} rows, ~{report.get('estimatedTokens', 0)} tokens"
+        errs = report.get("errors") or []
+        parts = [f"line {e.get('line')}: {e.get('message')}" for e in errs[:3]]
+        return f"{report.get('source', '')} {'; '.join(parts) or 'invalid dataset'}".strip()
+
+
+def dataset_reports(message: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-split dataset reports from a validation pod's termination message.
+
+    Accepts ``{"datasets": {"train": report, ...}}`` (preferred) or ``{"dataset": report}``
+    (train only); a report is ``DatasetReport.to_dict()``.
+    """
+    reports = message.get("datasets")
+    if isinstance(reports, dict):
+        return {k: v for k, v in reports.items() if isinstance(v, dict)}
+    report = message.get("dataset")
+    if isinstance(report, dict):
+        if any(k in report for k in SPLITS) and "rows" not in report:
+            return {k: v for k, v in report.items() if isinstance(v, dict)}
+        return {"train": report}
+    return {}
+
+
+def dataset_status(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    train = reports.get("train") or {}
+    if train.get("format"):
+        out["format"] = train["format"]
+    for split, key in (("train", "trainRows"), ("validation", "validationRows"), ("test", "testRows")):
+        r = reports.get(split)
+        if r is not None and r.get("rows") is not None:
+            out[key] = int(r["rows"])
+    tokens = train.get("estimatedTokens", train.get("estimated_tokens"))
+    if tokens is not None:
+        out["estimatedTokens"] = int(tokens)
+    return out
+
+
+def dataset_failures(reports: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        f"{split}: {_report_summary(r)}"
+        for split in SPLITS
+        if (r := reports.get(split)) is not None and not r.get("ok", False)
+    ]
+
+
+def dataset_summary(reports: dict[str, dict[str, Any]]) -> str:
+    return "; ".join(
+        f"{split}: {_report_summary(r)}" for split in SPLITS if (r := reports.get(split)) is not None
+    )
+
+
+# ---------------------------------------------------------------------------------- observed/decision
+
+
+@dataclass
+class Observed:
+    """What exists in the cluster for one FineTuneJob (None = absent)."""
+
+    config_map: Optional[dict[str, Any]] = None
+    validation_job: Optional[dict[str, Any]] = None
+    validation_pods: list[dict[str, Any]] = field(default_factory=list)
+    training_job: Optional[dict[str, Any]] = None
+    training_pods: list[dict[str, Any]] = field(default_factory=list)
+    service: Optional[dict[str, Any]] = None
+    # Dependencies named in the spec that are not there, e.g. "PersistentVolumeClaim datasets".
+    missing: list[str] = field(default_factory=list)
+    # The operator's own checks of ConfigMap datasets: split -> DatasetReport.to_dict().
+    inline_datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    create: list[dict[str, Any]] = field(default_factory=list)
+    patch: list[dict[str, Any]] = field(default_factory=list)  # {apiVersion, kind, name, patch}
+    delete: list[dict[str, Any]] = field(default_factory=list)  # {apiVersion, kind, name}
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, str]] = field(default_factory=list)  # {type, reason, message}
+    retry_after: Optional[float] = None
+
+    @property
+    def phase(self) -> Optional[str]:
+        return self.status.get("phase")
+
+
+def _ref(obj: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "name": (obj.get("metadata") or {}).get("name"),
+    }
+
+
+def spec_of(body: dict[str, Any]) -> FineTuneJobSpec:
+    return parse_spec(body.get("spec") or {})
+
+
+def current_hash(body: dict[str, Any]) -> Optional[str]:
+    try:
+        return b.spec_hash(spec_of(body))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def is_settled(body: dict[str, Any]) -> bool:
+    """Finished (Succeeded/Failed) for the spec it has now: nothing left to do."""
+    st = body.get("status") or {}
+    if st.get("phase") not in TERMINAL:
+        return False
+    h = current_hash(body)
+    return h is None or st.get("specHash") == h
+
+
+def is_validated(body: dict[str, Any]) -> bool:
+    """Datasets already validated for the current spec (no need to check ConfigMaps again)."""
+    st = body.get("status") or {}
+    h = current_hash(body)
+    return h is not None and st.get("specHash") == h and is_true(st.get("conditions") or [], VALIDATED)
+
+
+class _Builder:
+    """Accumulates the new status and actions of one reconcile."""
+
+    def __init__(self, body: dict[str, Any], now: str):
+        self.body = body
+        self.now = now
+        self.generation = (body.get("metadata") or {}).get("generation")
+        self.old = copy.deepcopy(body.get("status") or {})
+        self.status = copy.deepcopy(self.old)
+        self.status.setdefault("conditions", [])
+        self.decision = Decision()
+
+    def cond(self, type_: str, status: bool | str, reason: str, message: str = "") -> None:
+        self.status["conditions"] = set_condition(
+            self.status["conditions"], type_, status, reason, message,
+            now=self.now, generation=self.generation,
+        )
+
+    def drop(self, *types: str) -> None:
+        for t in types:
+            self.status["conditions"] = remove_condition(self.status["conditions"], t)
+
+    def phase(self, phase: str, reason: str, message: str) -> None:
+        self.status["phase"] = phase
+        self.status["reason"] = reason
+        self.status["message"] = shorten(message)
+
+    def fail(self, reason: str, message: str, *, invalid: bool = False) -> Decision:
+        """Terminal failure; `invalid`: the spec or data is at fault (Validated=False)."""
+        if invalid:
+            self.cond(VALIDATED, False, reason, message)
+        if find_condition(self.status["conditions"], RUNNING_COND) is not None:
+            self.cond(RUNNING_COND, False, reason, message)
+        self.drop(SUCCEEDED_COND)
+        self.cond(FAILED_COND, True, reason, message)
+        self.status.setdefault("completionTime", self.now)
+        self.phase(FAILED, reason, message)
+        return self.finish()
+
+    def finish(self) -> Decision:
+        st = self.status
+        if self.generation is not None:
+            st["observedGeneration"] = self.generation
+        if not st.get("conditions"):
+            st.pop("conditions", None)
+        d = self.decision
+        d.status = st
+        d.events = transition_events(self.old, st)
+        return d
+
+
+def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, str]]:
+    """One Event per transition: the phase/reason changed, plus DatasetValid when the
+    datasets were accepted on the way to another phase."""
+    events: list[dict[str, str]] = []
+    was_valid = is_true(old.get("conditions") or [], VALIDATED) and old.get("specHash") == new.get("specHash")
+    now_valid = is_true(new.get("conditions") or [], VALIDATED)
+    if now_valid and not was_valid and new.get("reason") != DATASET_VALID:
+        c = find_condition(new["conditions"], VALIDATED) or {}
+        events.append({"type": "Normal", "reason": DATASET_VALID, "message": c.get("message", "")})
+    key_old = (old.get("phase"), old.get("reason"))
+    key_new = (new.get("phase"), new.get("reason"))
+    changed = key_old != key_new
+    if not changed and new.get("reason") == DEPENDENCY_MISSING:
+        changed = old.get("message") != new.get("message")
+    if changed and new.get("phase"):
+        reason = new.get("reason") or new["phase"]
+        type_ = "Warning" if (reason in WARNING_REASONS or new["phase"] == FAILED) else "Normal"
+        events.append({"type": type_, "reason": reason, "message": new.get("message") or ""})
+    return events
+
+
+def _reset_for_new_spec(bld: _Builder, h: str) -> None:
+    st = bld.status
+    if st.get("specHash") == h:
+        return
+    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName"):
+        st.pop(key, None)
+    bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
+    st["specHash"] = h
+
+
+def reconcile(
+    body: dict[str, Any], observed: Observed | dict[str, Any], *, image: str, now: str
+) -> Decision:
+    """The FineTuneJob `body` + what exists -> actions, new status and events."""
+    obs = observed if isinstance(observed, Observed) else Observed(**observed)
+    bld = _Builder(body, now)
+    name = (body.get("metadata") or {}).get("name", "")
+
+    # --- the spec itself
+    try:
+        spec = spec_of(body)
+    except Exception as e:  # pydantic.ValidationError
+        msg = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+            for err in getattr(e, "errors", lambda: [])()
+        ) or str(e)
+        bld.status.pop("specHash", None)
+        return bld.fail(SPEC_INVALID, f"invalid spec: {msg}", invalid=True)
+    h = b.spec_hash(spec)
+
+    # --- finished for this spec: keep the result, whatever happens to the children
+    if bld.old.get("phase") in TERMINAL and bld.old.get("specHash") == h:
+        return bld.finish()
+
+    # --- children of an older spec go first (names are fixed: wait until they are gone)
+    stale_jobs = [
+        j for j in (obs.validation_job, obs.training_job)
+        if j is not None and child_hash(j) != h
+    ]
+    terminating = [
+        j for j in (obs.validation_job, obs.training_job)
+        if j is not None and child_hash(j) == h and is_terminating(j)
+    ]
+    if stale_jobs or terminating:
+        _reset_for_new_spec(bld, h)
+        bld.decision.delete.extend(_ref(j) for j in stale_jobs if not is_terminating(j))
+        bld.decision.retry_after = DELETION_RETRY_SECONDS
+        bld.cond(VALIDATED, "Unknown", SPEC_CHANGED, "spec changed: replacing the previous Jobs")
+        bld.phase(
+            PENDING, SPEC_CHANGED,
+            f"spec changed (generation {bld.generation}): replacing the Jobs of the previous spec",
+        )
+        return bld.finish()
+    _reset_for_new_spec(bld, h)
+
+    # --- backends other than kubernetes
+    if spec.backend != Backend.kubernetes:
+        msg = f"backend {spec.backend.value} is not implemented yet"
+        bld.cond(VALIDATED, False, BACKEND_NOT_IMPLEMENTED, msg)
+        bld.phase(PENDING, BACKEND_NOT_IMPLEMENTED, msg)
+        return bld.finish()
+
+    # --- what the operator can tell without running anything
+    if spec.adapter.type == AdapterType.qlora and spec.resources.gpus == 0:
+        return bld.fail(
+            UNSUPPORTED_HARDWARE, "adapter.type qlora needs CUDA GPUs; set resources.gpus >= 1",
+            invalid=True,
+        )
+
+    training = obs.training_job
+    validated = is_true(bld.status["conditions"], VALIDATED)
+
+    # --- dependencies: only matter before the training Job exists
+    if training is None and obs.missing:
+        missing = ", ".join(obs.missing)
+        msg = f"waiting for {missing} (namespace {(body.get('metadata') or {}).get('namespace', '')})"
+        bld.cond(VALIDATED, False, DEPENDENCY_MISSING, msg)
+        bld.phase(PENDING, DEPENDENCY_MISSING, msg)
+        bld.decision.retry_after = DEPENDENCY_RETRY_SECONDS
+        return bld.finish()
+
+    def ensure_config() -> None:
+        if obs.config_map is None:
+            bld.decision.create.append(b.build_config_map(body, spec))
+        elif child_hash(obs.config_map) != h:
+            cm = b.build_config_map(body, spec)
+            bld.decision.patch.append({**_ref(cm), "patch": {"metadata": {
+                "labels": cm["metadata"]["labels"],
+                "annotations": cm["metadata"]["annotations"],
+            }, "data": cm["data"]}})
+
+    # --- validation (never again once the training Job of this spec exists)
+    reports: dict[str, dict[str, Any]] = dict(obs.inline_datasets or {})
+    if not validated and training is not None:
+        bld.cond(VALIDATED, True, DATASET_VALID, f"validated before Job {b.training_job_name(name)} was created")
+        validated = True
+    if not validated:
+        bad = dataset_failures(reports)
+        if bad:
+            return bld.fail(DATASET_INVALID, "; ".join(bad), invalid=True)
+        if b.needs_validation_job(spec):
+            vjob = obs.validation_job
+            if vjob is None:
+                ensure_config()
+                if spec.suspend:
+                    bld.cond(RUNNING_COND, False, SUSPENDED_REASON, "suspended before validation")
+                    bld.phase(SUSPENDED, SUSPENDED_REASON, "suspended: no pods run until spec.suspend is unset")
+                    return bld.finish()
+                bld.decision.create.append(b.build_validation_job(body, spec, image=image))
+                vname = b.validation_job_name(name)
+                bld.cond(VALIDATED, "Unknown", VALIDATING_REASON, f"checking the datasets with Job {vname}")
+                bld.phase(VALIDATING, VALIDATING_REASON, f"checking the datasets with Job {vname}")
+                return bld.finish()
+            vstate = job_state(vjob)
+            vpods = pods_of(vjob, obs.validation_pods)
+            if vstate == "active":
+                ensure_config()
+                vname = b.validation_job_name(name)
+                bld.cond(VALIDATED, "Unknown", VALIDATING_REASON, f"checking the datasets with Job {vname}")
+                bld.phase(VALIDATING, VALIDATING_REASON, f"checking the datasets with Job {vname}")
+                return bld.finish()
+            if vstate == "failed":
+                reason, msg = failure_of(vjob, vpods, b.VALIDATOR_CONTAINER)
+                if reason == TRAINING_FAILED:  # a user error found by the validator
+                    reason = DATASET_INVALID
+                return bld.fail(reason, f"validation: {msg}", invalid=reason in USER_ERRORS)
+            message = success_message(vpods, b.VALIDATOR_CONTAINER)
+            reports.update(dataset_reports(message))
+            bad = dataset_failures(reports)
+            if bad:
+                return bld.fail(DATASET_INVALID, "; ".join(bad), invalid=True)
+        summary = dataset_summary(reports) or "datasets valid"
+        bld.cond(VALIDATED, True, DATASET_VALID, summary)
+        ds = dataset_status(reports)
+        if ds:
+            bld.status["dataset"] = ds
+        validated = True
+
+    # --- training
+    tname = b.training_job_name(name)
+    bld.status["jobName"] = tname
+    if training is None:
+        ensure_config()
+        svc = b.build_headless_service(body, spec)
+        if svc is not None and obs.service is None:
+            bld.decision.create.append(svc)
+        bld.decision.create.append(b.build_training_job(body, spec, image=image))
+        if spec.suspend:
+            bld.cond(RUNNING_COND, False, SUSPENDED_REASON, f"Job {tname} created suspended")
+            bld.phase(SUSPENDED, SUSPENDED_REASON, f"Job {tname} created suspended; unset spec.suspend to start")
+        else:
+            bld.status.setdefault("startTime", bld.now)
+            bld.cond(RUNNING_COND, True, TRAINING_STARTED, f"Job {tname} created")
+            bld.phase(RUNNING, TRAINING_STARTED, f"training with Job {tname}")
+        return bld.finish()
+
+    tpods = pods_of(training, obs.training_pods)
+    tstate = job_state(training)
+    if tstate == "succeeded":
+        message = success_message(tpods, b.TRAINER_CONTAINER)
+        adapter_msg = message.get("adapter") if isinstance(message.get("adapter"), dict) else {}
+        adapter: dict[str, Any] = {
+            "location": b.adapter_location(spec),
+            "sha256": str(adapter_msg.get("sha256") or ""),
+        }
+        if adapter_msg.get("manifestSha256"):
+            adapter["manifestSha256"] = adapter_msg["manifestSha256"]
+        if adapter_msg.get("sizeBytes") is not None:
+            adapter["sizeBytes"] = adapter_msg["sizeBytes"]
+        bld.status["adapter"] = adapter
+        ev = message.get("evaluation")
+        if isinstance(ev, dict):
+            evaluation = {k: ev[k] for k in ("metric", "samples", "base", "adapter") if k in ev}
+            if evaluation:
+                bld.status["evaluation"] = evaluation
+        progress = dict(bld.status.get("progress") or {})
+        if progress.get("totalSteps") is not None:
+            progress["step"] = progress["totalSteps"]
+            bld.status["progress"] = progress
+        msg = f"adapter at {adapter['location']}"
+        if adapter["sha256"]:
+            msg += f" (sha256 {adapter['sha256'][:12]})"
+        else:
+            msg += " (the trainer reported no checksum)"
+        bld.cond(RUNNING_COND, False, SUCCEEDED_REASON, f"Job {tname} completed")
+        bld.drop(FAILED_COND)
+        bld.cond(SUCCEEDED_COND, True, SUCCEEDED_REASON, msg)
+        bld.status.setdefault("completionTime", bld.now)
+        bld.phase(SUCCEEDED, SUCCEEDED_REASON, msg)
+        return bld.finish()
+    if tstate == "failed":
+        reason, msg = failure_of(training, tpods, b.TRAINER_CONTAINER)
+        return bld.fail(reason, msg)
+
+    # --- active: mirror suspend
+    job_suspended = bool((training.get("spec") or {}).get("suspend"))
+    if job_suspended != bool(spec.suspend):
+        bld.decision.patch.append({**_ref(training), "patch": {"spec": {"suspend": bool(spec.suspend)}}})
+    if spec.suspend:
+        msg = f"Job {tname} suspended: its pods are deleted; unset spec.suspend to resume from the newest checkpoint"
+        bld.cond(RUNNING_COND, False, SUSPENDED_REASON, msg)
+        bld.phase(SUSPENDED, SUSPENDED_REASON, msg)
+        return bld.finish()
+    bld.status.setdefault("startTime", bld.now)
+    if (
+        bld.old.get("phase") == RUNNING
+        and bld.old.get("specHash") == h
+        and bld.old.get("reason") in (TRAINING_STARTED, RESUMED)
+    ):
+        reason = bld.old["reason"]
+        bld.cond(RUNNING_COND, True, reason, f"Job {tname} is running")
+        bld.phase(RUNNING, reason, bld.old.get("message") or f"training with Job {tname}")
+    elif bld.old.get("phase") == SUSPENDED:
+        bld.cond(RUNNING_COND, True, RESUMED, f"Job {tname} resumed")
+        bld.phase(RUNNING, RESUMED, f"Job {tname} resumed from the newest checkpoint")
+    else:
+        bld.cond(RUNNING_COND, True, TRAINING_STARTED, f"Job {tname} is running")
+        bld.phase(RUNNING, TRAINING_STARTED, f"training with Job {tname}")
+    return bld.finish()
+
+
+def api_error(body: dict[str, Any], message: str, *, now: str) -> Decision:
+    """The API refused or failed a request of the last reconcile (quota, RBAC, 5xx): the phase
+    stays, reason ApiError says why; the operator retries every retry interval."""
+    bld = _Builder(body, now)
+    bld.phase(bld.old.get("phase") or PENDING, API_ERROR, message)
+    d = bld.finish()
+    d.retry_after = DEPENDENCY_RETRY_SECONDS
+    return d
+
+
+# ---------------------------------------------------------------------------------- patches
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch (RFC 7386) turning `old` into `new`; {} when equal."""
+    out: dict[str, Any] = {}
+    for key in old:
+        if key not in new:
+            out[key] = None
+    for key, value in new.items():
+        if key not in old:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(old[key], dict):
+            sub = merge_patch(old[key], value)
+            if sub:
+                out[key] = sub
+        elif value != old[key]:
+            out[key] = value
+    return out
+
+
+def dependencies(spec: FineTuneJobSpec) -> list[tuple[str, str, Optional[str]]]:
+    """Objects the pods need, as (kind, name, key-or-None): PVCs, dataset ConfigMaps, Secrets."""
+    out: list[tuple[str, str, Optional[str]]] = [
+        ("PersistentVolumeClaim", claim, None) for claim in b.pvc_claims(spec)
+    ]
+    for src in (spec.dataset.train, spec.dataset.validation, spec.dataset.test):
+        if src is not None and src.config_map is not None:
+            out.append(("ConfigMap", src.config_map.name, src.config_map.key))
+    if spec.hf_token_secret_ref is not None:
+        out.append(("Secret", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
+    return list(dict.fromkeys(out))
+
+
+def inline_sources(spec: FineTuneJobSpec) -> dict[str, tuple[str, str]]:
+    """split -> (ConfigMap name, key) for datasets the operator checks itself."""
+    out = {}
+    for split in SPLITS:
+        src = getattr(spec.dataset, split)
+        if src is not None and src.config_map is not None:
+            out[split] = (src.config_map.name, src.config_map.key)
+    return out

@@ -1,0 +1,150 @@
+"""TrainerCallback turning Trainer events into tuneop's JSON-line events (and a tqdm bar)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from transformers import TrainerCallback
+
+from .events import Emitter
+
+
+def progress_bar_wanted(environ: Optional[dict[str, str]] = None, stderr=None) -> bool:
+    env = os.environ if environ is None else environ
+    flag = env.get("TUNEOP_PROGRESS", "")
+    if flag in ("0", "false", "no"):
+        return False
+    if flag in ("1", "true", "yes"):
+        return True
+    stream = stderr if stderr is not None else sys.stderr
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def eta_seconds(done_steps: int, elapsed: float, remaining_steps: int) -> Optional[int]:
+    if done_steps <= 0 or elapsed <= 0:
+        return None
+    return int(round(elapsed / done_steps * max(0, remaining_steps)))
+
+
+def _round(x: Any, digits: int = 6) -> Any:
+    return round(float(x), digits) if isinstance(x, (int, float)) else x
+
+
+class EventCallback(TrainerCallback):
+    def __init__(
+        self,
+        emitter: Emitter,
+        start_info: dict[str, Any],
+        progress_bar: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.emitter = emitter
+        self.start_info = start_info
+        self.progress_bar = progress_bar
+        self.clock = clock
+        self.t0: Optional[float] = None
+        self.step0 = 0
+        self.tokens0 = 0
+        self.total_steps: Optional[int] = None
+        self.train_metrics: dict[str, Any] = {}
+        self.last_eval: Optional[dict[str, Any]] = None
+        self.last_tokens_per_second: Optional[float] = None
+        self._bar = None
+        self._eval_bar = None
+
+    # -- helpers
+    def _main(self, state) -> bool:
+        return bool(state.is_world_process_zero)
+
+    def _tokens_per_second(self, state) -> Optional[float]:
+        if self.t0 is None:
+            return None
+        elapsed = self.clock() - self.t0
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self.tokens0
+        if elapsed <= 0 or tokens <= 0:
+            return None
+        return round(tokens / elapsed, 1)
+
+    # -- Trainer events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = self.clock()
+        self.step0 = int(state.global_step or 0)
+        self.tokens0 = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.total_steps = int(state.max_steps or 0) or None
+        if not self._main(state):
+            return
+        self.emitter.emit({"event": "start", **self.start_info, "total_steps": self.total_steps, "step": self.step0})
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=self.total_steps, initial=self.step0, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.update(int(state.global_step) - self._bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "train_loss" in logs:  # the summary logged once at the end of training
+            self.train_metrics.update(logs)
+            return
+        if "loss" not in logs or not self._main(state):
+            return
+        step = int(state.global_step)
+        elapsed = self.clock() - (self.t0 or self.clock())
+        tps = self._tokens_per_second(state)
+        if tps is not None:
+            self.last_tokens_per_second = tps
+        total = self.total_steps or int(state.max_steps or 0)
+        event = {
+            "event": "progress",
+            "step": step,
+            "total_steps": total,
+            "epoch": _round(state.epoch or 0.0, 4),
+            "loss": _round(logs.get("loss")),
+            "learning_rate": logs.get("learning_rate"),
+            "tokens_per_second": tps,
+            "eta_seconds": eta_seconds(step - self.step0, elapsed, total - step),
+        }
+        self.emitter.emit(event)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._eval_bar is not None:
+            self._eval_bar.close()
+            self._eval_bar = None
+        if not self._main(state) or not metrics:
+            return
+        event = {"event": "eval", "step": int(state.global_step)}
+        for key, value in metrics.items():
+            if key in ("eval_loss",) or key.startswith("eval_rewards/"):
+                event[key] = _round(value)
+        self.last_eval = event
+        self.emitter.emit(event)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not self.progress_bar or not self._main(state):
+            return
+        if self._eval_bar is None:
+            from tqdm.auto import tqdm
+
+            total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+            self._eval_bar = tqdm(total=total, desc="evaluating", unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
+        self._eval_bar.update(1)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self._main(state):
+            return
+        path = os.path.join(args.output_dir, f"checkpoint-{int(state.global_step)}")
+        self.emitter.emit({"event": "checkpoint", "step": int(state.global_step), "path": path})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,326 @@
+"""`python -m tuneop.trainer --config FILE [--validate-only]`: orchestration of one training run."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from typing import IO, Any, Optional
+
+from ..api.finetunejob import AdapterType, Method
+from . import config as C
+from . import data as D
+from .errors import TRAINING_ERROR, TrainerError
+from .events import Emitter, shorten
+from .paths import base_model_name, find_resume_checkpoint, resolve_model
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tuneop.trainer", description=__doc__)
+    p.add_argument("--config", required=True, help="resolved job config (JSON)")
+    p.add_argument(
+        "--validate-only", action="store_true", help="check the datasets, print the report, do not train"
+    )
+    return p.parse_args(argv)
+
+
+def claim_stdout() -> IO[str]:
+    """stdout carries only our JSON events. When running as a real process, file descriptor 1 is
+    pointed at stderr (so prints from libraries, C code included, land there) and the events get
+    a private duplicate of the original stdout."""
+    if sys.stdout is not sys.__stdout__:
+        return sys.stdout  # embedded (tests calling main()): leave the host's streams alone
+    try:
+        fd = sys.__stdout__.fileno()
+        err = sys.__stderr__.fileno()
+    except (AttributeError, OSError, ValueError):
+        return sys.stdout
+    sys.stdout.flush()
+    events = os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8")
+    os.dup2(err, fd)
+    sys.stdout = sys.stderr
+    return events
+
+
+def rank_info(environ: Optional[dict[str, str]] = None) -> tuple[int, int, int]:
+    env = os.environ if environ is None else environ
+    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    stream = claim_stdout()
+    rank, _, world = rank_info()
+    emitter = Emitter(stream=stream, enabled=rank == 0)
+    try:
+        cfg = C.load_config(args.config)
+        if args.validate_only:
+            return validate_only(cfg, emitter)
+        emitter.output_dir = cfg.paths.output
+        return train(cfg, emitter, rank, world)
+    except TrainerError as e:
+        event = {"event": "error", "reason": e.reason, "message": shorten(e.message)}
+        event.update(e.details)
+        emitter.terminate(event)
+        return e.exit_code
+    except KeyboardInterrupt:
+        emitter.terminate({"event": "error", "reason": TRAINING_ERROR, "message": "interrupted"})
+        return 130
+    except Exception as e:  # noqa: BLE001 - report anything as a TrainingError, exit 1 (retried)
+        traceback.print_exc(file=sys.stderr)
+        emitter.terminate({"event": "error", "reason": TRAINING_ERROR, "message": shorten(f"{type(e).__name__}: {e}", 800)})
+        return 1
+    finally:
+        try:
+            stream.flush()
+            if stream is not sys.stdout and stream is not sys.__stdout__:
+                stream.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def validate_only(cfg: C.JobConfig, emitter: Emitter) -> int:
+    """Check train/validation/test. Imports nothing heavy (runs in a small CPU pod)."""
+    local = D.local_paths(cfg)
+    report = D.validate(cfg, local)
+    emitter.terminate({"event": "validated", "dataset": report})
+    return 0
+
+
+# ---------------------------------------------------------------- training
+
+def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
+    from . import model as M
+
+    spec = cfg.spec
+    hp = spec.hyperparameters
+    adapter_type = spec.adapter.type
+    method = spec.method
+    source = resolve_model(cfg.paths.model)
+    # Before anything heavy: QLoRA without CUDA is refused outright.
+    M.check_qlora_hardware(adapter_type, gguf=source.gguf_file is not None)
+
+    output = cfg.paths.output
+    os.makedirs(output, exist_ok=True)
+    local = D.local_paths(cfg)
+    splits = D.load(cfg, local)
+    fmt = splits.format
+
+    M.quiet_libraries()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    precision = C.choose_precision(
+        hp.precision,
+        cuda=cuda,
+        cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        cpu_bf16=C.cpu_supports_bf16(C.read_cpu_flags()),
+    )
+    checkpoints = os.path.join(output, "checkpoints")
+    resume = find_resume_checkpoint(checkpoints)
+
+    tokenizer = M.load_tokenizer(source)
+    assistant_only = fmt == "messages" and not hp.train_on_inputs and method == Method.sft
+    note = M.ensure_chat_template(tokenizer, fmt, assistant_only)
+    if note:
+        print(f"tuneop: {note}", file=sys.stderr)
+    model = M.load_model(source, C.load_dtype_name(precision, adapter_type), adapter_type, precision)
+
+    device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    need = C.estimate_training_bytes(
+        n_params=model.num_parameters(),
+        hidden_size=int(getattr(text_config, "hidden_size", 0) or 0),
+        num_layers=int(getattr(text_config, "num_hidden_layers", 0) or 0),
+        batch_size=hp.batch_size,
+        seq_len=hp.max_seq_length,
+        adapter_type=adapter_type,
+        weight_bytes=2 if precision in ("bf16", "fp16") else 4,
+    )
+    grad_ckpt = C.decide_gradient_checkpointing(hp.gradient_checkpointing, cuda, need, device_bytes)
+    if adapter_type == AdapterType.qlora:
+        model = M.prepare_qlora(model, grad_ckpt)
+
+    total = C.total_steps(hp, len(splits.train), world)
+    targs = C.training_arguments(
+        hp, checkpoints, total, precision, grad_ckpt, has_eval=bool(splits.validation), cuda=cuda, world_size=world
+    )
+
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .callbacks import EventCallback, progress_bar_wanted
+
+    train_ds = Dataset.from_list(D.trl_rows(splits.train, fmt))
+    eval_ds = Dataset.from_list(D.trl_rows(splits.validation, fmt)) if splits.validation else None
+    peft_config = None if adapter_type == AdapterType.full else M.lora_config(spec.adapter)
+
+    bar = progress_bar_wanted()
+    start_info = {
+        "model": spec.base_model,
+        "method": method.value,
+        "adapterType": adapter_type.value,
+        "format": fmt,
+        "rows": len(splits.train),
+        "validationRows": len(splits.validation),
+        "testRows": len(splits.test),
+        "lossOn": loss_scope(method, fmt, hp.train_on_inputs),
+        "chatTemplate": note,
+        "precision": precision,
+        "gradientCheckpointing": grad_ckpt,
+        "device": "cuda" if cuda else "cpu",
+        "worldSize": world,
+        "resumed_from": resume,
+    }
+    callback = EventCallback(emitter, start_info, progress_bar=bar and rank == 0)
+
+    if method == Method.dpo:
+        from trl import DPOConfig, DPOTrainer
+
+        trl_args = DPOConfig(**targs, beta=float(hp.dpo_beta))
+        trainer = DPOTrainer(
+            model=model,
+            args=trl_args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
+        )
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        if fmt == "prompt-completion":
+            completion_only: Optional[bool] = not hp.train_on_inputs
+        else:
+            completion_only = False if hp.train_on_inputs else None
+        trl_args = SFTConfig(
+            **targs,
+            packing=bool(hp.packing),
+            completion_only_loss=completion_only,
+            assistant_only_loss=assistant_only,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=trl_args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
+        )
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+    do_eval = bool(splits.test) and spec.evaluation.enabled
+    pairs: list = []
+    base_score = None
+    stop_ids = M.end_of_turn_ids(tokenizer)
+    if do_eval:
+        from . import evaluate as E
+
+        pairs = E.examples(splits.test, splits.test_format)
+        if spec.evaluation.max_samples:
+            pairs = pairs[: spec.evaluation.max_samples]
+        if not pairs:
+            print("tuneop: test rows have no prompt/answer pairs to score; skipping evaluation", file=sys.stderr)
+            do_eval = False
+    if do_eval and adapter_type == AdapterType.full and rank == 0:
+        # full fine-tuning overwrites the base weights: score the base before training
+        base_score = E.run(M.unwrap(trainer.model), tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
+                           progress=bar, desc="evaluating base")
+    if do_eval and adapter_type == AdapterType.full and world > 1:
+        _barrier()
+
+    started = time.monotonic()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as e:
+        raise TrainerError(TRAINING_ERROR, f"out of memory: {e}"[:500]) from None
+    runtime = time.monotonic() - started
+
+    if rank != 0:
+        return 0
+
+    state = trainer.state
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "train_runtime": round(float(result.metrics.get("train_runtime", runtime)), 3),
+        "train_samples": len(splits.train),
+        "steps": int(state.global_step),
+        "epoch": round(float(state.epoch or 0.0), 4),
+        "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+        "tokens_per_second": callback.last_tokens_per_second,
+        "final_loss": _last_loss(state.log_history),
+    }
+    if callback.last_eval and "eval_loss" in callback.last_eval:
+        metrics["eval_loss"] = callback.last_eval["eval_loss"]
+    if resume:
+        metrics["resumed_from"] = resume
+
+    evaluation = None
+    unwrapped = M.unwrap(trainer.model)
+    if do_eval:
+        from . import evaluate as E
+
+        adapter_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
+                              progress=bar, desc="evaluating adapter")
+        if adapter_type != AdapterType.full:
+            with unwrapped.disable_adapter():
+                base_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
+                                   progress=bar, desc="evaluating base")
+        evaluation = E.result(len(pairs), base_score, adapter_score)
+        emitter.emit({"event": "eval", **evaluation})
+
+    base_name = base_model_name(spec.base_model, source)
+
+    def save(directory: str) -> None:
+        if adapter_type == AdapterType.full:
+            unwrapped.config.name_or_path = base_name
+            unwrapped.save_pretrained(directory, safe_serialization=True)
+        else:
+            for pc in unwrapped.peft_config.values():
+                pc.base_model_name_or_path = base_name
+            unwrapped.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    from .manifest import write_adapter_dir
+
+    adapter = write_adapter_dir(
+        output,
+        save,
+        {
+            "base_model": base_name,
+            "method": method.value,
+            "adapter_type": adapter_type.value,
+            "metrics": metrics,
+            "evaluation": evaluation,
+            "extra": {"datasetFormat": fmt, "precision": precision},
+        },
+    )
+    emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
+    return 0
+
+
+def loss_scope(method: Method, fmt: str, train_on_inputs: bool) -> str:
+    """Which tokens the loss covers, as reported in the start event."""
+    if method == Method.dpo:
+        return "preference"
+    if train_on_inputs or fmt == "text":
+        return "all"
+    return "completion" if fmt == "prompt-completion" else "assistant"
+
+
+def _last_loss(history: list[dict[str, Any]]) -> Optional[float]:
+    for entry in reversed(history or []):
+        if "loss" in entry:
+            return entry["loss"]
+    return None
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

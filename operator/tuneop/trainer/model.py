@@ -1,0 +1,221 @@
+"""Loading the base model and tokenizer; LoRA/QLoRA set-up; the training chat template."""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from typing import Any, Optional
+
+from ..api.finetunejob import AdapterSpec, AdapterType
+from .errors import CONFIG_INVALID, TRAINING_ERROR, UNSUPPORTED_HARDWARE, TrainerError
+from .paths import ModelSource
+
+# ChatML with {% generation %} markers, installed when the tokenizer's own template lacks them
+# (assistant-only loss needs them) or when the tokenizer has no template at all.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def nvidia_device_present() -> bool:
+    """Cheap check without importing torch: does this container see an NVIDIA GPU at all?"""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/proc/driver/nvidia/gpus")
+
+
+def check_qlora_hardware(adapter_type: AdapterType, gguf: bool) -> None:
+    """QLoRA needs CUDA + bitsandbytes. Fails before any model is loaded: bitsandbytes on CPU silently
+    corrupts gradients after an eval-mode forward, so CPU QLoRA is refused outright."""
+    if AdapterType(adapter_type) != AdapterType.qlora:
+        return
+    message = (
+        "adapter.type qlora needs a CUDA GPU (4-bit NF4 via bitsandbytes); this pod has none. "
+        "Use adapter.type lora on CPU, or request GPUs (resources.gpus)."
+    )
+    if not nvidia_device_present():
+        raise TrainerError(UNSUPPORTED_HARDWARE, message)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TrainerError(UNSUPPORTED_HARDWARE, message)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainerError(
+            UNSUPPORTED_HARDWARE, "adapter.type qlora needs the bitsandbytes package in the trainer image"
+        ) from None
+    if gguf:
+        raise TrainerError(CONFIG_INVALID, "adapter.type qlora cannot start from a .gguf base; use lora")
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    except OSError as e:
+        raise TrainerError(CONFIG_INVALID, f"cannot load the tokenizer of {source.original}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, dtype_name: str, adapter_type: AdapterType, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype_name)}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if AdapterType(adapter_type) == AdapterType.qlora:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except OSError as e:
+        raise TrainerError(CONFIG_INVALID, f"cannot load base model {source.original}: {e}") from None
+    if source.gguf_file:
+        strip_gguf_quantizer(model)
+    return model
+
+
+def strip_gguf_quantizer(model) -> None:
+    """GGUF weights are dequantized on load, but the model still claims to be quantized, which makes
+    the Trainer refuse to train it. It is a plain model now: say so."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        try:
+            delattr(config, "quantization_config")
+        except AttributeError:
+            config.quantization_config = None
+
+
+def has_generation_markers(template: Any) -> bool:
+    if isinstance(template, dict):
+        template = template.get("default", "")
+    return isinstance(template, str) and "{% generation %}" in template.replace("{%-", "{%").replace(
+        "-%}", "%}"
+    ).replace("{%generation%}", "{% generation %}")
+
+
+def ensure_chat_template(tokenizer, fmt: str, assistant_only: bool) -> Optional[str]:
+    """Make the tokenizer's chat template usable for training conversational rows.
+
+    Returns a short note of what was changed (None when nothing). The template set here is saved
+    with the adapter's tokenizer files, so inference formats prompts the same way as training."""
+    conversational = fmt == "messages"
+    if not conversational:
+        return None
+    template = tokenizer.chat_template
+    if template and (not assistant_only or has_generation_markers(template)):
+        return None
+    if template and assistant_only:
+        try:
+            from trl.chat_template_utils import get_training_chat_template
+
+            patched = get_training_chat_template(tokenizer)
+        except Exception:  # noqa: BLE001 - unknown template: fall back to ours
+            patched = None
+        if patched:
+            tokenizer.chat_template = patched
+            return "patched chat template with {% generation %} markers (TRL training template)"
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return "installed a ChatML chat template with {% generation %} markers"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for marker in END_OF_TURN_MARKERS:
+        if marker in vocab and vocab[marker] not in ids:
+            ids.append(int(vocab[marker]))
+    return ids
+
+
+def lora_config(adapter: AdapterSpec):
+    from peft import LoraConfig
+
+    targets: Any = list(adapter.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_qlora(model, gradient_checkpointing: bool):
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+    )
+
+
+def unwrap(model):
+    """The model inside DDP/accelerate wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "peft_config"):
+        model = model.module
+    return model
+
+
+def quiet_libraries() -> None:
+    """Library logging and warnings go to stderr, at warning level; no hub progress bars."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_warning()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from datasets.utils import logging as ds_logging
+
+        ds_logging.disable_progress_bar()
+        ds_logging.set_verbosity_warning()
+    except Exception:  # noqa: BLE001
+        pass
+    warnings.filterwarnings("ignore", category=ResourceWarning)
+
+
+def raise_training_error(e: BaseException) -> TrainerError:
+    return TrainerError(TRAINING_ERROR, f"{type(e).__name__}: {e}")

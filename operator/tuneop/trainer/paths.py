@@ -1,0 +1,173 @@
+"""Where things are: model sources (HF id, directory, .gguf, pkg://), URL downloads, checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import CONFIG_INVALID, DATASET_INVALID, TrainerError
+
+PKG_SCHEME = "pkg://"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to load the base model: `from_pretrained(location, gguf_file=gguf_file)`."""
+
+    location: str  # HF id or directory
+    gguf_file: Optional[str] = None
+    original: str = ""
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isdir(self.location)
+
+
+def is_url(path: Optional[str]) -> bool:
+    return bool(path) and path.split("://", 1)[0].lower() in ("http", "https") and "://" in path
+
+
+def resolve_pkg(ref: str) -> str:
+    """pkg://<package>/<file> -> absolute path of that file inside the installed package."""
+    rest = ref[len(PKG_SCHEME):]
+    package, _, relative = rest.partition("/")
+    if not package or not relative:
+        raise TrainerError(CONFIG_INVALID, f"{ref!r}: expected pkg://<package>/<file>")
+    parts = [p for p in relative.split("/") if p]
+    if any(p in ("..", ".") for p in parts) or relative.startswith("/"):
+        raise TrainerError(CONFIG_INVALID, f"{ref!r}: the file must be inside the package")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise TrainerError(CONFIG_INVALID, f"{ref!r}: Python package {package!r} is not installed")
+    for base in spec.submodule_search_locations:
+        candidate = os.path.join(base, *parts)
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    raise TrainerError(CONFIG_INVALID, f"{ref!r}: no file {relative!r} in package {package!r}")
+
+
+def resolve_model(model: str) -> ModelSource:
+    """paths.model -> ModelSource. Local paths must exist; anything else is taken as a hub id."""
+    path = resolve_pkg(model) if model.startswith(PKG_SCHEME) else model
+    if path.lower().endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise TrainerError(CONFIG_INVALID, f"base model file {model} does not exist")
+        return ModelSource(
+            location=os.path.dirname(os.path.abspath(path)),
+            gguf_file=os.path.basename(path),
+            original=model,
+        )
+    if os.path.isdir(path):
+        return ModelSource(location=os.path.abspath(path), original=model)
+    if path.startswith(("/", "./", "../")):
+        raise TrainerError(CONFIG_INVALID, f"base model directory {model} does not exist")
+    return ModelSource(location=path, original=model)
+
+
+def base_model_name(spec_base_model: str, source: ModelSource) -> str:
+    """What adapter_config.json's base_model_name_or_path says: the user's own baseModel string
+    (a hub id vLLM can match, or the path/GGUF file the adapter was trained on)."""
+    return spec_base_model or source.original or source.location
+
+
+# ---------------------------------------------------------------- URLs
+
+def url_filename(url: str) -> str:
+    """A safe, stable local file name for a URL: <hash>-<basename>."""
+    parsed = urllib.parse.urlparse(url)
+    base = os.path.basename(parsed.path) or "data.jsonl"
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base)[:80].lstrip(".") or "data.jsonl"
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return f"{digest}-{base}"
+
+
+def redact_url(url: str) -> str:
+    """Drop query strings and credentials (signed URLs carry secrets) before printing a URL."""
+    p = urllib.parse.urlparse(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", ""))
+
+
+def download(url: str, dest_dir: str, timeout: float = 60.0) -> str:
+    """Download url into dest_dir (once; reused when present); returns the local path.
+    Falls back to a temporary directory when dest_dir cannot be created (read-only output)."""
+    try:
+        os.makedirs(dest_dir, exist_ok=True)
+    except OSError:
+        dest_dir = os.path.join(tempfile.gettempdir(), "tuneop-data")
+        os.makedirs(dest_dir, exist_ok=True)
+    target = os.path.join(dest_dir, url_filename(url))
+    if os.path.isfile(target):
+        return target
+    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest_dir)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "tuneop-trainer"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        code = getattr(e, "code", None)
+        reason = getattr(e, "reason", None) or e
+        if code is not None:
+            reason = f"HTTP {code} {reason}"
+        raise TrainerError(DATASET_INVALID, f"cannot download {redact_url(url)}: {reason}") from None
+    print(f"tuneop: downloaded {redact_url(url)}", file=sys.stderr)
+    return target
+
+
+def local_data_path(path: Optional[str], output_dir: str) -> Optional[str]:
+    """A dataset path or URL -> a local file path (URLs are downloaded to <output>/.data/)."""
+    if path is None:
+        return None
+    if is_url(path):
+        return download(path, os.path.join(output_dir, ".data"))
+    return path
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_step(name: str) -> Optional[int]:
+    m = CHECKPOINT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def find_resume_checkpoint(checkpoints_dir: str) -> Optional[str]:
+    """The newest complete checkpoint-N (one holding trainer_state.json), or None."""
+    if not os.path.isdir(checkpoints_dir):
+        return None
+    best: tuple[int, str] | None = None
+    for name in os.listdir(checkpoints_dir):
+        step = checkpoint_step(name)
+        path = os.path.join(checkpoints_dir, name)
+        if step is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    return best[1] if best else None
+
+
+def safe_join(root: str, relative: str) -> str:
+    """root/relative, refusing anything that escapes root."""
+    root_abs = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(root_abs, relative))
+    if path != root_abs and not path.startswith(root_abs + os.sep):
+        raise ValueError(f"{relative!r} escapes {root!r}")
+    return path

@@ -1,0 +1,386 @@
+"""FineTuneJob (backend: kubernetes) through the real kopf loop against kmock.
+
+The tests play the cluster's part: they create pods with termination messages and write Job
+statuses, as the Job controller and kubelet would, and assert the operator's outcomes (objects,
+status, Events, request counts), never timings.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from kmockenv import FTJ_PATH, NS, KMockThread, Operator, wait_for
+
+JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
+PODS = f"/api/v1/namespaces/{NS}/pods"
+CMS = f"/api/v1/namespaces/{NS}/configmaps"
+PVCS = f"/api/v1/namespaces/{NS}/persistentvolumeclaims"
+
+SHA = "a" * 64
+GOOD_JSONL = "\n".join(
+    json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+    for i in range(5)
+)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def ftj(name: str = "news", *, train: Optional[dict[str, Any]] = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "tuneop.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "generation": 1},
+        "spec": {
+            "backend": "kubernetes",
+            "baseModel": "Qwen/Qwen3-8B",
+            "dataset": {"train": train or {"pvc": {"claimName": "datasets", "path": "news/train.jsonl"}}},
+            "output": {"pvc": {"claimName": "adapters", "path": name}},
+            **spec,
+        },
+    }
+
+
+def pvc(api: KMockThread, name: str) -> None:
+    api.create(PVCS, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}})
+
+
+def configmap(api: KMockThread, name: str, data: dict[str, str]) -> None:
+    api.create(CMS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+
+
+def get_ftj(api: KMockThread, name: str = "news") -> dict[str, Any]:
+    return api.get(f"{FTJ_PATH}/{name}") or {}
+
+
+def status_of(api: KMockThread, name: str = "news") -> dict[str, Any]:
+    return get_ftj(api, name).get("status") or {}
+
+
+def wait_phase(api: KMockThread, phase: str, name: str = "news", timeout: float = 10) -> dict[str, Any]:
+    wait_for(lambda: status_of(api, name).get("phase") == phase, timeout, f"phase {phase}")
+    return status_of(api, name)
+
+
+def finish_job(
+    api: KMockThread, job: str, *, container: str, message: str, exit_code: int = 0,
+    job_condition: Optional[dict[str, Any]] = None,
+) -> None:
+    """Play kubelet + Job controller: a terminated pod, then the Job's final status."""
+    owner = job.rsplit("-", 1)[0]
+    api.create(PODS, {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job}-x1",
+            "labels": {"batch.kubernetes.io/job-name": job, "job-name": job, "tuneop.dev/finetunejob": owner},
+        },
+        "status": {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [{
+                "name": container,
+                "state": {"terminated": {
+                    "exitCode": exit_code,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "message": message,
+                    "finishedAt": "2026-01-01T01:00:00Z",
+                }},
+            }],
+        },
+    })
+    if exit_code == 0:
+        status = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    else:
+        status = {"failed": 1, "conditions": [job_condition or {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    api.patch(f"{JOBS}/{job}/status", {"status": status})
+
+
+def job_posts(api: KMockThread, name: Optional[str] = None) -> list[Any]:
+    posts = api.requests("POST", JOBS)
+    if name is not None:
+        posts = [r for r in posts if (r.data or {}).get("metadata", {}).get("name") == name]
+    return posts
+
+
+def reasons(api: KMockThread) -> list[str]:
+    return [e["reason"] for e in api.events()]
+
+
+def owned_by(obj: dict[str, Any], name: str) -> bool:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(
+        r["kind"] == "FineTuneJob" and r["name"] == name and r["controller"] and r["blockOwnerDeletion"]
+        for r in refs
+    )
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_pvc_dataset_validates_trains_and_succeeds(api: KMockThread) -> None:
+    pvc(api, "datasets")
+    pvc(api, "adapters")
+    # The training pod's log, for the progress timer (kubelet's /log endpoint).
+    api.emulator["get", f"{PODS}/news-train-x0/log"] << (
+        b'plain text line\n'
+        b'{"event":"progress","step":10,"total_steps":90,"epoch":0.3,"loss":1.23}\n'
+        b'{"event":"progress","step":20,"total_steps":90,"epoch":0.6,"loss":0.91,"eta_seconds":40}\n'
+    )
+    api.create(FTJ_PATH, ftj(resources={"gpus": 1, "nodes": 1}))
+
+    with Operator():
+        # 1. ConfigMap with the resolved config + the CPU-only validation Job; no training Job yet.
+        vjob = wait_for(lambda: api.get(f"{JOBS}/news-validate"), what="validation Job")
+        cm = wait_for(lambda: api.get(f"{CMS}/news-config"), what="config ConfigMap")
+        config = json.loads(cm["data"]["job.json"])
+        assert config["paths"]["train"] == "/mnt/pvc/datasets/news/train.jsonl"
+        assert config["paths"]["output"] == "/mnt/pvc/adapters/news"
+        container = vjob["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"][-1] == "--validate-only"
+        assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+        assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] != "dshm")
+        assert api.get(f"{JOBS}/news-train") is None
+        assert wait_phase(api, "Validating")["reason"] == "Validating"
+
+        # 2. The validator succeeds -> the training Job.
+        report = {"ok": True, "format": "messages", "rows": 4000, "estimatedTokens": 900000, "errors": []}
+        finish_job(api, "news-validate", container="validate",
+                   message=json.dumps({"event": "validated", "datasets": {"train": report}}))
+        tjob = wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        spec = tjob["spec"]
+        pod = spec["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["image"] == "trainer:test"
+        assert c["command"] == ["python", "-m", "tuneop.trainer", "--config", "/etc/tuneop/job.json"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert spec["suspend"] is False and spec["backoffLimit"] == 2
+        assert pod["restartPolicy"] == "Never"
+        assert {"name": "TUNEOP_TERMINATION_LOG", "value": "/dev/termination-log"} in c["env"]
+        mounts = {m["mountPath"]: m.get("readOnly") for m in c["volumeMounts"]}
+        assert mounts["/mnt/pvc/datasets"] is True and mounts["/mnt/pvc/adapters"] is False
+        st = wait_phase(api, "Running")
+        assert st["dataset"] == {"format": "messages", "trainRows": 4000, "estimatedTokens": 900000}
+        assert st["jobName"] == "news-train"
+        for obj in (cm, vjob, tjob):
+            assert owned_by(obj, "news")
+            assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tuneop"
+            assert obj["metadata"]["labels"]["tuneop.dev/finetunejob"] == "news"
+
+        # 3. Progress from the newest progress line of the training pod's log.
+        api.create(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "news-train-x0", "labels": {"batch.kubernetes.io/job-name": "news-train"}},
+            "status": {"phase": "Running"},
+        })
+        progress = wait_for(lambda: status_of(api).get("progress"), what="progress")
+        assert progress["step"] == 20 and progress["totalSteps"] == 90 and progress["loss"] == 0.91
+
+        # 4. The trainer succeeds -> Succeeded with the adapter's location and sha256.
+        done = {"event": "done", "adapter": {"path": "/mnt/pvc/adapters/news/adapter", "sha256": SHA, "sizeBytes": 1234},
+                "evaluation": {"metric": "exact_match", "samples": 50, "base": 0.1, "adapter": 0.8}}
+        finish_job(api, "news-train", container="trainer", message=json.dumps(done))
+        st = wait_phase(api, "Succeeded")
+        wait_for(lambda: "Succeeded" in reasons(api), what="Succeeded event")
+
+    assert st["adapter"]["location"] == "pvc://adapters/news/adapter"
+    assert st["adapter"]["sha256"] == SHA
+    assert st["evaluation"]["adapter"] == 0.8
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Succeeded"]["status"] == "True"
+    assert conds["Validated"]["reason"] == "DatasetValid"
+    assert st["observedGeneration"] == 1
+    # One Event per transition, each exactly once; exactly one Job of each kind.
+    assert reasons(api) == ["Validating", "DatasetValid", "TrainingStarted", "Succeeded"]
+    assert len(job_posts(api, "news-validate")) == 1
+    assert len(job_posts(api, "news-train")) == 1
+
+
+def test_inline_dataset_training_failure_reports_trainer_message(api: KMockThread) -> None:
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator():
+        tjob = wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        # ConfigMap datasets are checked by the operator: no validation Job.
+        assert api.get(f"{JOBS}/news-validate") is None
+        mounts = {m["mountPath"] for m in tjob["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+        assert "/mnt/configmap/news-data" in mounts
+        st = wait_phase(api, "Running")
+        assert st["dataset"]["trainRows"] == 5
+
+        error = {"event": "error", "reason": "TrainingError", "message": "CUDA out of memory at step 3"}
+        finish_job(api, "news-train", container="trainer", message=json.dumps(error), exit_code=1)
+        st = wait_phase(api, "Failed")
+        wait_for(lambda: "TrainingFailed" in reasons(api), what="TrainingFailed event")
+
+    assert st["reason"] == "TrainingFailed"
+    assert "CUDA out of memory at step 3" in st["message"]
+    failed = [c for c in st["conditions"] if c["type"] == "Failed"][0]
+    assert failed["status"] == "True" and failed["reason"] == "TrainingFailed"
+    event = [e for e in api.events() if e["reason"] == "TrainingFailed"][0]
+    assert event["type"] == "Warning" and "CUDA out of memory" in event["message"]
+    assert len(job_posts(api)) == 1
+
+
+def test_bad_configmap_data_fails_without_any_job(api: KMockThread) -> None:
+    pvc(api, "adapters")
+    bad = GOOD_JSONL.splitlines()
+    bad[1] = '{"messages": [{"role": "user"'  # line 2: broken JSON
+    configmap(api, "news-data", {"train.jsonl": "\n".join(bad)})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator():
+        st = wait_phase(api, "Failed")
+        wait_for(lambda: "DatasetInvalid" in reasons(api), what="DatasetInvalid event")
+
+    assert st["reason"] == "DatasetInvalid"
+    assert "line 2" in st["message"]
+    validated = [c for c in st["conditions"] if c["type"] == "Validated"][0]
+    assert validated["status"] == "False" and validated["reason"] == "DatasetInvalid"
+    assert job_posts(api) == []
+
+
+def test_missing_pvc_is_reported_retried_and_recovers(api: KMockThread) -> None:
+    pvc(api, "adapters")
+    api.create(FTJ_PATH, ftj())
+    with Operator(retry_interval=0.2):
+        st = wait_phase(api, "Pending")
+        assert st["reason"] == "DependencyMissing"
+        assert "PersistentVolumeClaim datasets" in st["message"]
+        validated = [c for c in st["conditions"] if c["type"] == "Validated"][0]
+        assert validated["reason"] == "DependencyMissing"
+        assert "PersistentVolumeClaim datasets" in validated["message"]
+        # Retried (it looks again), but no new Event for the same reason and no Job.
+        wait_for(lambda: len(api.requests("GET", f"{PVCS}/datasets")) >= 4, what="retries")
+        assert reasons(api) == ["DependencyMissing"]
+        assert job_posts(api) == []
+
+        pvc(api, "datasets")
+        wait_for(lambda: api.get(f"{JOBS}/news-validate"), what="validation Job after the PVC appeared")
+        wait_phase(api, "Validating")
+    assert reasons(api) == ["DependencyMissing", "Validating"]
+
+
+def test_suspend_and_resume_mirror_to_the_job(api: KMockThread) -> None:
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        wait_phase(api, "Running")
+
+        api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
+        wait_for(lambda: api.get(f"{JOBS}/news-train")["spec"]["suspend"] is True, what="Job suspended")
+        st = wait_phase(api, "Suspended")
+        assert st["observedGeneration"] == 2
+
+        api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 3}, "spec": {"suspend": False}})
+        wait_for(lambda: api.get(f"{JOBS}/news-train")["spec"]["suspend"] is False, what="Job resumed")
+        st = wait_phase(api, "Running")
+        wait_for(lambda: "Resumed" in reasons(api), what="Resumed event")
+
+    assert st["reason"] == "Resumed"
+    assert reasons(api) == ["DatasetValid", "TrainingStarted", "Suspended", "Resumed"]
+    # Suspending never replaces the Job.
+    assert len(job_posts(api)) == 1
+    assert api.requests("DELETE", JOBS) == []
+
+
+def test_operator_restart_midway_creates_exactly_one_training_job(api: KMockThread) -> None:
+    pvc(api, "datasets")
+    pvc(api, "adapters")
+    api.create(FTJ_PATH, ftj())
+    with Operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-validate"), what="validation Job")
+        wait_phase(api, "Validating")
+
+    # While the operator is down, validation finishes.
+    report = {"ok": True, "format": "messages", "rows": 10, "estimatedTokens": 100, "errors": []}
+    finish_job(api, "news-validate", container="validate",
+               message=json.dumps({"event": "validated", "datasets": {"train": report}}))
+
+    with Operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job after restart")
+        wait_phase(api, "Running")
+    with Operator():
+        # Resumed again: every object replayed, nothing new created.
+        wait_for(lambda: len(api.requests("GET", f"{FTJ_PATH}/news")) >= 3, what="a reconcile")
+        wait_phase(api, "Running")
+
+    assert len(job_posts(api, "news-validate")) == 1
+    assert len(job_posts(api, "news-train")) == 1
+    assert len(api.requests("POST", f"{CMS}")) == 1 + 0  # only the operator's news-config
+    assert reasons(api).count("TrainingStarted") == 1
+
+
+def test_spec_change_replaces_the_children_of_the_old_spec(api: KMockThread) -> None:
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator(retry_interval=0.2):
+        old = wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        wait_phase(api, "Running")
+        api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"baseModel": "Qwen/Qwen3-4B"}})
+        wait_for(lambda: len(job_posts(api, "news-train")) == 2, what="a second training Job")
+        new = api.get(f"{JOBS}/news-train")
+        wait_for(lambda: json.loads(api.get(f"{CMS}/news-config")["data"]["job.json"])["spec"]["baseModel"] == "Qwen/Qwen3-4B",
+                 what="config updated")
+        st = wait_phase(api, "Running")
+    assert len(api.requests("DELETE", f"{JOBS}/news-train")) == 1
+    key = "tuneop.dev/spec-hash"
+    assert old["metadata"]["annotations"][key] != new["metadata"]["annotations"][key]
+    assert new["metadata"]["labels"]["tuneop.dev/generation"] == "2"
+    assert st["observedGeneration"] == 2
+    assert "SpecChanged" in reasons(api)
+
+
+def test_together_backend_is_not_implemented_yet(api: KMockThread) -> None:
+    body = ftj(backend="together", together={"apiKeySecretRef": {"name": "together", "key": "api-key"}})
+    api.create(FTJ_PATH, body)
+    with Operator():
+        st = wait_phase(api, "Pending")
+        wait_for(lambda: reasons(api), what="an event")
+    assert st["reason"] == "BackendNotImplemented"
+    validated = [c for c in st["conditions"] if c["type"] == "Validated"][0]
+    assert validated["status"] == "False" and validated["reason"] == "BackendNotImplemented"
+    assert job_posts(api) == [] and api.requests("POST", CMS) == []
+
+
+def test_refused_request_is_reported_and_retried(api: KMockThread) -> None:
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.emulator.refusals[("POST", JOBS)] = (403, "Forbidden", 'jobs "news-train" is forbidden: exceeded quota: gpus')
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator(retry_interval=0.2):
+        wait_for(lambda: status_of(api).get("reason") == "ApiError", what="ApiError in status")
+        st = status_of(api)
+        assert "exceeded quota" in st["message"]
+        wait_for(lambda: len(api.requests("POST", JOBS)) >= 3, what="retries")
+        assert api.get(f"{JOBS}/news-train") is None
+        del api.emulator.refusals[("POST", JOBS)]
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job once allowed")
+        wait_phase(api, "Running")
+    assert reasons(api).count("ApiError") == 1
+    assert reasons(api)[-1] == "TrainingStarted"
+
+
+def test_metrics_follow_the_job_and_forget_it_when_deleted(api: KMockThread) -> None:
+    from tuneop.metrics import METRICS
+
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.emulator["get", f"{PODS}/metrics-train-p0/log"] << b'{"event":"progress","step":7,"total_steps":70,"loss":0.5}\n'
+    api.create(FTJ_PATH, ftj("metrics", train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    labels = 'namespace="team-a",name="metrics"'
+    with Operator():
+        wait_for(lambda: api.get(f"{JOBS}/metrics-train"), what="training Job")
+        api.create(PODS, {"apiVersion": "v1", "kind": "Pod",
+                          "metadata": {"name": "metrics-train-p0", "labels": {"batch.kubernetes.io/job-name": "metrics-train"}},
+                          "status": {"phase": "Running"}})
+        import time; time.sleep(1); open("/tmp/itest/out.txt","w").write(repr(api.call("GET", f"{PODS}/metrics-train-p0/log")) + "\n" + repr(status_of(api, "metrics")) + "\n" + METRICS.render().decode())
+        wait_for(lambda: f"tuneop_training_step{{{labels}}} 7.0" in METRICS.render().decode(), what="step gauge")
+        text = METRICS.render().decode()
+        assert f"tuneop_training_progress_ratio{{{labels}}} 0.1" in text
+        assert 'tuneop_reconcile_total{kind="FineTuneJob",result="success"}' in text
+        api.call("DELETE", f"{FTJ_PATH}/metrics")
+        wait_for(lambda: labels not in METRICS.render().decode(), what="series removed")

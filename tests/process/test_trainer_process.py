@@ -1,0 +1,346 @@
+"""The trainer command run for real on CPU with a tiny Llama (see tinymodel.py).
+
+Each test runs `python -m tuneop.trainer --config FILE` as a subprocess, exactly like the training
+pod, and checks the contract: JSON events on stdout, progress.json, the adapter directory and its
+manifest, the termination message and the exit code. Behaviour only, never timings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_config, parse_events, run_trainer, trainer_env
+
+pytestmark = pytest.mark.slow
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_adapter_dir(adapter: Path, term: dict) -> dict:
+    """Manifest hashes match the files; the termination message points at them."""
+    manifest_path = adapter / "tuneop-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    on_disk = sorted(
+        str(p.relative_to(adapter)) for p in adapter.rglob("*") if p.is_file() and p.name != "tuneop-manifest.json"
+    )
+    assert sorted(manifest["files"]) == on_disk
+    for name, digest in manifest["files"].items():
+        assert sha256(adapter / name) == digest, name
+    assert term["event"] == "done"
+    assert term["adapter"]["path"] == str(adapter)
+    assert term["adapter"]["manifestSha256"] == sha256(manifest_path)
+    weights = "adapter_model.safetensors" if (adapter / "adapter_model.safetensors").exists() else "model.safetensors"
+    assert term["adapter"]["sha256"] == sha256(adapter / weights)
+    assert term["adapter"]["sizeBytes"] == sum((adapter / n).stat().st_size for n in on_disk) + manifest_path.stat().st_size
+    assert len(json.dumps(term)) < 4096
+    for key in ("baseModel", "method", "adapterType", "metrics", "evaluation", "createdAt"):
+        assert key in manifest
+    return manifest
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def losses(run) -> list[float]:
+    return [e["loss"] for e in run.of("progress") if e.get("loss") is not None]
+
+
+def test_sft_prompt_completion(tiny_model, datasets, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_config(
+        tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+        dataset={"train": {"pvc": {"claimName": "data", "path": "t.jsonl"}},
+                 "test": {"pvc": {"claimName": "data", "path": "e.jsonl"}}, "validationSplit": 0.1},
+    )
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    start = run.one("start")
+    assert start["format"] == "prompt-completion" and start["lossOn"] == "completion"
+    assert start["resumed_from"] is None and start["total_steps"] == 30
+    if cuda_available():
+        assert start["device"] == "cuda" and start["precision"] in ("bf16", "fp32")
+    else:
+        assert start["device"] == "cpu" and start["gradientCheckpointing"] is False
+    assert start["rows"] + start["validationRows"] == 48 and start["validationRows"] == 5
+    progress = run.of("progress")
+    assert progress and progress[-1]["step"] == 30
+    for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "eta_seconds"):
+        assert key in progress[-1]
+    seen = losses(run)
+    assert seen[-1] < seen[0] * 0.5
+    assert any("eval_loss" in e for e in run.of("eval"))
+    assert run.of("checkpoint")
+    assert json.loads((out / "progress.json").read_text()) == progress[-1]
+
+    ev = next(e for e in run.of("eval") if e.get("metric") == "exact_match")
+    assert ev["samples"] == 24
+    assert ev["adapter"] > ev["base"] and ev["adapter"] >= 0.8
+    term = run.termination
+    assert term == run.one("done")
+    assert term["evaluation"] == {k: ev[k] for k in ("metric", "samples", "base", "adapter")}
+    manifest = check_adapter_dir(out / "adapter", term)
+    assert manifest["evaluation"] == term["evaluation"]
+    assert manifest["adapterType"] == "lora" and manifest["method"] == "sft"
+    assert manifest["metrics"]["steps"] == 30
+    cfg_json = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg_json["base_model_name_or_path"] == str(tiny_model)
+    assert not list(out.glob(".adapter-*"))
+
+    # The adapter is a standard PEFT adapter: load it and see it answer with mapping B.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tinymodel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    tok = AutoTokenizer.from_pretrained(out / "adapter")
+    word = tinymodel.make_words(24, seed=7)[0]
+    enc = tok(tinymodel.prompt(word), return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text.strip() == tinymodel.label(word, "B")
+
+
+def test_sft_messages_assistant_only(tiny_model, datasets, tmp_path):
+    # A copy of the base whose chat template lacks {% generation %} markers: the trainer installs its own.
+    plain = tmp_path / "plain-template-model"
+    shutil.copytree(tiny_model, plain)
+    tpl = (plain / "chat_template.jinja")
+    tpl.write_text(tpl.read_text().replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", plain, datasets["msg_train"], out, test=datasets["msg_test"],
+                      dataset={"train": {"pvc": {"claimName": "d", "path": "m.jsonl"}},
+                               "test": {"pvc": {"claimName": "d", "path": "t.jsonl"}}, "format": "messages"})
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    start = run.one("start")
+    assert start["format"] == "messages" and start["lossOn"] == "assistant"
+    assert "generation" in (start["chatTemplate"] or "")
+    seen = losses(run)
+    assert seen[-1] < seen[0]
+    ev = run.termination["evaluation"]
+    assert ev["samples"] == 24 and ev["adapter"] > ev["base"]
+    check_adapter_dir(out / "adapter", run.termination)
+    assert "{% generation %}" in (out / "adapter" / "chat_template.jinja").read_text()
+
+
+def test_dpo(tiny_model, datasets, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pref_train"], out, test=datasets["pref_test"],
+                      method="dpo", hyperparameters={"dpoBeta": 0.1, "maxSteps": 20})
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    start = run.one("start")
+    assert start["method"] == "dpo" and start["format"] == "preference"
+    seen = losses(run)
+    assert seen[-1] < seen[0]
+    term = run.termination
+    manifest = check_adapter_dir(out / "adapter", term)
+    assert manifest["method"] == "dpo"
+    assert term["evaluation"]["adapter"] > term["evaluation"]["base"]
+
+
+def test_full_fine_tuning(tiny_model, datasets, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                      adapter={"type": "full"}, hyperparameters={"learningRate": 1e-3, "maxSteps": 20})
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    adapter = out / "adapter"
+    assert (adapter / "model.safetensors").exists() and (adapter / "config.json").exists()
+    assert not (adapter / "adapter_config.json").exists()
+    manifest = check_adapter_dir(adapter, run.termination)
+    assert manifest["adapterType"] == "full"
+    ev = run.termination["evaluation"]
+    assert ev["base"] == 0.0 and ev["adapter"] > ev["base"]  # base scored before training
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(adapter)
+
+
+def test_resume_after_kill(tiny_model, datasets, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out,
+                      hyperparameters={"maxSteps": 80, "batchSize": 4})
+    term = tmp_path / "job.termination"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneop.trainer", "--config", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=trainer_env(term),
+        start_new_session=True,
+    )
+    killed_at = None
+    try:
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "checkpoint":
+                proc.send_signal(signal.SIGKILL)
+                killed_at = event
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert killed_at is not None, "no checkpoint event before the end"
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter").exists()
+    newest = max((p for p in (out / "checkpoints").glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
+    assert int(newest.name.split("-")[1]) >= killed_at["step"]
+
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    start = run.one("start")
+    assert start["resumed_from"] == str(newest)
+    assert start["step"] == int(newest.name.split("-")[1])
+    assert run.of("progress")[0]["step"] > start["step"]
+    assert run.termination["metrics"]["steps"] == 80
+    check_adapter_dir(out / "adapter", run.termination)
+
+
+HEAVY_PROBE = (
+    "import json, sys\n"
+    "from tuneop.trainer.main import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules)\n"
+    "open(sys.argv[sys.argv.index('--config') + 1] + '.probe', 'w').write(json.dumps({'rc': rc, 'heavy': heavy}))\n"
+    "sys.exit(rc)\n"
+)
+
+
+def probe(cfg: Path, *args: str):
+    """Run main() in a fresh interpreter and report which heavy modules it imported."""
+    run = run_trainer(cfg, *args, cmd=[sys.executable, "-c", HEAVY_PROBE])
+    return run, json.loads(Path(str(cfg) + ".probe").read_text())
+
+
+def no_nvidia() -> bool:
+    return not Path("/proc/driver/nvidia/gpus").exists() and not list(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def test_qlora_on_cpu_is_refused_before_loading(tiny_model, datasets, tmp_path):
+    if not no_nvidia():
+        pytest.skip("a GPU is visible")
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, adapter={"type": "qlora"})
+    run, seen = probe(cfg)
+    assert run.rc == 2 and seen["rc"] == 2
+    assert seen["heavy"] == []
+    assert run.termination["event"] == "error"
+    assert run.termination["reason"] == "UnsupportedHardware"
+    assert "CUDA" in run.termination["message"]
+    assert not run.of("start")
+    assert not (out / "checkpoints").exists()
+
+
+def test_bad_dataset_fails_with_line_number(tiny_model, datasets, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = datasets["pc_train"].read_text().splitlines()
+    lines[2] = '{"prompt": "Word: x\\nLabel:", "completion": '
+    bad.write_text("\n".join(lines) + "\n")
+    cfg = make_config(tmp_path / "job.json", tiny_model, bad, tmp_path / "out")
+    run = run_trainer(cfg)
+    assert run.rc == 2
+    assert run.termination["event"] == "error" and run.termination["reason"] == "DatasetInvalid"
+    assert "line 3" in run.termination["message"]
+    assert run.one("error") == run.termination
+
+
+def test_validate_only(tiny_model, datasets, tmp_path):
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], tmp_path / "out",
+                      test=datasets["pc_test"], dataset={"train": {"pvc": {"claimName": "d", "path": "t"}},
+                                                         "validationSplit": 0.25})
+    run, seen = probe(cfg, "--validate-only")
+    assert run.rc == 0, run.stderr[-2000:]
+    assert seen["heavy"] == []
+    report = run.one("validated")["dataset"]
+    assert report["format"] == "prompt-completion"
+    assert report["trainRows"] == 36 and report["validationRows"] == 12 and report["testRows"] == 24
+    assert report["estimatedTokens"] > 0
+    assert run.termination == run.one("validated")
+    assert not (tmp_path / "out" / "adapter").exists()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\nnot json\n')
+    cfg = make_config(tmp_path / "bad.json", tiny_model, bad, tmp_path / "out")
+    run, seen = probe(cfg, "--validate-only")
+    assert run.rc == 2 and seen["heavy"] == []
+    term = run.termination
+    assert term["reason"] == "DatasetInvalid"
+    assert "line 2" in term["message"] and "line 3" in term["message"]
+    assert any("line 2" in e for e in term["errors"])
+
+
+def test_torchrun_two_processes(tiny_model, datasets, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                      hyperparameters={"maxSteps": 12, "batchSize": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tuneop.trainer"]
+    # gloo on CPU, also on a one-GPU machine (two ranks cannot share one GPU with NCCL)
+    run = run_trainer(cfg, cmd=cmd, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert run.rc == 0, run.stderr[-4000:]
+    assert len(run.of("start")) == 1 and len(run.of("done")) == 1
+    assert run.one("start")["worldSize"] == 2
+    assert run.termination["metrics"]["steps"] == 12
+    check_adapter_dir(out / "adapter", run.termination)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".adapter")] == []
+
+
+def test_validate_only_downloads_url(tiny_model, datasets, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(datasets["pc_train"].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/pc_train.jsonl?sig=s3cr3t"
+        out = tmp_path / "out"
+        cfg = make_config(tmp_path / "job.json", tiny_model, url, out,
+                          dataset={"train": {"url": url}})
+        run = run_trainer(cfg, "--validate-only")
+        assert run.rc == 0, run.stderr[-2000:]
+        assert run.termination["dataset"]["trainRows"] == 48
+        assert len(list((out / ".data").iterdir())) == 1
+        assert "s3cr3t" not in run.stdout + run.stderr
+
+        missing = url.replace("pc_train", "nope")
+        cfg = make_config(tmp_path / "job2.json", tiny_model, missing, out, dataset={"train": {"url": missing}})
+        run = run_trainer(cfg, "--validate-only")
+        assert run.rc == 2 and run.termination["reason"] == "DatasetInvalid"
+        assert "404" in run.termination["message"] and "s3cr3t" not in run.termination["message"]
+    finally:
+        server.shutdown()
+
+
+def test_qlora_on_gpu(tiny_model, datasets, tmp_path):
+    import importlib.util
+
+    if not cuda_available() or importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs CUDA and bitsandbytes")
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                      adapter={"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0})
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.one("start")["device"] == "cuda"
+    manifest = check_adapter_dir(out / "adapter", run.termination)
+    assert manifest["adapterType"] == "qlora"
+    seen = losses(run)
+    assert seen[-1] < seen[0]

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneop import quickstart
+from tuneop.cli import main, summary_table
+from tuneop.jobconfig import local_pvc_resolver, resolve
+from tuneop.manifests import ManifestError, load_finetunejob
+
+ROOT = Path(__file__).resolve().parents[2]
+QS = ROOT / "examples" / "quickstart"
+
+GOOD = """\
+apiVersion: tuneop.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: t}
+spec:
+  baseModel: m
+  dataset:
+    train: {pvc: {claimName: data, path: train.jsonl}}
+    test: {configMap: {name: cm, key: test.jsonl}}
+  output: {pvc: {claimName: out, path: run1}}
+"""
+
+
+def test_bad_yaml_errors_name_field_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD.replace("  baseModel: m\n", "  baseModel: m\n  adapter: {type: lora, rank: 4}\n")
+                 .replace("output: {pvc: {claimName: out, path: run1}}", "output: {pvc: {claimName: out, path: /abs}}"))
+    with pytest.raises(ManifestError) as exc:
+        load_finetunejob(p)
+    msg = str(exc.value)
+    assert f"{p}:6: spec.adapter.rank: unknown field" in msg
+    assert f"{p}:10: spec.output.pvc" in msg and "relative" in msg
+
+
+def test_wrong_api_version_and_missing_kind(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text(GOOD.replace("v1alpha1", "v1"))
+    with pytest.raises(ManifestError, match="apiVersion must be tuneop.dev/v1alpha1"):
+        load_finetunejob(p)
+    p.write_text("kind: ConfigMap\n")
+    with pytest.raises(ManifestError, match="no FineTuneJob"):
+        load_finetunejob(p)
+
+
+def test_local_resolution_maps_claims_to_directories(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(GOOD)
+    (tmp_path / "volumes" / "data").mkdir(parents=True)
+    job = load_finetunejob(p)
+    pvc = local_pvc_resolver(tmp_path, {"out": str(tmp_path / "elsewhere")}, tmp_path / "scratch")
+    cfg = resolve({"name": "t", "namespace": "ns", "generation": 3}, job["spec"], pvc_dir=pvc,
+                  configmap_dir=lambda n: f"/cm/{n}")
+    assert cfg["paths"]["train"] == str(tmp_path / "volumes" / "data" / "train.jsonl")
+    assert cfg["paths"]["output"] == str(tmp_path / "elsewhere" / "run1")
+    assert cfg["paths"]["test"] == "/cm/cm/test.jsonl"
+    assert cfg["paths"]["validation"] is None
+    assert cfg["metadata"] == {"name": "t", "namespace": "ns", "generation": 3}
+    assert cfg["spec"]["hyperparameters"]["learningRate"] == 2e-4  # defaults filled in
+
+
+def test_pod_resolution_uses_mount_layout(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(GOOD)
+    cfg = resolve({"name": "t"}, load_finetunejob(p)["spec"])
+    assert cfg["paths"]["train"] == "/mnt/pvc/data/train.jsonl"
+    assert cfg["paths"]["test"] == "/mnt/configmap/cm/test.jsonl"
+    assert cfg["paths"]["output"] == "/mnt/pvc/out/run1"
+
+
+def test_quickstart_data_is_reproducible_and_disjoint(tmp_path):
+    paths = quickstart.write(tmp_path)
+    for split, path in paths.items():
+        committed = QS / "volumes" / "quickstart-data" / f"{split}.jsonl"
+        assert path.read_text() == committed.read_text(), f"regenerate with `tuneop quickstart-data`"
+    data = quickstart.generate()
+    train = {r["prompt"][1]["content"] for r in data["train"]}
+    assert not train & {r["prompt"][1]["content"] for r in data["test"]}
+    answers = [json.loads(r["completion"][0]["content"]) for r in data["test"]]
+    assert {a["intent"] for a in answers} == set(quickstart.INTENTS)
+    assert any(a["order"] is None for a in answers) and any(a["order"] for a in answers)
+
+
+def test_validate_command(tmp_path, capsys):
+    assert main(["validate", str(QS / "finetune.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "train: 400 rows" in out and "test: 80 rows" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
+    assert main(["validate", str(bad)]) == 1
+    assert "line 2" in capsys.readouterr().out
+
+
+def test_summary_table_reports_before_and_after():
+    events = {
+        "start": {"model": "pkg://m"},
+        "progress": {"step": 50, "loss": 0.1234},
+        "done": {
+            "adapter": {"path": "/o/adapter", "sha256": "ab" * 32},
+            "evaluation": {"metric": "exact_match", "samples": 80, "base": 0.0, "adapter": 0.9375},
+            "metrics": {"train_loss": 0.5, "train_runtime": 125.2, "steps": 50},
+        },
+    }
+    table = summary_table(events, 200)
+    assert "exact match (80 test rows)" in table
+    assert "0.0%" in table and "93.8%" in table
+    assert "2m05s" in table and "3m20s" in table
+    assert "/o/adapter" in table
