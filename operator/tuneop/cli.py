@@ -89,7 +89,16 @@ def cmd_render(args: argparse.Namespace) -> int:
     doc["metadata"] = meta
     doc["spec"] = job["spec"].to_dict()
     manifests = b.build_all(doc, image=args.image)
-    sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False, width=100))
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    sys.stdout.write(yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False, width=100))
     return 0
 
 

@@ -380,10 +380,14 @@ def failure_of(
     name = (job.get("metadata") or {}).get("name", "")
     if parsed.get("event") == "error":
         reason = _TRAINER_REASONS.get(str(parsed.get("reason")), TRAINING_FAILED)
-        msg = str(parsed.get("message") or parsed.get("reason") or "")
+        msg = str(parsed.get("message") or "")
         errors = parsed.get("errors")
-        if reason == DATASET_INVALID and not msg and isinstance(errors, list):
-            msg = "; ".join(f"line {e.get('line')}: {e.get('message')}" for e in errors[:3])
+        if not msg and isinstance(errors, list):
+            msg = "; ".join(
+                f"line {e.get('line')}: {e.get('message')}" if isinstance(e, dict) else str(e)
+                for e in errors[:3]
+            )
+        msg = msg or str(parsed.get("reason") or "")
         return reason, shorten(msg)
     if job_reason == "DeadlineExceeded":
         deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
@@ -421,21 +425,41 @@ def _report_summary(report: dict[str, Any]) -> str:
         return f"{report.get('source', '')} {'; '.join(parts) or 'invalid dataset'}".strip()
 
 
-def dataset_reports(message: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-split dataset reports from a validation pod's termination message.
+DATASET_STATUS_KEYS = ("format", "trainRows", "validationRows", "testRows", "estimatedTokens")
 
-    Accepts ``{"datasets": {"train": report, ...}}`` (preferred) or ``{"dataset": report}``
-    (train only); a report is ``DatasetReport.to_dict()``.
-    """
+
+def dataset_reports(message: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-split dataset reports (``DatasetReport.to_dict()``) in a validation pod's termination
+    message, when it carries them: ``{"datasets": {"train": report, ...}}``."""
     reports = message.get("datasets")
     if isinstance(reports, dict):
-        return {k: v for k, v in reports.items() if isinstance(v, dict)}
+        return {k: v for k, v in reports.items() if k in SPLITS and isinstance(v, dict)}
     report = message.get("dataset")
-    if isinstance(report, dict):
-        if any(k in report for k in SPLITS) and "rows" not in report:
-            return {k: v for k, v in report.items() if isinstance(v, dict)}
-        return {"train": report}
+    if isinstance(report, dict) and any(isinstance(report.get(k), dict) for k in SPLITS):
+        return {k: v for k, v in report.items() if k in SPLITS and isinstance(v, dict)}
     return {}
+
+
+def validator_dataset_status(message: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's ``--validate-only`` summary: ``{"event": "validated", "dataset": {"format",
+    "trainRows", "validationRows", "testRows", "estimatedTokens"}}`` -> status.dataset."""
+    ds = message.get("dataset")
+    if not isinstance(ds, dict):
+        return {}
+    return {k: ds[k] for k in DATASET_STATUS_KEYS if ds.get(k) is not None}
+
+
+def describe_dataset_status(ds: dict[str, Any]) -> str:
+    parts = [
+        f"{ds[key]} {label} rows"
+        for key, label in (("trainRows", "train"), ("validationRows", "validation"), ("testRows", "test"))
+        if ds.get(key)
+    ]
+    if ds.get("estimatedTokens"):
+        parts.append(f"~{ds['estimatedTokens']} tokens")
+    if ds.get("format"):
+        parts.append(f"format {ds['format']}")
+    return ", ".join(parts)
 
 
 def dataset_status(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -738,9 +762,12 @@ def reconcile(
             bad = dataset_failures(reports)
             if bad:
                 return bld.fail(DATASET_INVALID, "; ".join(bad), invalid=True)
-        summary = dataset_summary(reports) or "datasets valid"
-        bld.cond(VALIDATED, True, DATASET_VALID, summary)
-        ds = dataset_status(reports)
+            validator_ds = validator_dataset_status(message)
+        else:
+            validator_ds = {}
+        ds = {**dataset_status(reports), **validator_ds}
+        summary = (describe_dataset_status(validator_ds) if validator_ds else dataset_summary(reports))
+        bld.cond(VALIDATED, True, DATASET_VALID, summary or "datasets valid")
         if ds:
             bld.status["dataset"] = ds
         validated = True

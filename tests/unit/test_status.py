@@ -153,6 +153,30 @@ def test_validation_success_creates_the_training_job() -> None:
     assert all(e["type"] == "Normal" for e in d.events)
 
 
+def test_validation_success_with_the_trainers_summary() -> None:
+    ftj = applied(body(), run(body()))
+    summary = {"format": "prompt-completion", "trainRows": 900, "validationRows": 100, "testRows": 0,
+               "estimatedTokens": 12345}
+    message = json.dumps({"event": "validated", "dataset": summary})
+    d = run(ftj, config_map=b.build_config_map(ftj), validation_job=job(ftj, "validate", "succeeded"),
+            validation_pods=[pod("news-validate", "validate", message=message)])
+    assert d.status["dataset"] == summary
+    assert cond(d.status, "Validated")["message"] == (
+        "900 train rows, 100 validation rows, ~12345 tokens, format prompt-completion"
+    )
+    assert names(d.create) == ["news-train"]
+
+
+def test_validation_error_with_the_trainers_error_list() -> None:
+    ftj = applied(body(), run(body()))
+    msg = json.dumps({"event": "error", "reason": "DatasetInvalid", "message": "",
+                      "errors": ["train (/mnt/pvc/datasets/t.jsonl): line 4: invalid JSON"]})
+    d = run(ftj, validation_job=job(ftj, "validate", "failed", reason="PodFailurePolicy"),
+            validation_pods=[pod("news-validate", "validate", exit_code=2, message=msg)])
+    assert d.status["reason"] == "DatasetInvalid"
+    assert "line 4: invalid JSON" in d.status["message"]
+
+
 def test_validation_report_with_errors_fails_without_training() -> None:
     ftj = applied(body(), run(body()))
     report = dict(BAD_REPORT, source="news/train.jsonl")
@@ -609,3 +633,32 @@ def test_is_settled_and_is_validated() -> None:
     assert s.is_settled(done)
     done["spec"]["baseModel"] = "other"
     assert not s.is_settled(done) and not s.is_validated(done)
+
+
+def test_api_error_keeps_the_phase_and_recovers() -> None:
+    ftj = running_ftj()
+    d = s.api_error(ftj, "Kubernetes API error: 403 Forbidden: exceeded quota", now=LATER)
+    assert d.status["phase"] == "Running" and d.status["reason"] == "ApiError"
+    assert d.events == [{"type": "Warning", "reason": "ApiError", "message": "Kubernetes API error: 403 Forbidden: exceeded quota"}]
+    assert d.retry_after and d.create == []
+    again = s.api_error(applied(ftj, d), "Kubernetes API error: 403 Forbidden: exceeded quota", now=LATER)
+    assert again.events == []
+    ok = run(applied(ftj, d), now=LATER, training_job=job(ftj, "train"))
+    assert ok.status["reason"] == "TrainingStarted"
+    assert event_reasons(ok) == ["TrainingStarted"]
+    assert s.api_error(body(), "down", now=NOW).status["phase"] == "Pending"
+
+
+def test_lost_status_with_a_training_job_does_not_validate_again() -> None:
+    ftj = body()  # PVC dataset, no status at all
+    d = run(ftj, training_job=job(ftj, "train"), validation_job=None)
+    assert d.create == []
+    assert d.status["phase"] == "Running"
+    assert cond(d.status, "Validated")["status"] == "True"
+
+
+def test_failed_training_after_success_of_validation_keeps_dataset_counts() -> None:
+    ftj = running_ftj()
+    d = run(ftj, training_job=job(ftj, "train", "failed"))
+    assert d.status["dataset"]["trainRows"] == 4000
+    assert d.status["reason"] == "BackoffLimitExceeded"

@@ -32,7 +32,7 @@ TERMINATION_LOG = "/dev/termination-log"
 TRAINER_CONTAINER = "trainer"
 VALIDATOR_CONTAINER = "validate"
 RDZV_PORT = 29500
-RUN_AS_USER = 1000
+RUN_AS_USER = 10001  # the uid of images/trainer (useradd --uid 10001)
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 APP_NAME = "app.kubernetes.io/name"
@@ -456,3 +456,6 @@ def build_children(
         out.append(svc)
     out.append(build_training_job(ftj, spec, image=image))
     return out
+
+
+build_all = build_children  # `tuneop render`

@@ -14,7 +14,9 @@ def run_operator(
     *,
     metrics_addr: str = "0.0.0.0",
     liveness_endpoint: Optional[str] = None,
+    liveness_port: Optional[int] = None,
     progress_interval: float = 15.0,
+    retry_interval: float = 30.0,
     verbose: bool = False,
     debug: bool = False,
     stop_flag: Optional[threading.Event] = None,
@@ -25,7 +27,10 @@ def run_operator(
     namespaces: watch these namespaces; None or [] watches the whole cluster.
     metrics_port: serve Prometheus /metrics on metrics_addr:metrics_port (None: no server).
     image: the trainer image for FineTuneJobs without spec.image.
-    liveness_endpoint: e.g. "http://0.0.0.0:8081/healthz" (kopf's probe endpoint).
+    liveness_endpoint: e.g. "http://0.0.0.0:8081/healthz" (kopf's probe endpoint);
+    liveness_port: shorthand for liveness_endpoint="http://0.0.0.0:<port>/healthz".
+    progress_interval: seconds between reads of a running training pod's progress.
+    retry_interval: seconds between reconciles of a job that waits (missing PVC, API error).
     One replica (Recreate): kopf runs standalone, without peering.
     """
     import kopf
@@ -37,8 +42,12 @@ def run_operator(
     registry = kopf.OperatorRegistry()
     finetunejob.register(
         registry,
-        finetunejob.OperatorConfig(image=image, progress_interval=progress_interval),
+        finetunejob.OperatorConfig(
+            image=image, progress_interval=progress_interval, retry_interval=retry_interval
+        ),
     )
+    if liveness_port and not liveness_endpoint:
+        liveness_endpoint = f"http://0.0.0.0:{liveness_port}/healthz"
     if metrics_port:
         metrics.start_metrics_server(metrics_port, metrics_addr)
     kwargs: dict[str, Any] = {}
