@@ -1,0 +1,348 @@
+"""Safe extraction of downloaded model archives, and the adapter layout they end in.
+
+Shared by the Together download pod (``tuneop.together_job download``) and, later, adapter URL
+downloads. No torch here.
+
+``safe_extract(archive_path, dest_dir, *, max_bytes, max_files) -> list[str]``
+    Extracts a tar archive — gzip, zstd or uncompressed, recognised by magic bytes, never by file
+    name — streaming. Rejects (:class:`ArchiveError`): absolute member names, ``..`` components,
+    symlinks or hard links whose target would leave the archive root, device files and FIFOs, more
+    than ``max_files`` members, more than ``max_bytes`` of content (counted while writing, so a
+    lying header does not help), unknown formats and corrupt data. Links that stay inside are
+    materialised as copies of files extracted earlier (no symlink is ever written to disk, so no
+    later member can write through one); other inside links are skipped. Everything is written to
+    a temporary directory next to ``dest_dir`` and renamed into place at the end: a failure leaves
+    no trace, a success replaces an older ``dest_dir`` whole. Returns the extracted files
+    (relative POSIX paths).
+
+``find_adapter_dir(root, adapter_type="lora") -> str``
+    The directory holding ``adapter_config.json`` (Together nests it in a subdirectory), or for
+    ``full`` the one holding ``config.json`` and ``*.safetensors``; the shallowest wins.
+
+``write_adapter_layout(src_dir, out_dir, *, base_model, method, adapter_type, extra=None,
+source="together") -> manifest dict``
+    Copies the regular files of ``src_dir`` (not recursive) to ``<out_dir>/adapter/`` with
+    ``tuneop-manifest.json`` — the same layout and manifest the in-cluster trainer writes
+    (``{"baseModel","method","adapterType","files":{name: sha256},"metrics":{},"evaluation":null,
+    "createdAt","source", ...extra}``), atomically (temp dir + rename). A LoRA adapter must have a
+    JSON-object ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+``adapter_summary(adapter_dir) -> {"path","sha256","manifestSha256","sizeBytes"}``
+    The termination message's ``adapter`` block for a written layout.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from typing import IO, Any, Optional
+
+__all__ = [
+    "ArchiveError",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_FILES",
+    "detect_format",
+    "safe_extract",
+    "find_adapter_dir",
+    "write_adapter_layout",
+    "adapter_summary",
+]
+
+DEFAULT_MAX_BYTES = 64 << 30  # 64 GiB of extracted content
+DEFAULT_MAX_FILES = 10_000
+_CHUNK = 1 << 20
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class ArchiveError(Exception):
+    """A bad or unsafe archive (a user-facing error: the download is not retried as is)."""
+
+
+def detect_format(path: str) -> str:
+    """``"gzip"``, ``"zstd"`` or ``"tar"`` from the first bytes; ArchiveError otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    raise ArchiveError("not a tar.gz, tar.zst or tar archive (unrecognised magic bytes)")
+
+
+def _member_path(name: str) -> str:
+    """Normalised relative path of a member; ArchiveError when absolute or escaping."""
+    if "\x00" in name:
+        raise ArchiveError(f"archive member name with a NUL byte: {name!r}")
+    raw = name.replace("\\", "/")
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+        raise ArchiveError(f"archive member with an absolute path: {name!r}")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ArchiveError(f"archive member with '..' in its path: {name!r}")
+    return "/".join(parts)
+
+
+def _link_target(member: tarfile.TarInfo, rel: str) -> str:
+    """The archive-relative path a link member points to; ArchiveError when it leaves the root."""
+    target = member.linkname.replace("\\", "/")
+    if not target:
+        raise ArchiveError(f"link {member.name!r} without a target")
+    if target.startswith("/"):
+        raise ArchiveError(f"link {member.name!r} points outside the archive: {member.linkname!r}")
+    if member.issym():
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+    else:  # hard links are relative to the archive root
+        joined = posixpath.normpath(target)
+    if joined == ".." or joined.startswith("../") or joined.startswith("/"):
+        raise ArchiveError(f"link {member.name!r} points outside the archive: {member.linkname!r}")
+    return joined
+
+
+def _open_stream(path: str, fmt: str, raw: IO[bytes]) -> IO[bytes]:
+    if fmt == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if fmt == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw
+
+
+def _mkdirs(root: str, rel: str) -> str:
+    """mkdir -p root/rel, refusing to pass through anything that is not a real directory."""
+    path = root
+    for part in [p for p in rel.split("/") if p]:
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise ArchiveError(f"archive member {rel!r} needs a directory where a file is")
+    return path
+
+
+def _write_file(root: str, rel: str, src: IO[bytes], budget: list[int]) -> None:
+    parent = _mkdirs(root, posixpath.dirname(rel))
+    full = os.path.join(parent, posixpath.basename(rel))
+    try:
+        st = os.lstat(full)
+        if stat.S_ISDIR(st.st_mode):
+            raise ArchiveError(f"archive member {rel!r} is both a directory and a file")
+        os.unlink(full)  # a duplicate member: the later one wins, as with tar
+    except FileNotFoundError:
+        pass
+    fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as out:
+        while True:
+            chunk = src.read(_CHUNK)
+            if not chunk:
+                break
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                raise ArchiveError("archive content exceeds the size limit")
+            out.write(chunk)
+
+
+def _extract_into(archive_path: str, root: str, max_bytes: int, max_files: int) -> list[str]:
+    fmt = detect_format(archive_path)
+    budget = [int(max_bytes)]
+    files: list[str] = []
+    count = 0
+    with open(archive_path, "rb") as raw:
+        stream = _open_stream(archive_path, fmt, raw)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    count += 1
+                    if count > max_files:
+                        raise ArchiveError(f"archive has more than {max_files} members")
+                    rel = _member_path(member.name)
+                    if member.isdir():
+                        if rel:
+                            _mkdirs(root, rel)
+                        continue
+                    if not rel:
+                        raise ArchiveError(f"archive member with an empty name: {member.name!r}")
+                    if member.issym() or member.islnk():
+                        target = _link_target(member, rel)
+                        src = os.path.join(root, *target.split("/")) if target not in ("", ".") else root
+                        if target in files and os.path.isfile(src) and not os.path.islink(src):
+                            with open(src, "rb") as f:
+                                _write_file(root, rel, f, budget)
+                            files.append(rel)
+                        continue  # inside link to something not (yet) extracted: skipped
+                    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+                        raise ArchiveError(f"archive member {member.name!r} is a device file or FIFO")
+                    if not member.isfile():
+                        raise ArchiveError(f"archive member {member.name!r} has an unsupported type")
+                    if member.size > budget[0]:
+                        raise ArchiveError("archive content exceeds the size limit")
+                    fobj = tar.extractfile(member)
+                    if fobj is None:  # pragma: no cover
+                        raise ArchiveError(f"cannot read archive member {member.name!r}")
+                    _write_file(root, rel, fobj, budget)
+                    if rel not in files:
+                        files.append(rel)
+        finally:
+            if stream is not raw:
+                stream.close()
+    return sorted(files)
+
+
+def safe_extract(
+    archive_path: str,
+    dest_dir: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
+) -> list[str]:
+    """See the module docstring. Raises ArchiveError for a bad or unsafe archive."""
+    dest_dir = os.path.abspath(dest_dir)
+    parent = os.path.dirname(dest_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest_dir)}-extract-", dir=parent)
+    try:
+        try:
+            files = _extract_into(archive_path, tmp, max_bytes, max_files)
+        except ArchiveError:
+            raise
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ArchiveError(f"corrupt archive: {e}") from None
+        except Exception as e:  # zstandard.ZstdError and friends
+            if "zstandard" in (type(e).__module__ or "") or type(e).__name__ == "ZstdError":
+                raise ArchiveError(f"corrupt archive: {e}") from None
+            raise
+        if not files:
+            raise ArchiveError("archive holds no files")
+        _swap_into_place(tmp, dest_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def _swap_into_place(tmp: str, final: str) -> None:
+    old = None
+    if os.path.lexists(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-old-", dir=os.path.dirname(final))
+        os.rmdir(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.unlink(old)
+
+
+# ---------------------------------------------------------------------------------- layout
+
+
+def find_adapter_dir(root: str, adapter_type: str = "lora") -> str:
+    """The shallowest directory under ``root`` holding ``adapter_config.json`` (for
+    ``adapter_type == "full"``: ``config.json`` plus a ``*.safetensors`` file). ArchiveError when
+    there is none."""
+    best: Optional[tuple[int, str]] = None
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        names = set(filenames)
+        if adapter_type == "full":
+            ok = "config.json" in names and any(n.endswith(".safetensors") or n.endswith(".index.json") for n in names)
+        else:
+            ok = "adapter_config.json" in names
+        if ok:
+            depth = os.path.relpath(dirpath, root).count(os.sep)
+            if best is None or depth < best[0]:
+                best = (depth, dirpath)
+    if best is None:
+        what = "config.json and *.safetensors" if adapter_type == "full" else "adapter_config.json"
+        raise ArchiveError(f"the archive has no {what}")
+    return best[1]
+
+
+def _check_adapter_files(src_dir: str, adapter_type: str) -> None:
+    if adapter_type == "full":
+        if not os.path.isfile(os.path.join(src_dir, "config.json")):
+            raise ArchiveError("full model without config.json")
+        return
+    cfg_path = os.path.join(src_dir, "adapter_config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ArchiveError(f"adapter_config.json is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ArchiveError("adapter_config.json is not a JSON object")
+    weights = os.path.join(src_dir, "adapter_model.safetensors")
+    if not os.path.isfile(weights) or os.path.getsize(weights) < 8:
+        raise ArchiveError("the adapter has no adapter_model.safetensors")
+
+
+def write_adapter_layout(
+    src_dir: str,
+    out_dir: str,
+    *,
+    base_model: str,
+    method: str,
+    adapter_type: str,
+    extra: Optional[dict[str, Any]] = None,
+    source: str = "together",
+) -> dict[str, Any]:
+    """See the module docstring. Returns the manifest written to
+    ``<out_dir>/adapter/tuneop-manifest.json``."""
+    from .trainer.manifest import MANIFEST, write_adapter_dir
+
+    _check_adapter_files(src_dir, adapter_type)
+    names = sorted(
+        n for n in os.listdir(src_dir)
+        if n != MANIFEST and os.path.isfile(os.path.join(src_dir, n)) and not os.path.islink(os.path.join(src_dir, n))
+    )
+
+    def save(tmp: str) -> None:
+        for n in names:
+            shutil.copyfile(os.path.join(src_dir, n), os.path.join(tmp, n))
+
+    fields = {
+        "base_model": base_model,
+        "method": method,
+        "adapter_type": adapter_type,
+        "metrics": {},
+        "evaluation": None,
+        "extra": {"source": source, **(extra or {})},
+    }
+    block = write_adapter_dir(out_dir, save, fields)
+    with open(os.path.join(block["path"], MANIFEST), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def adapter_summary(adapter_dir: str) -> dict[str, Any]:
+    """``{"path", "sha256" (of the weights file), "manifestSha256", "sizeBytes"}``."""
+    from .trainer.manifest import MANIFEST, dir_size, sha256_file, weights_file
+
+    manifest_path = os.path.join(adapter_dir, MANIFEST)
+    with open(manifest_path, "rb") as f:
+        data = f.read()
+    manifest = json.loads(data)
+    weights = weights_file(adapter_dir)
+    sha = (manifest.get("files") or {}).get(weights) if weights else None
+    if weights and not sha:
+        sha = sha256_file(os.path.join(adapter_dir, weights))
+    return {
+        "path": adapter_dir,
+        "sha256": sha,
+        "manifestSha256": hashlib.sha256(data).hexdigest(),
+        "sizeBytes": dir_size(adapter_dir),
+    }
