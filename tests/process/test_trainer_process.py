@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_config, parse_events, run_trainer, trainer_env
+from trainer_harness import make_config, run_trainer, trainer_env
 
 pytestmark = pytest.mark.slow
 

@@ -134,6 +134,7 @@ def test_steps():
     assert C.logging_steps(30) == 1 and C.logging_steps(1000) == 20
     assert C.save_steps(30) == 3 and C.save_steps(5) == 1
     assert C.save_steps(100_000) == 500
+    assert C.eval_steps(30) == 6 and C.eval_steps(3) == 1 and C.eval_steps(10**6) == 1000
 
 
 def test_training_arguments_mapping():
@@ -150,7 +151,7 @@ def test_training_arguments_mapping():
     assert a["weight_decay"] == 0.01 and a["max_length"] == 512 and a["seed"] == 7
     assert a["bf16"] is True and a["fp16"] is False and a["use_cpu"] is True
     assert a["report_to"] == [] and a["disable_tqdm"] is True
-    assert a["save_total_limit"] == 2 and a["save_steps"] == 10 and a["eval_steps"] == 10
+    assert a["save_total_limit"] == 2 and a["save_steps"] == 10 and a["eval_steps"] == 20
     assert a["eval_strategy"] == "steps" and a["output_dir"] == "/o/checkpoints"
     assert "ddp_backend" not in a and "gradient_checkpointing_kwargs" not in a
 

@@ -1,5 +1,21 @@
 """The training program: `python -m tuneop.trainer --config FILE [--validate-only]`.
 
-Runs inside the training pod (and locally under `tuneop run`). Heavy libraries (torch, transformers,
-TRL, PEFT) are imported lazily inside functions so that `--validate-only` runs in a tiny pod.
+Runs inside the training pod (and locally under `tuneop run`); see docs/ARCHITECTURE.md for the
+contract (events on stdout, progress.json, adapter layout, termination message, exit codes).
+
+Modules:
+  main       argument parsing, orchestration, error -> termination message / exit code
+  config     job config parsing and the pure decisions: precision, gradient checkpointing,
+             steps, TrainingArguments mapping
+  data       dataset checks (--validate-only), loading, seeded validation hold-out
+  paths      model sources (hub id, directory, .gguf, pkg://), URL downloads, checkpoints
+  model      model/tokenizer loading, GGUF fix-ups, LoRA/QLoRA, the training chat template
+  callbacks  TrainerCallback emitting start/progress/eval/checkpoint events (+ tqdm on stderr)
+  evaluate   exact-match evaluation by greedy generation (base vs adapter)
+  manifest   tuneop-manifest.json, file hashes, atomic write of <output>/adapter
+  events     JSON-line emitter, progress.json, termination message
+  errors     TrainerError and the reasons reported to the operator
+
+Heavy libraries (torch, transformers, TRL, PEFT, datasets) are imported lazily inside functions:
+`--validate-only` runs in a small CPU pod and imports none of them.
 """

@@ -51,6 +51,9 @@ class EventCallback(TrainerCallback):
         self.step0 = 0
         self.tokens0 = 0
         self.total_steps: Optional[int] = None
+        self.step_started: Optional[float] = None
+        self.train_seconds = 0.0  # time inside optimizer steps: excludes evaluation and saving
+        self.last_eval_step: Optional[int] = None
         self.train_metrics: dict[str, Any] = {}
         self.last_eval: Optional[dict[str, Any]] = None
         self.last_tokens_per_second: Optional[float] = None
@@ -62,13 +65,10 @@ class EventCallback(TrainerCallback):
         return bool(state.is_world_process_zero)
 
     def _tokens_per_second(self, state) -> Optional[float]:
-        if self.t0 is None:
-            return None
-        elapsed = self.clock() - self.t0
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self.tokens0
-        if elapsed <= 0 or tokens <= 0:
+        if self.train_seconds <= 0 or tokens <= 0:
             return None
-        return round(tokens / elapsed, 1)
+        return round(tokens / self.train_seconds, 1)
 
     # -- Trainer events
     def on_train_begin(self, args, state, control, **kwargs):
@@ -86,7 +86,13 @@ class EventCallback(TrainerCallback):
                 total=self.total_steps, initial=self.step0, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True
             )
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = self.clock()
+
     def on_step_end(self, args, state, control, **kwargs):
+        if self.step_started is not None:
+            self.train_seconds += self.clock() - self.step_started
+            self.step_started = None
         if self._bar is not None:
             self._bar.update(int(state.global_step) - self._bar.n)
 
@@ -119,6 +125,7 @@ class EventCallback(TrainerCallback):
         if self._eval_bar is not None:
             self._eval_bar.close()
             self._eval_bar = None
+        self.last_eval_step = int(state.global_step)
         if not self._main(state) or not metrics:
             return
         event = {"event": "eval", "step": int(state.global_step)}

@@ -17,6 +17,8 @@ from .errors import CONFIG_INVALID, TrainerError
 SAVE_FRACTION = 0.1  # checkpoint about every 10% of training
 MAX_SAVE_STEPS = 500  # ... and at least every 500 steps
 LOG_POINTS = 50  # about 50 progress events per run
+EVAL_POINTS = 5  # validation loss about every 20% of training (and at the end)
+MAX_EVAL_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,10 @@ def save_steps(total: int) -> int:
     return max(1, min(MAX_SAVE_STEPS, math.ceil(total * SAVE_FRACTION)))
 
 
+def eval_steps(total: int) -> int:
+    return max(1, min(MAX_EVAL_STEPS, math.ceil(total / EVAL_POINTS)))
+
+
 def training_arguments(
     hp: Hyperparameters,
     output_dir: str,
@@ -229,7 +235,7 @@ def training_arguments(
         "save_steps": steps_save,
         "save_total_limit": 2,
         "eval_strategy": "steps" if has_eval else "no",
-        "eval_steps": steps_save if has_eval else None,
+        "eval_steps": eval_steps(total) if has_eval else None,
         "report_to": [],
         "disable_tqdm": True,
         "log_level": "warning",

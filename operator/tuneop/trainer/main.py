@@ -122,7 +122,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
 
     tokenizer = M.load_tokenizer(source)
     assistant_only = fmt == "messages" and not hp.train_on_inputs and method == Method.sft
-    note = M.ensure_chat_template(tokenizer, fmt, assistant_only)
+    note = M.ensure_chat_template(tokenizer, M.is_conversational(splits.train), assistant_only)
     if note:
         print(f"tuneop: {note}", file=sys.stderr)
     model = M.load_model(source, C.load_dtype_name(precision, adapter_type), adapter_type, precision)
@@ -238,6 +238,8 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         result = trainer.train(resume_from_checkpoint=resume)
     except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as e:
         raise TrainerError(TRAINING_ERROR, f"out of memory: {e}"[:500]) from None
+    if splits.validation and callback.last_eval_step != trainer.state.global_step:
+        trainer.evaluate()  # the final validation loss (every rank takes part under DDP)
     runtime = time.monotonic() - started
 
     if rank != 0:
@@ -264,12 +266,13 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     if do_eval:
         from . import evaluate as E
 
-        adapter_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
-                              progress=bar, desc="evaluating adapter")
         if adapter_type != AdapterType.full:
             with unwrapped.disable_adapter():
                 base_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
                                    progress=bar, desc="evaluating base")
+        with M.merged_for_inference(unwrapped, adapter_type):
+            adapter_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
+                                  progress=bar, desc="evaluating adapter")
         evaluation = E.result(len(pairs), base_score, adapter_score)
         emitter.emit({"event": "eval", **evaluation})
 

@@ -1,6 +1,7 @@
 """Loading the base model and tokenizer; LoRA/QLoRA set-up; the training chat template."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -123,12 +124,19 @@ def has_generation_markers(template: Any) -> bool:
     ).replace("{%generation%}", "{% generation %}")
 
 
-def ensure_chat_template(tokenizer, fmt: str, assistant_only: bool) -> Optional[str]:
+def is_conversational(rows: list[dict[str, Any]]) -> bool:
+    """Rows TRL renders with the chat template: messages, or prompts given as message lists."""
+    if not rows:
+        return False
+    row = rows[0]
+    return "messages" in row or isinstance(row.get("prompt"), list)
+
+
+def ensure_chat_template(tokenizer, conversational: bool, assistant_only: bool) -> Optional[str]:
     """Make the tokenizer's chat template usable for training conversational rows.
 
     Returns a short note of what was changed (None when nothing). The template set here is saved
     with the adapter's tokenizer files, so inference formats prompts the same way as training."""
-    conversational = fmt == "messages"
     if not conversational:
         return None
     template = tokenizer.chat_template
@@ -183,6 +191,20 @@ def prepare_qlora(model, gradient_checkpointing: bool):
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
     )
+
+
+@contextlib.contextmanager
+def merged_for_inference(model, adapter_type: AdapterType):
+    """LoRA weights merged into the base while generating (unmerged LoRA layers double the number
+    of matmuls, which shows on CPU); unmerged again afterwards. Not for QLoRA's 4-bit base."""
+    merge = AdapterType(adapter_type) == AdapterType.lora and hasattr(model, "merge_adapter")
+    if merge:
+        model.merge_adapter()
+    try:
+        yield model
+    finally:
+        if merge:
+            model.unmerge_adapter()
 
 
 def unwrap(model):
