@@ -239,6 +239,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         image=args.trainer_image,
         liveness_port=args.liveness_port,
+        together_poll_interval=args.together_poll_interval,
+        together_base_url=args.together_base_url,
         verbose=args.verbose,
     ) or 0
 
@@ -290,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=8080, help="port for /metrics (0 disables)")
     s.add_argument("--liveness-port", type=int, default=8081, help="port for kopf's /healthz (0 disables)")
     s.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE)
+    s.add_argument("--together-poll-interval", type=float, default=30.0,
+                   help="seconds between polls of a running Together fine-tuning job")
+    s.add_argument("--together-base-url", default=None,
+                   help="Together API base URL (default: $TOGETHER_BASE_URL, else Together's)")
     s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=cmd_operator)
 

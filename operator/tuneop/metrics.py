@@ -5,6 +5,9 @@
 - ``tuneop_reconcile_duration_seconds{kind}``: reconcile duration histogram.
 - ``tuneop_training_step|total_steps|loss|progress_ratio{namespace,name}``: the latest progress
   of each training job; removed when the job is deleted (:meth:`Metrics.forget`).
+- ``tuneop_finetunejob_cost_usd{namespace,name}``: price of a backend-together job so far (USD).
+- ``tuneop_together_requests_total{method,code}``: requests to the Together API
+  (:class:`tuneop.backends.together_metrics.TogetherRequestMetrics`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import start_http_server as _start_http_server
+
+from .backends.together_metrics import TogetherRequestMetrics
 
 PHASES = ("Pending", "Validating", "Running", "Succeeded", "Failed", "Suspended")
 
@@ -43,6 +48,11 @@ class Metrics:
         self.training_progress_ratio = Gauge(
             "tuneop_training_progress_ratio", "step / total steps (0..1).", labels, registry=r
         )
+        self.cost_usd = Gauge(
+            "tuneop_finetunejob_cost_usd", "Price of the job so far in USD (backend together).",
+            labels, registry=r,
+        )
+        self.together = TogetherRequestMetrics(r)
         self._lock = threading.Lock()
         self._phases: dict[tuple[str, str], str] = {}
         self._refresh_phases()
@@ -87,11 +97,14 @@ class Metrics:
         if loss is not None:
             self.training_loss.labels(namespace, name).set(loss)
 
+    def set_cost(self, namespace: str, name: str, usd: float) -> None:
+        self.cost_usd.labels(namespace, name).set(float(usd))
+
     def forget(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted FineTuneJob."""
         for g in (
             self.training_step, self.training_total_steps, self.training_loss,
-            self.training_progress_ratio,
+            self.training_progress_ratio, self.cost_usd,
         ):
             try:
                 g.remove(namespace, name)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 INSTRUCTION = (
-    'Route the customer message. Reply with JSON only: {"intent": ..., "order": ...}. '
-    "Intents: refund, exchange, track_order, cancel_order, change_address. order: the order number or null."
+    'Reply with JSON only: {"intent": ..., "order": <order number or null>}. '
+    "Intents: refund, exchange, track_order, cancel_order, change_address."
 )
 
 PRODUCTS = [
@@ -67,7 +67,7 @@ TEMPLATES: dict[str, list[str]] = {
 }
 INTENTS = list(TEMPLATES)
 REF_FORMATS = ["order #{n}", "order {n}", "order number {n}", "#{n}", "order no. {n}", "order ID {n}"]
-SPLITS = {"train": 400, "val": 40, "test": 80}
+SPLITS = {"train": 240, "val": 24, "test": 60}
 
 
 def _message(rng: random.Random, intent: str) -> tuple[str, str | None]:

@@ -5,9 +5,12 @@
 ConfigMap datasets) and returns a :class:`Decision`: manifests to create, merge patches, objects
 to delete, the complete new ``status``, one Event per transition, and when to look again.
 
+``backend: together`` is handed to :mod:`tuneop.together_status` (same builder, conditions and
+Events; its own children and Together calls). For backend kubernetes:
+
 State machine of one spec (``status.specHash`` = hash of the spec without ``suspend``)::
 
-    Pending(DependencyMissing | BackendNotImplemented | SpecChanged)
+    Pending(DependencyMissing | SpecChanged)
       -> Validating (Job <name>-validate; only for PVC/URL datasets)
       -> Running (Job <name>-train) <-> Suspended
       -> Succeeded | Failed
@@ -77,8 +80,35 @@ RESUMED = "Resumed"
 SUSPENDED_REASON = "Suspended"
 SUCCEEDED_REASON = "Succeeded"
 
+# backend: together (see together_status.py)
+UNSUPPORTED_BY_BACKEND = "UnsupportedByBackend"
+TOGETHER_LIMITS = "TogetherLimits"
+TOGETHER_REJECTED = "TogetherRejected"
+TOGETHER_AUTH = "TogetherAuth"
+TOGETHER_USER_ERROR = "TogetherUserError"
+TOGETHER_ERROR = "TogetherError"
+TOGETHER_CANCELLED = "TogetherCancelled"
+TOGETHER_JOB_NOT_FOUND = "TogetherJobNotFound"
+TOGETHER_UNAVAILABLE = "TogetherUnavailable"
+TOGETHER_RATE_LIMITED = "TogetherRateLimited"
+ARCHIVE_INVALID = "ArchiveInvalid"
+UPLOADING = "Uploading"
+CREATING_TOGETHER_JOB = "CreatingTogetherJob"
+TOGETHER_JOB_CREATED = "TogetherJobCreated"
+DOWNLOADING = "Downloading"
+USER_ERRORS = USER_ERRORS + (
+    UNSUPPORTED_BY_BACKEND, TOGETHER_LIMITS, TOGETHER_REJECTED, TOGETHER_AUTH, TOGETHER_USER_ERROR,
+)
+PLATFORM_ERRORS = PLATFORM_ERRORS + (
+    TOGETHER_ERROR, TOGETHER_CANCELLED, TOGETHER_JOB_NOT_FOUND, TOGETHER_UNAVAILABLE,
+    TOGETHER_RATE_LIMITED, ARCHIVE_INVALID,
+)
+
 # Waiting states: the operator looks again every retry interval.
-RETRY_REASONS = (DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR)
+RETRY_REASONS = (
+    DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR,
+    TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB,
+)
 
 WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED}
 
@@ -192,7 +222,7 @@ def parse_termination_message(text: Optional[str]) -> dict[str, Any]:
                 data = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(data, dict) and data.get("event") in ("error", "done", "validated"):
+            if isinstance(data, dict) and data.get("event") in ("error", "done", "validated", "uploaded"):
                 return data
     return {"event": None, "text": stripped}
 
@@ -508,6 +538,18 @@ class Observed:
     missing: list[str] = field(default_factory=list)
     # The operator's own checks of ConfigMap datasets: split -> DatasetReport.to_dict().
     inline_datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # backend: together
+    upload_job: Optional[dict[str, Any]] = None
+    upload_pods: list[dict[str, Any]] = field(default_factory=list)
+    download_job: Optional[dict[str, Any]] = None
+    download_pods: list[dict[str, Any]] = field(default_factory=list)
+    # The Together job as just retrieved (wire dict; None: not polled this time).
+    together_job: Optional[dict[str, Any]] = None
+    # Its events not mirrored yet, and the new cursor (see backends.together.new_events).
+    together_events: list[dict[str, Any]] = field(default_factory=list)
+    together_event_cursor: Optional[int] = None
+    # The poll failed: {"reason", "message", "statusCode"} (TogetherBackendError fields).
+    together_error: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -518,6 +560,9 @@ class Decision:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, str]] = field(default_factory=list)  # {type, reason, message}
     retry_after: Optional[float] = None
+    # backend: together, calls the handler makes after the status is written:
+    # {"op": "create", "params": {...}} | {"op": "cancel", "jobId": "ft-..", "stale": bool}
+    together: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def phase(self) -> Optional[str]:
@@ -642,9 +687,11 @@ def _reset_for_new_spec(bld: _Builder, h: str) -> None:
 
 
 def reconcile(
-    body: dict[str, Any], observed: Observed | dict[str, Any], *, image: str, now: str
+    body: dict[str, Any], observed: Observed | dict[str, Any], *, image: str, now: str,
+    together_base_url: Optional[str] = None,
 ) -> Decision:
-    """The FineTuneJob `body` + what exists -> actions, new status and events."""
+    """The FineTuneJob `body` + what exists -> actions, new status and events.
+    ``together_base_url``: the Together endpoint the upload/download pods use (None: default)."""
     obs = observed if isinstance(observed, Observed) else Observed(**observed)
     bld = _Builder(body, now)
     name = (body.get("metadata") or {}).get("name", "")
@@ -664,6 +711,11 @@ def reconcile(
     # --- finished for this spec: keep the result, whatever happens to the children
     if bld.old.get("phase") in TERMINAL and bld.old.get("specHash") == h:
         return bld.finish()
+
+    if spec.backend == Backend.together:
+        from .together_status import reconcile_together
+
+        return reconcile_together(bld, body, spec, h, obs, image=image, base_url=together_base_url)
 
     # --- children of an older spec go first (names are fixed: wait until they are gone)
     stale_jobs = [

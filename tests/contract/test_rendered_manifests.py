@@ -45,3 +45,15 @@ def test_render_command_prints_the_same_manifests(capsys):
     pod = train["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert "torchrun" in " ".join(pod["containers"][0]["command"] + pod["containers"][0].get("args", []))
+
+
+def test_together_upload_and_download_jobs_validate_strictly():
+    from tuneop.builders import together as tb
+
+    doc = yaml.safe_load((ROOT / "examples/finetune-together.yaml").read_text())
+    body = {**doc, "metadata": {"namespace": "ns", "uid": "u-1", "generation": 1, **doc["metadata"]}}
+    for m in (
+        tb.build_upload_job(body, image="registry.example.com/tuneop/trainer:1", base_url="https://api.together.xyz"),
+        tb.build_download_job(body, job_id="ft-8f4c2a", image="registry.example.com/tuneop/trainer:1"),
+    ):
+        kubernetes_validate.validate(m, K8S_VERSION, strict=True)

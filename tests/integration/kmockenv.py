@@ -203,9 +203,12 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KMockThread
 class Operator:
     """Start/stop the operator (kopf's real loop) against the kmock server."""
 
-    def __init__(self, progress_interval: float = 0.2, retry_interval: float = 0.5):
+    def __init__(self, progress_interval: float = 0.2, retry_interval: float = 0.5,
+                 *, args: tuple[str, ...] = (), **config: Any):
         self.progress_interval = progress_interval
         self.retry_interval = retry_interval
+        self.args = list(args)
+        self.config = config  # more handlers.OperatorConfig fields
         self.runner: Optional[KopfRunner] = None
 
     def __enter__(self) -> "Operator":
@@ -216,12 +219,13 @@ class Operator:
                 image="trainer:test",
                 progress_interval=self.progress_interval,
                 retry_interval=self.retry_interval,
+                **self.config,
             ),
         )
         settings = kopf.OperatorSettings()
         settings.scanning.disabled = True
         self.runner = KopfRunner(
-            ["run", "--standalone", "--namespace", NS], registry=registry, settings=settings,
+            ["run", "--standalone", "--namespace", NS, *self.args], registry=registry, settings=settings,
             timeout=30,
         )
         self.runner.__enter__()

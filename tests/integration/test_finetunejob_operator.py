@@ -336,18 +336,6 @@ def test_spec_change_replaces_the_children_of_the_old_spec(api: KMockThread) -> 
     assert "SpecChanged" in reasons(api)
 
 
-def test_together_backend_is_not_implemented_yet(api: KMockThread) -> None:
-    body = ftj(backend="together", together={"apiKeySecretRef": {"name": "together", "key": "api-key"}})
-    api.create(FTJ_PATH, body)
-    with Operator():
-        st = wait_phase(api, "Pending")
-        wait_for(lambda: reasons(api), what="an event")
-    assert st["reason"] == "BackendNotImplemented"
-    validated = [c for c in st["conditions"] if c["type"] == "Validated"][0]
-    assert validated["status"] == "False" and validated["reason"] == "BackendNotImplemented"
-    assert job_posts(api) == [] and api.requests("POST", CMS) == []
-
-
 def test_refused_request_is_reported_and_retried(api: KMockThread) -> None:
     pvc(api, "adapters")
     configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})

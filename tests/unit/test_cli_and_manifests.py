@@ -88,7 +88,7 @@ def test_quickstart_data_is_reproducible_and_disjoint(tmp_path):
 def test_validate_command(tmp_path, capsys):
     assert main(["validate", str(QS / "finetune.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "train: 400 rows" in out and "test: 80 rows" in out
+    assert "train: 240 rows" in out and "test: 60 rows" in out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
     assert main(["validate", str(bad)]) == 1

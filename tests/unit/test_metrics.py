@@ -83,3 +83,19 @@ def test_metrics_server_serves_its_own_registry() -> None:
     assert s[("tuneop_finetunejobs", (("phase", "Pending"),))] == 1
     # Its own registry: no process/python collectors of the global default one.
     assert not any(name.startswith("python_") for name, _ in s)
+
+
+def test_together_requests_and_cost_share_the_operators_registry() -> None:
+    m = Metrics()
+    m.together.record("get", "200")
+    m.together.record("GET", "429")
+    m.together.record("POST", "error")
+    m.set_cost("team-a", "news", 1.23456789)
+    text = m.render().decode()
+    assert value(m, "tuneop_together_requests_total", method="GET", code="200") == 1
+    assert value(m, "tuneop_together_requests_total", method="GET", code="429") == 1
+    assert value(m, "tuneop_together_requests_total", method="POST", code="error") == 1
+    assert value(m, "tuneop_finetunejob_cost_usd", namespace="team-a", name="news") == 1.23456789
+    assert "tuneop_finetunejob_cost_usd" in text
+    m.forget("team-a", "news")
+    assert value(m, "tuneop_finetunejob_cost_usd", namespace="team-a", name="news") is None

@@ -493,13 +493,12 @@ def test_invalid_spec_is_a_user_error() -> None:
     assert d.create == []
 
 
-def test_together_backend_is_not_implemented() -> None:
-    d = run(body(backend="together", together={"apiKeySecretRef": {"name": "t", "key": "k"}}))
-    assert d.create == []
-    assert d.status["phase"] == "Pending"
-    c = cond(d.status, "Validated")
-    assert c["status"] == "False" and c["reason"] == "BackendNotImplemented"
-    assert d.events[0]["type"] == "Warning"
+def test_together_backend_goes_to_the_together_reducer() -> None:
+    d = run(body(backend="together", baseModel="Qwen/Qwen2.5-7B-Instruct",
+                 together={"apiKeySecretRef": {"name": "t", "key": "k"}}))
+    assert names(d.create) == ["news-config", "news-upload"]
+    assert d.status["phase"] == "Validating" and d.status["reason"] == "Uploading"
+    assert "BackendNotImplemented" not in json.dumps(d.status)
 
 
 def test_qlora_without_gpus_is_unsupported_hardware() -> None:

@@ -359,6 +359,40 @@ class DatasetStatus(Model):
     estimated_tokens: Optional[int] = None
 
 
+class TogetherStatus(Model):
+    """backend: together: the Together fine-tuning job this FineTuneJob created or adopted."""
+
+    model_config = Model.model_config | {"extra": "ignore"}
+
+    suffix: Optional[str] = Field(
+        default=None,
+        description="Suffix put on the Together job (recorded before it is created, so a restarted "
+        "operator adopts the job instead of creating a second one).",
+    )
+    job_id: Optional[str] = Field(default=None, description="Together fine-tune id (ft-...).")
+    status: Optional[str] = Field(default=None, description="Together's status of the job.")
+    training_file: Optional[str] = Field(default=None, description="Uploaded training file id.")
+    validation_file: Optional[str] = Field(default=None, description="Uploaded validation file id.")
+    dataset_format: Optional[str] = None
+    event_cursor: Optional[int] = Field(
+        default=None, description="Number of Together job events already mirrored as Events."
+    )
+    model_output_name: Optional[str] = Field(
+        default=None, description="Name of the fine-tuned model hosted by Together."
+    )
+    token_count: Optional[int] = None
+    cost_usd: Optional[float] = Field(
+        default=None, alias="costUSD", description="Price of the job so far, in USD."
+    )
+    cancel_requested: Optional[bool] = Field(
+        default=None, description="The operator cancelled the job (spec.suspend)."
+    )
+    stale_job_ids: Optional[list[str]] = Field(
+        default=None,
+        description="Jobs of an older spec that still have to be cancelled.",
+    )
+
+
 class FineTuneJobStatus(Model):
     model_config = Model.model_config | {"extra": "ignore"}
 
@@ -378,6 +412,7 @@ class FineTuneJobStatus(Model):
     adapter: Optional[AdapterStatus] = None
     evaluation: Optional[EvaluationStatus] = None
     job_name: Optional[str] = None
+    together: Optional[TogetherStatus] = Field(default=None, description="backend: together only.")
     start_time: Optional[str] = None
     completion_time: Optional[str] = None
 

@@ -448,6 +448,10 @@ def build_children(
 ) -> list[dict[str, Any]]:
     """Everything for `tuneop render`: config, validation Job (if needed), Service, training Job."""
     spec = _spec_of(ftj, spec)
+    if spec.backend.value == "together":
+        from . import together
+
+        return together.build_children(ftj, spec, image=image)
     out = [build_config_map(ftj, spec)]
     if needs_validation_job(spec):
         out.append(build_validation_job(ftj, spec, image=image))

@@ -17,6 +17,8 @@ def run_operator(
     liveness_port: Optional[int] = None,
     progress_interval: float = 15.0,
     retry_interval: float = 30.0,
+    together_poll_interval: float = 30.0,
+    together_base_url: Optional[str] = None,
     verbose: bool = False,
     debug: bool = False,
     stop_flag: Optional[threading.Event] = None,
@@ -31,6 +33,8 @@ def run_operator(
     liveness_port: shorthand for liveness_endpoint="http://0.0.0.0:<port>/healthz".
     progress_interval: seconds between reads of a running training pod's progress.
     retry_interval: seconds between reconciles of a job that waits (missing PVC, API error).
+    together_poll_interval: seconds between polls of an active Together fine-tuning job.
+    together_base_url: the Together API (None: $TOGETHER_BASE_URL, else Together's own).
     One replica (Recreate): kopf runs standalone, without peering.
     """
     import kopf
@@ -43,7 +47,8 @@ def run_operator(
     finetunejob.register(
         registry,
         finetunejob.OperatorConfig(
-            image=image, progress_interval=progress_interval, retry_interval=retry_interval
+            image=image, progress_interval=progress_interval, retry_interval=retry_interval,
+            together_poll_interval=together_poll_interval, together_base_url=together_base_url,
         ),
     )
     if liveness_port and not liveness_endpoint:

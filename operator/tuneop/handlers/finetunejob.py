@@ -34,6 +34,7 @@ from .. import kube
 from .. import status as st
 from ..builders import finetunejob as b
 from ..metrics import METRICS
+from . import together
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -48,6 +49,12 @@ class OperatorConfig:
     retry_interval: float = 30.0
     log_tail_lines: int = 200
     request_timeout: float = 60.0
+    # backend: together
+    together_poll_interval: float = 30.0
+    together_base_url: Optional[str] = None  # None: $TOGETHER_BASE_URL, else the SDK's default
+    together_max_retries: int = 2
+    together_timeout: float = 30.0
+    together_delete_retries: int = 5
 
 
 CONFIG = OperatorConfig()
@@ -127,6 +134,12 @@ async def check_inline_dataset(text: str, declared: str, source: str) -> dict[st
 async def observe(kc: kube.KubeClient, body: dict[str, Any]) -> st.Observed:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
+    if (body.get("spec") or {}).get("backend") == "together":
+        try:
+            spec = st.spec_of(body)
+        except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
+            return st.Observed()
+        return await together.observe(kc, body, spec)
     obs = st.Observed()
     obs.config_map = await kc.get("v1", "ConfigMap", b.config_map_name(name), ns)
     obs.validation_job = await kc.get("batch/v1", "Job", b.validation_job_name(name), ns)
@@ -182,6 +195,12 @@ async def apply(
     for ev in decision.events:
         kopf.event(body, type=ev["type"], reason=ev["reason"], message=ev["message"])
     METRICS.set_phase(ns, name, decision.status.get("phase"))
+    tg = decision.status.get("together") or {}
+    if tg:
+        if tg.get("costUSD") is not None:
+            METRICS.set_cost(ns, name, tg["costUSD"])
+        if decision.status.get("progress"):
+            METRICS.set_progress(ns, name, decision.status["progress"])
 
 
 async def reconcile_object(
@@ -201,10 +220,15 @@ async def reconcile_object(
             body.setdefault("apiVersion", API_VERSION)
             body.setdefault("kind", KIND)
             observed = await observe(kc, body)
-            decision = st.reconcile(body, observed, image=CONFIG.image, now=now_iso())
+            decision = st.reconcile(
+                body, observed, image=CONFIG.image, now=now_iso(),
+                together_base_url=together.base_url(),
+            )
             await apply(kc, body, decision)
             for ev in decision.events:
                 log.info("%s: %s", ev["reason"], ev["message"])
+            if decision.together:
+                await together.run_actions(kc, body, decision, log)
             result = "retry" if decision.retry_after else "success"
             return decision
     finally:
@@ -278,8 +302,8 @@ async def on_ftj_event(
         METRICS.set_phase(namespace, name, (status or {}).get("phase"))
 
 
-def _is_running(status: kopf.Status, **_: Any) -> bool:
-    return (status or {}).get("phase") == "Running"
+def _is_running(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
+    return (status or {}).get("phase") == "Running" and (spec or {}).get("backend") != "together"
 
 
 def pick_progress_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -366,4 +390,5 @@ def register(registry: Optional[kopf.OperatorRegistry] = None, config: Optional[
         *ftj, registry=reg, id="progress", interval=CONFIG.progress_interval,
         when=_is_running,
     )(progress_timer)
+    together.register(reg, ftj)
     return reg
