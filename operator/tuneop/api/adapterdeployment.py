@@ -1,0 +1,247 @@
+"""AdapterDeployment: serve a base model with many LoRA adapters from vLLM pods (multi-LoRA).
+
+The single source of truth for the CRD in crds/adapterdeployments.yaml (`tuneop crds`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .common import Condition, Model, PvcRef, SecretKeyRef, Toleration
+
+KIND = "AdapterDeployment"
+PLURAL = "adapterdeployments"
+SINGULAR = "adapterdeployment"
+SHORT_NAMES = ["ad"]
+
+# DNS-label-like: what reaches vLLM as a served model name and into pod paths.
+ADAPTER_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_ADAPTER_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
+
+
+def valid_adapter_name(name: str) -> bool:
+    return bool(_ADAPTER_NAME_RE.match(name)) and name.isascii()
+
+
+class FineTuneJobRef(Model):
+    """A FineTuneJob in the same namespace; its adapter is served once it has Succeeded."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the FineTuneJob.")
+
+
+class AdapterSource(Model):
+    """Where adapter files are: exactly one of pvc or url."""
+
+    pvc: Optional[PvcRef] = Field(
+        default=None, description="A directory in a PVC holding a PEFT adapter (adapter_config.json + weights)."
+    )
+    url: Optional[str] = Field(
+        default=None,
+        pattern=r"^https?://",
+        max_length=2048,
+        description="An HTTP(S) URL of a .tar.gz / .tar.zst archive of a PEFT adapter (extracted safely by an init container).",
+    )
+    sha256: Optional[str] = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected sha256 of adapter_model.safetensors (else taken from tuneop-manifest.json when present).",
+    )
+
+    cel_rules: ClassVar[list[tuple[str, str]]] = [
+        ("[has(self.pvc), has(self.url)].filter(x, x).size() == 1", "exactly one of pvc or url must be set")
+    ]
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "AdapterSource":
+        if (self.pvc is None) == (self.url is None):
+            raise ValueError("exactly one of pvc or url must be set")
+        return self
+
+
+class AdapterRef(Model):
+    """One adapter to serve, under `name` (the `model` field of OpenAI-style requests)."""
+
+    name: str = Field(
+        pattern=ADAPTER_NAME_PATTERN,
+        max_length=63,
+        description="Served model name of the adapter: lowercase letters, digits and '-', at most 63.",
+    )
+    fine_tune_job_ref: Optional[FineTuneJobRef] = Field(
+        default=None, description="Serve the adapter of this FineTuneJob (waits until it Succeeded)."
+    )
+    source: Optional[AdapterSource] = Field(default=None, description="Serve adapter files from a PVC or URL.")
+
+    cel_rules: ClassVar[list[tuple[str, str]]] = [
+        (
+            "[has(self.fineTuneJobRef), has(self.source)].filter(x, x).size() == 1",
+            "exactly one of fineTuneJobRef or source must be set",
+        )
+    ]
+
+    @field_validator("name")
+    @classmethod
+    def _ascii(cls, v: str) -> str:
+        if not valid_adapter_name(v):
+            raise ValueError(f"adapter name {v!r} must be a DNS label (a-z, 0-9, '-')")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "AdapterRef":
+        if (self.fine_tune_job_ref is None) == (self.source is None):
+            raise ValueError("exactly one of fineTuneJobRef or source must be set")
+        return self
+
+
+class VllmSpec(Model):
+    """vLLM server settings. Changing any of them rolls the Deployment; adapters change live."""
+
+    image: Optional[str] = Field(
+        default=None, description="vLLM image; defaults to the operator's (upstream vllm/vllm-openai)."
+    )
+    max_loras: int = Field(default=8, ge=1, le=256, description="Adapters in one batch (--max-loras).")
+    max_lora_rank: int = Field(default=64, ge=1, le=512, description="Largest adapter rank (--max-lora-rank).")
+    max_cpu_loras: Optional[int] = Field(
+        default=None, ge=1, le=4096, description="Adapters cached in CPU memory (--max-cpu-loras)."
+    )
+    max_model_len: Optional[int] = Field(default=None, ge=16, le=1048576, description="--max-model-len.")
+    dtype: str = Field(
+        default="auto", json_schema_extra={"enum": ["auto", "bfloat16", "float16", "float32"]}, description="--dtype."
+    )
+    gpu_memory_utilization: Optional[float] = Field(
+        default=None, gt=0, le=1, description="--gpu-memory-utilization."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="--tensor-parallel-size (GPUs per pod).")
+    extra_args: list[str] = Field(
+        default_factory=list, max_length=64, description="More vLLM flags, appended as given."
+    )
+
+
+class Resources(Model):
+    """Compute of each vLLM pod."""
+
+    gpus: Optional[int] = Field(
+        default=None, ge=0, le=64, description="GPUs per pod; default: vllm.tensorParallelSize."
+    )
+    gpu_resource_name: str = Field(default="nvidia.com/gpu")
+    cpu: Optional[str] = None
+    memory: Optional[str] = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class ServiceSpec(Model):
+    port: int = Field(default=8000, ge=1, le=65535, description="Service port of the OpenAI-compatible API.")
+    type: str = Field(default="ClusterIP", json_schema_extra={"enum": ["ClusterIP", "NodePort", "LoadBalancer"]})
+
+
+class AutoscalingSpec(Model):
+    """A HorizontalPodAutoscaler on vLLM's queue (needs a Prometheus adapter serving pod metrics)."""
+
+    enabled: bool = False
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    target_waiting_requests: float = Field(
+        default=4, gt=0, description="Target average of vllm:num_requests_waiting per pod."
+    )
+
+    cel_rules: ClassVar[list[tuple[str, str]]] = [
+        ("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+         "minReplicas must not exceed maxReplicas")
+    ]
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class AuthSpec(Model):
+    api_key_secret_ref: Optional[SecretKeyRef] = Field(
+        default=None, description="Turn on vLLM's API key for inference (clients send 'Authorization: Bearer <key>')."
+    )
+
+
+class AdapterDeploymentSpec(Model):
+    """Desired state of an AdapterDeployment."""
+
+    base_model: str = Field(
+        min_length=1, max_length=512, description="Hugging Face model id, or a path inside modelVolume."
+    )
+    model_volume: Optional[PvcRef] = Field(default=None, description="PVC holding the base model.")
+    hf_token_secret_ref: Optional[SecretKeyRef] = Field(default=None, description="Token for gated models.")
+    adapters: list[AdapterRef] = Field(
+        default_factory=list, max_length=256, description="Adapters to serve; add or remove them live."
+    )
+    replicas: int = Field(default=1, ge=0, le=256, description="vLLM pods (ignored when autoscaling is on).")
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
+    resources: Resources = Field(default_factory=Resources)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+
+    cel_rules: ClassVar[list[tuple[str, str]]] = [
+        (
+            "!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            "adapter names must be unique",
+        ),
+        (
+            "!has(self.adapters) || !has(self.vllm) || !has(self.vllm.maxCpuLoras) "
+            "|| self.vllm.maxCpuLoras >= self.vllm.maxLoras",
+            "vllm.maxCpuLoras must be at least vllm.maxLoras",
+        ),
+    ]
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AdapterDeploymentSpec":
+        names = [a.name for a in self.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapter names must be unique: {', '.join(dupes)}")
+        if self.vllm.max_cpu_loras is not None and self.vllm.max_cpu_loras < self.vllm.max_loras:
+            raise ValueError("vllm.maxCpuLoras must be at least vllm.maxLoras")
+        return self
+
+
+class PodAdapterStatus(Model):
+    pod: str
+    since: Optional[str] = None
+
+
+class AdapterStatus(Model):
+    name: str
+    state: str = Field(
+        description="Waiting (FineTuneJob not Succeeded) | Pending | Loaded | Failed",
+        json_schema_extra={"enum": ["Waiting", "Pending", "Loaded", "Failed"]},
+    )
+    message: Optional[str] = None
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    pods: list[PodAdapterStatus] = Field(default_factory=list)
+
+
+class AdapterDeploymentStatus(Model):
+    model_config = Model.model_config | {"extra": "ignore"}
+
+    observed_generation: Optional[int] = None
+    phase: Optional[str] = None
+    message: Optional[str] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: Optional[int] = None
+    ready_replicas: Optional[int] = None
+    adapters_desired: Optional[int] = None
+    adapters_ready: Optional[int] = None
+    endpoint: Optional[str] = None
+    adapters: list[AdapterStatus] = Field(default_factory=list)
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+    {"name": "Adapters", "type": "integer", "jsonPath": ".status.adaptersReady"},
+    {"name": "Desired", "type": "integer", "jsonPath": ".status.adaptersDesired"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
