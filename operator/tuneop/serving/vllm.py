@@ -1,0 +1,58 @@
+"""vLLM server arguments and environment for an AdapterDeployment (pure).
+
+The same functions render the Deployment's container and start the real server in the process
+tests, so what is tested is what runs. Adapters are NOT part of the arguments: every adapter is
+loaded through vLLM's runtime API after the pod is ready (and again after a restart), so adding
+or removing one never changes the pod template and never restarts a pod.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..api.adapterdeployment import AdapterDeploymentSpec
+
+DEFAULT_IMAGE = "vllm/vllm-openai:v0.11.0"
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# Upstream requires this for /v1/load_lora_adapter and /v1/unload_lora_adapter.
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def served_model_name(spec: AdapterDeploymentSpec) -> str:
+    """The name clients use for the base model (the last path component of baseModel)."""
+    return spec.base_model.rstrip("/").split("/")[-1] if spec.base_model.startswith("/") else spec.base_model
+
+
+def server_args(
+    spec: AdapterDeploymentSpec,
+    *,
+    model_path: Optional[str] = None,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+) -> list[str]:
+    """Arguments after `python -m vllm.entrypoints.openai.api_server`."""
+    v = spec.vllm
+    args = [
+        "--model", model_path or spec.base_model,
+        "--served-model-name", served_model_name(spec),
+        "--host", host,
+        "--port", str(port),
+        "--enable-lora",
+        "--max-loras", str(v.max_loras),
+        "--max-lora-rank", str(v.max_lora_rank),
+        "--dtype", v.dtype,
+    ]
+    if v.max_cpu_loras is not None:
+        args += ["--max-cpu-loras", str(v.max_cpu_loras)]
+    if v.max_model_len is not None:
+        args += ["--max-model-len", str(v.max_model_len)]
+    if v.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(v.gpu_memory_utilization)]
+    if v.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(v.tensor_parallel_size)]
+    args += list(v.extra_args)
+    return args
+
+
+def server_env(spec: AdapterDeploymentSpec) -> dict[str, str]:
+    """Plain environment variables (secrets are added by the builder as secretKeyRef)."""
+    return {RUNTIME_LORA_ENV: "True"}
