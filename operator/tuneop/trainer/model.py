@@ -237,6 +237,9 @@ def quiet_libraries() -> None:
     except Exception:  # noqa: BLE001
         pass
     warnings.filterwarnings("ignore", category=ResourceWarning)
+    # PEFT looks for the base model's config.json beside baseModel to see whether the vocabulary
+    # changed; for pkg:// and .gguf sources there is none, and the vocabulary never changes here.
+    warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
 
 
 def raise_training_error(e: BaseException) -> TrainerError:
