@@ -75,20 +75,52 @@ def cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
     from .builders import finetunejob as b
-    from .manifests import ManifestError, load_finetunejob
+    from .manifests import ManifestError, format_validation_error, load_documents, load_finetunejob
 
     try:
-        job = load_finetunejob(args.file)
+        docs = [(d, i) for d, i in load_documents(args.file) if isinstance(d, dict)]
     except (ManifestError, OSError) as exc:
         return _err(str(exc))
-    doc = dict(job["doc"])
-    meta = dict(doc.get("metadata") or {})
-    meta.setdefault("namespace", args.namespace)
-    meta.setdefault("uid", "00000000-0000-0000-0000-000000000000")
-    meta.setdefault("generation", 1)
-    doc["metadata"] = meta
-    doc["spec"] = job["spec"].to_dict()
-    manifests = b.build_all(doc, image=args.image)
+    first = next((d for d, _ in docs if d.get("kind") in ("FineTuneJob", "AdapterDeployment")), None)
+    header = ""
+    if first is not None and first.get("kind") == "AdapterDeployment":
+        # An AdapterDeployment: its FineTuneJob refs resolve against FineTuneJobs in the same
+        # file (never Succeeded here, so their adapters show as waiting).
+        from pydantic import ValidationError
+
+        from .builders import adapterdeployment as ab
+        from .serving import adapters as sa
+
+        doc = dict(first)
+        index = next(i for d, i in docs if d is first)
+        try:
+            ad_spec = ab.parse_spec(doc.get("spec") or {})
+        except ValidationError as exc:
+            name = (doc.get("metadata") or {}).get("name")
+            return _err(f"AdapterDeployment {name} is invalid:\n" + format_validation_error(exc, index=index, source=args.file))
+        ftjs = {(d.get("metadata") or {}).get("name"): d for d, _ in docs if d.get("kind") == "FineTuneJob"}
+        meta = {"namespace": args.namespace, "uid": "00000000-0000-0000-0000-000000000000", "generation": 1,
+                **(doc.get("metadata") or {})}
+        doc["metadata"] = meta
+        manifests = ab.build_all(doc, ad_spec, finetunejobs=ftjs, trainer_image=args.image)
+        lines = ["# adapters, loaded at runtime through vLLM's /v1/load_lora_adapter (not in the pod template):"]
+        for d in sa.desired_adapters(ad_spec, ftjs):
+            state = "ready" if d["ready"] else f"waiting ({d['reason']})"
+            lines.append(f"#   {d['name']}: {d['path'] or '-'}  [{state}]")
+        header = "\n".join(lines) + "\n"
+    else:
+        try:
+            job = load_finetunejob(args.file)
+        except (ManifestError, OSError) as exc:
+            return _err(str(exc))
+        doc = dict(job["doc"])
+        meta = dict(doc.get("metadata") or {})
+        meta.setdefault("namespace", args.namespace)
+        meta.setdefault("uid", "00000000-0000-0000-0000-000000000000")
+        meta.setdefault("generation", 1)
+        doc["metadata"] = meta
+        doc["spec"] = job["spec"].to_dict()
+        manifests = b.build_all(doc, image=args.image)
 
     class _Dumper(yaml.SafeDumper):
         pass
@@ -98,7 +130,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
     _Dumper.add_representer(str, _str)
-    sys.stdout.write(yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False, width=100))
+    sys.stdout.write(header + yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False, width=100))
     return 0
 
 
@@ -241,6 +273,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         liveness_port=args.liveness_port,
         together_poll_interval=args.together_poll_interval,
         together_base_url=args.together_base_url,
+        vllm_image=args.vllm_image,
+        adapter_interval=args.adapter_interval,
         verbose=args.verbose,
     ) or 0
 
@@ -276,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON (JSONL only)")
     s.set_defaults(func=cmd_validate)
 
-    s = sub.add_parser("render", help="print the manifests the operator would create for a FineTuneJob")
+    s = sub.add_parser("render", help="print the manifests the operator would create for a FineTuneJob or AdapterDeployment")
     s.add_argument("file")
     s.add_argument("--namespace", default="default")
     s.add_argument("--image", default=DEFAULT_TRAINER_IMAGE, help="trainer image")
@@ -296,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between polls of a running Together fine-tuning job")
     s.add_argument("--together-base-url", default=None,
                    help="Together API base URL (default: $TOGETHER_BASE_URL, else Together's)")
+    s.add_argument("--vllm-image", default=os.environ.get("TUNEOP_VLLM_IMAGE"),
+                   help="vLLM image of AdapterDeployments (default: $TUNEOP_VLLM_IMAGE, else upstream vllm/vllm-openai)")
+    s.add_argument("--adapter-interval", type=float, default=10.0,
+                   help="seconds between checks of what each vLLM pod serves")
     s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=cmd_operator)
 

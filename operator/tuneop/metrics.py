@@ -8,6 +8,11 @@
 - ``tuneop_finetunejob_cost_usd{namespace,name}``: price of a backend-together job so far (USD).
 - ``tuneop_together_requests_total{method,code}``: requests to the Together API
   (:class:`tuneop.backends.together_metrics.TogetherRequestMetrics`).
+- ``tuneop_adapterdeployment_replicas{namespace,name,state=desired|ready}``: vLLM pods.
+- ``tuneop_adapters{namespace,name,state=desired|loaded}``: adapters in the spec / loaded on
+  every ready pod.
+- ``tuneop_adapter_operations_total{op=load|unload,result=success|error}`` and
+  ``tuneop_adapter_operation_seconds{op}``: calls of vLLM's runtime LoRA API.
 """
 from __future__ import annotations
 
@@ -53,6 +58,21 @@ class Metrics:
             labels, registry=r,
         )
         self.together = TogetherRequestMetrics(r)
+        self.ad_replicas = Gauge(
+            "tuneop_adapterdeployment_replicas", "vLLM pods of an AdapterDeployment.",
+            ["namespace", "name", "state"], registry=r,
+        )
+        self.adapters = Gauge(
+            "tuneop_adapters", "Adapters of an AdapterDeployment: desired, loaded on every ready pod.",
+            ["namespace", "name", "state"], registry=r,
+        )
+        self.adapter_ops = Counter(
+            "tuneop_adapter_operations", "vLLM runtime LoRA API calls.", ["op", "result"], registry=r
+        )
+        self.adapter_op_seconds = Histogram(
+            "tuneop_adapter_operation_seconds", "Duration of one vLLM load/unload call.", ["op"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+        )
         self._lock = threading.Lock()
         self._phases: dict[tuple[str, str], str] = {}
         self._refresh_phases()
@@ -111,6 +131,29 @@ class Metrics:
             except KeyError:
                 pass
         self.set_phase(namespace, name, None)
+
+    # --- AdapterDeployments
+
+    def set_adapterdeployment(
+        self, namespace: str, name: str, *, desired_replicas: int, ready_replicas: int,
+        desired_adapters: int, loaded_adapters: int,
+    ) -> None:
+        self.ad_replicas.labels(namespace, name, "desired").set(desired_replicas)
+        self.ad_replicas.labels(namespace, name, "ready").set(ready_replicas)
+        self.adapters.labels(namespace, name, "desired").set(desired_adapters)
+        self.adapters.labels(namespace, name, "loaded").set(loaded_adapters)
+
+    def observe_adapter_operation(self, op: str, result: str, seconds: float) -> None:
+        self.adapter_ops.labels(op=op, result=result).inc()
+        self.adapter_op_seconds.labels(op=op).observe(max(seconds, 0.0))
+
+    def forget_adapterdeployment(self, namespace: str, name: str) -> None:
+        for g in (self.ad_replicas, self.adapters):
+            for state in ("desired", "ready", "loaded"):
+                try:
+                    g.remove(namespace, name, state)
+                except KeyError:
+                    pass
 
     # --- exposition
 

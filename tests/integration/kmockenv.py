@@ -32,6 +32,9 @@ FTJ_PATH = "/apis/tuneop.dev/v1alpha1/namespaces/team-a/finetunejobs"
 
 RESOURCES = {
     "tuneop.dev/v1alpha1/finetunejobs": ("FineTuneJob", {"status"}),
+    "tuneop.dev/v1alpha1/adapterdeployments": ("AdapterDeployment", {"status"}),
+    "apps/v1/deployments": ("Deployment", {"status"}),
+    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", set()),
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/pods": ("Pod", {"status", "log"}),
     "v1/configmaps": ("ConfigMap", set()),
@@ -166,7 +169,7 @@ class KMockThread:
         return out
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

@@ -146,7 +146,7 @@ def test_happy_path_upload_create_mirror_download_succeeded(
         # 2. Uploaded -> exactly one Together job, mirrored until completed.
         file_id = upload_pod(api, fake, tmp_path)
         jid = wait_for(lambda: job_id(api), what="Together job id in status")
-        down = wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=20, what="download Job")
+        down = wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=60, what="download Job")
         dc = down["spec"]["template"]["spec"]["containers"][0]
         assert dc["command"][-2:] == ["--job-id", jid]
         assert {m["mountPath"] for m in dc["volumeMounts"]} == {"/etc/tuneop", "/mnt/pvc/adapters"}
@@ -209,7 +209,7 @@ def test_rate_limits_and_server_errors_on_retrieve_are_survived(
     with together_operator():
         wait_for(lambda: api.get(f"{JOBS}/news-upload"), what="upload Job")
         upload_pod(api, fake, tmp_path)
-        wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=20, what="download Job after the faults")
+        wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=60, what="download Job after the faults")
         wait_for(lambda: {"TogetherRateLimited", "TogetherUnavailable"} <= set(reasons(api)), what="fault events")
     assert [e["type"] for e in api.events() if e["reason"] in ("TogetherRateLimited", "TogetherUnavailable")] == ["Warning"] * 2
     assert (metric("tuneop_together_requests_total", method="GET", code="429") or 0) >= 3
@@ -241,7 +241,7 @@ def test_restart_between_create_and_status_patch_adopts_the_job(
     with together_operator():
         wait_for(lambda: job_id(api) == jid, what="the job adopted after the restart")
         wait_for(lambda: "TogetherJobAdopted" in reasons(api), what="TogetherJobAdopted event")
-        wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=20, what="download Job")
+        wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=60, what="download Job")
     assert posts(fake, CREATE) == 1 and len(fake.jobs) == 1
     assert "TogetherJobCreated" not in reasons(api)
 

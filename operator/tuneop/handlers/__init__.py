@@ -19,6 +19,8 @@ def run_operator(
     retry_interval: float = 30.0,
     together_poll_interval: float = 30.0,
     together_base_url: Optional[str] = None,
+    vllm_image: Optional[str] = None,
+    adapter_interval: float = 10.0,
     verbose: bool = False,
     debug: bool = False,
     stop_flag: Optional[threading.Event] = None,
@@ -35,12 +37,17 @@ def run_operator(
     retry_interval: seconds between reconciles of a job that waits (missing PVC, API error).
     together_poll_interval: seconds between polls of an active Together fine-tuning job.
     together_base_url: the Together API (None: $TOGETHER_BASE_URL, else Together's own).
+    vllm_image: the vLLM image of AdapterDeployments without spec.vllm.image
+    (None: tuneop.serving.vllm.DEFAULT_IMAGE).
+    adapter_interval: seconds between adapter reconciles of each AdapterDeployment (pods
+    restarted, vLLM errors retried).
     One replica (Recreate): kopf runs standalone, without peering.
     """
     import kopf
 
     from .. import metrics
-    from . import finetunejob
+    from ..serving import vllm
+    from . import adapterdeployment, finetunejob
 
     kopf.configure(verbose=verbose, debug=debug)
     registry = kopf.OperatorRegistry()
@@ -49,6 +56,12 @@ def run_operator(
         finetunejob.OperatorConfig(
             image=image, progress_interval=progress_interval, retry_interval=retry_interval,
             together_poll_interval=together_poll_interval, together_base_url=together_base_url,
+        ),
+    )
+    adapterdeployment.register(
+        registry,
+        adapterdeployment.AdapterConfig(
+            vllm_image=vllm_image or vllm.DEFAULT_IMAGE, trainer_image=image, interval=adapter_interval,
         ),
     )
     if liveness_port and not liveness_endpoint:

@@ -1,0 +1,427 @@
+"""kopf handlers of the AdapterDeployment. Thin glue around builders/adapterdeployment.py and
+serving/adapters.py (pure) and serving/admin.py (vLLM's runtime LoRA API).
+
+Every trigger ends in :func:`reconcile_object`, which, under a per-object lock:
+
+1. reads the AdapterDeployment and the FineTuneJobs it references, fresh from the API;
+2. ensures the children: Deployment / Service / HPA ``<name>-vllm`` (create, 409 = exists; the
+   Deployment's pod template is patched only when its ``tuneop.dev/template-hash`` changed, which
+   rolls the pods; replicas are patched on their own; the HPA is deleted when autoscaling is off);
+3. lists the ready vLLM pods, asks each which adapters it serves (``GET /v1/models``), applies
+   :func:`tuneop.serving.adapters.plan` through the admin client (load missing, unload extra; a
+   restarted pod serves nothing, so everything is loaded again), one Event per adapter
+   loaded / unloaded / failed;
+4. writes the status (per adapter: state and the pods serving it; conditions AdaptersReady,
+   Available, Ready) and the metrics.
+
+Running it twice in a row does nothing the second time. vLLM errors are not handler failures:
+the adapter is Failed in the status and the next tick tries again.
+
+Triggers: AdapterDeployment created / spec changed / operator resumed; a timer every
+``interval`` seconds; any event of a pod or Deployment labelled with an AdapterDeployment; a
+FineTuneJob whose phase, adapter sha256 or output changed (e.g. it just Succeeded) reconciles the
+AdapterDeployments of its namespace that reference it.
+
+Pod admin URL: ``http://<podIP>:8000``; ``admin_urls`` (pod name -> URL) and, only when
+``admin_url_annotation`` is on (tests), the pod annotation ``tuneop.dev/admin-url`` override it.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import logging
+import time
+from typing import Any, Optional
+
+import kopf
+from pydantic import ValidationError
+
+from .. import kube
+from ..builders import adapterdeployment as b
+from ..metrics import METRICS
+from ..serving import adapters as sa
+from ..serving import admin, vllm
+from ..status import merge_patch
+from .finetunejob import now_iso
+
+GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "adapterdeployments"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "AdapterDeployment"
+FTJ_KIND = "FineTuneJob"
+ADMIN_URL_ANNOTATION = "tuneop.dev/admin-url"
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    vllm_image: str = vllm.DEFAULT_IMAGE
+    trainer_image: str = b.DEFAULT_TRAINER_IMAGE  # the fetch init containers
+    interval: float = 10.0
+    admin_timeout: float = 60.0
+    admin_port: int = b.CONTAINER_PORT
+    admin_urls: dict[str, str] = dataclasses.field(default_factory=dict)
+    admin_url_annotation: bool = False  # tests only: honor the pod annotation tuneop.dev/admin-url
+
+
+CONFIG = AdapterConfig()
+
+_locks: dict[tuple[int, str, str], asyncio.Lock] = {}
+_failures: dict[tuple[str, str, str, str], str] = {}  # (ns, name, op, adapter) -> last failure posted
+_ftj_seen: dict[tuple[str, str], Any] = {}
+
+
+def _lock(namespace: str, name: str) -> asyncio.Lock:
+    key = (id(asyncio.get_running_loop()), namespace, name)
+    lock = _locks.get(key)
+    if lock is None:
+        lock = _locks[key] = asyncio.Lock()
+    return lock
+
+
+def admin_url(pod: dict[str, Any]) -> Optional[str]:
+    meta = pod.get("metadata") or {}
+    if meta.get("name") in CONFIG.admin_urls:
+        return CONFIG.admin_urls[meta["name"]]
+    if CONFIG.admin_url_annotation:
+        url = (meta.get("annotations") or {}).get(ADMIN_URL_ANNOTATION)
+        if url:
+            return url
+    ip = (pod.get("status") or {}).get("podIP")
+    return f"http://{ip}:{CONFIG.admin_port}" if ip else None
+
+
+def _event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    try:
+        kopf.event(body, type=type_, reason=reason, message=message)
+    except Exception:  # noqa: BLE001  (outside kopf's context: no event poster)
+        logging.getLogger("tuneop").info("%s: %s", reason, message)
+
+
+# ---------------------------------------------------------------------------------- children
+
+
+async def ensure_children(
+    kc: kube.KubeClient, body: dict[str, Any], spec: Any, ftjs: dict[str, Any]
+) -> Optional[dict[str, Any]]:
+    """Create or update Deployment, Service, HPA; returns the Deployment as the API has it."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    child = b.child_name(name)
+    want = b.build_deployment(body, spec, finetunejobs=ftjs, image=CONFIG.vllm_image,
+                              trainer_image=CONFIG.trainer_image)
+    dep = await kc.get("apps/v1", "Deployment", child, ns)
+    if dep is None:
+        dep, created = await kc.create(want, ns)
+        if created:
+            _event(body, "Normal", "DeploymentCreated", f"Deployment {child} created")
+        else:
+            dep = await kc.get("apps/v1", "Deployment", child, ns)
+    else:
+        patch: dict[str, Any] = {}
+        want_hash = want["metadata"]["annotations"][b.TEMPLATE_HASH_ANNOTATION]
+        tmpl = (dep.get("spec") or {}).get("template") or {}
+        have_hash = ((tmpl.get("metadata") or {}).get("annotations") or {}).get(b.TEMPLATE_HASH_ANNOTATION)
+        if have_hash != want_hash:
+            patch = {
+                "metadata": {"annotations": {b.TEMPLATE_HASH_ANNOTATION: want_hash}},
+                "spec": {"template": merge_patch(tmpl, want["spec"]["template"])},
+            }
+        if "replicas" in want["spec"] and (dep.get("spec") or {}).get("replicas") != want["spec"]["replicas"]:
+            patch.setdefault("spec", {})["replicas"] = want["spec"]["replicas"]
+        if patch:
+            dep = await kc.patch("apps/v1", "Deployment", child, ns, patch)
+            if have_hash != want_hash:
+                _event(body, "Normal", "RollingUpdate",
+                       f"pod template of Deployment {child} changed ({have_hash} -> {want_hash}): pods roll")
+    svc_want = b.build_service(body, spec)
+    svc = await kc.get("v1", "Service", child, ns)
+    if svc is None:
+        await kc.create(svc_want, ns)
+    else:
+        have = svc.get("spec") or {}
+        sub = {k: svc_want["spec"][k] for k in ("type", "selector", "ports")
+               if _differs(have.get(k), svc_want["spec"][k])}
+        if sub:
+            await kc.patch("v1", "Service", child, ns, {"spec": sub})
+    hpa_want = b.build_hpa(body, spec)
+    hpa = await kc.get("autoscaling/v2", "HorizontalPodAutoscaler", child, ns)
+    if hpa_want is None:
+        if hpa is not None and ((hpa.get("metadata") or {}).get("labels") or {}).get(b.OWNER_LABEL) == name:
+            await kc.delete("autoscaling/v2", "HorizontalPodAutoscaler", child, ns)
+    elif hpa is None:
+        await kc.create(hpa_want, ns)
+    elif _differs(hpa.get("spec"), hpa_want["spec"]):
+        await kc.patch("autoscaling/v2", "HorizontalPodAutoscaler", child, ns, {"spec": hpa_want["spec"]})
+    return dep
+
+
+def _differs(have: Any, want: Any) -> bool:
+    """True when `want` is not contained in `have` (server defaults in `have` are ignored)."""
+    if isinstance(want, dict):
+        return not isinstance(have, dict) or any(_differs(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return (not isinstance(have, list) or len(have) != len(want)
+                or any(_differs(h, w) for h, w in zip(have, want)))
+    return have != want
+
+
+# ---------------------------------------------------------------------------------- adapters
+
+
+async def _api_key(kc: kube.KubeClient, spec: Any, ns: str) -> Optional[str]:
+    ref = spec.auth.api_key_secret_ref
+    if ref is None:
+        return None
+    secret = await kc.get("v1", "Secret", ref.name, ns)
+    raw = ((secret or {}).get("data") or {}).get(ref.key)
+    if not raw:
+        return None
+    try:
+        return base64.b64decode(raw).decode().strip()
+    except ValueError:
+        return None
+
+
+async def _timed(op: str, coro: Any) -> Any:
+    started = time.monotonic()
+    try:
+        out = await coro
+    except admin.AdminError:
+        METRICS.observe_adapter_operation(op, "error", time.monotonic() - started)
+        raise
+    METRICS.observe_adapter_operation(op, "success", time.monotonic() - started)
+    return out
+
+
+async def sync_adapters(
+    body: dict[str, Any], desired: list[dict[str, Any]], pods: list[dict[str, Any]], api_key: Optional[str],
+    logger: logging.Logger,
+) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """Make every ready pod serve exactly the ready desired adapters. Returns (what each ready
+    pod serves afterwards, failures: adapter -> message). Unreachable pods serve nothing."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    ready = sorted((p for p in pods if sa.pod_ready(p)), key=lambda p: p["metadata"]["name"])
+    urls: dict[str, str] = {}
+    loaded: dict[str, dict[str, Optional[str]]] = {}
+    provides: dict[str, set[str]] = {}
+    unreachable: dict[str, str] = {}
+    kw = {"api_key": api_key, "timeout": CONFIG.admin_timeout}
+    for pod in ready:
+        pname = pod["metadata"]["name"]
+        url = admin_url(pod)
+        if url is None:
+            unreachable[pname] = "no pod IP"
+            continue
+        try:
+            loaded[pname] = await admin.list_models(url, **kw)
+        except admin.AdminError as e:
+            unreachable[pname] = str(e)
+            logger.warning(f"vLLM pod {pname} not reachable: {e}")
+            continue
+        urls[pname] = url
+        provides[pname] = sa.pod_provides(pod)
+    prev = {a.get("name"): a for a in (body.get("status") or {}).get("adapters") or []}
+    reload = [
+        d["name"] for d in desired
+        if d.get("ready") and d.get("sha256")
+        and (prev.get(d["name"]) or {}).get("state") in (sa.LOADED, sa.PENDING, sa.FAILED)
+        and (prev.get(d["name"]) or {}).get("sha256") not in (None, d["sha256"])
+    ]
+    failures: dict[str, str] = {}
+    for act in sa.plan(desired, loaded, provides=provides, reload=reload):
+        url = urls[act.pod]
+        key = (ns, name, act.op, act.name)
+        try:
+            if act.op == "load":
+                await _timed("load", admin.load(url, act.name, act.path or "", **kw))
+                loaded[act.pod][act.name] = act.path
+                _event(body, "Normal", "AdapterLoaded", f"adapter {act.name} loaded on pod {act.pod} from {act.path}")
+            else:
+                await _timed("unload", admin.unload(url, act.name, **kw))
+                loaded[act.pod].pop(act.name, None)
+                _event(body, "Normal", "AdapterUnloaded", f"adapter {act.name} unloaded from pod {act.pod}")
+            _failures.pop(key, None)
+        except admin.AdminError as e:
+            msg = f"{act.op} on pod {act.pod} failed: {e.status} {e.message}"[:500]
+            if act.op == "load":
+                failures.setdefault(act.name, msg)
+            logger.warning(f"adapter {act.name}: {msg}")
+            if _failures.get(key) != msg:
+                _failures[key] = msg
+                reason = "AdapterLoadFailed" if act.op == "load" else "AdapterUnloadFailed"
+                _event(body, "Warning", reason, f"adapter {act.name}: {msg} (retried)")
+    serving = {p: set(v) for p, v in loaded.items()}
+    for p in unreachable:
+        serving[p] = set()
+    return serving, failures
+
+
+# ---------------------------------------------------------------------------------- reconcile
+
+
+async def reconcile_object(
+    namespace: str, name: str, *, logger: Optional[logging.Logger] = None
+) -> Optional[dict[str, Any]]:
+    """Children, adapters, status of one AdapterDeployment; returns the new status (None: gone)."""
+    log = logger or logging.getLogger("tuneop")
+    started = time.monotonic()
+    result = "error"
+    try:
+        async with _lock(namespace, name):
+            kc = kube.client()
+            body = await kc.get(API_VERSION, KIND, name, namespace)
+            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+                result = "success"
+                return None
+            body.setdefault("apiVersion", API_VERSION)
+            body.setdefault("kind", KIND)
+            old = body.get("status") or {}
+            try:
+                spec = b.parse_spec(body.get("spec") or {})
+            except ValidationError as e:
+                msg = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())[:1000]
+                status = sa.reduce_status(body, adapters=[], deployment=None, now=now_iso(), spec_error=msg)
+                diff = merge_patch(old, status)
+                if diff:
+                    await kc.patch(API_VERSION, KIND, name, namespace, {"status": diff}, subresource="status")
+                    _event(body, "Warning", sa.SPEC_INVALID, msg)
+                result = "success"
+                return status
+            ftjs: dict[str, Any] = {}
+            for a in spec.adapters:
+                if a.fine_tune_job_ref is not None:
+                    ftjs[a.fine_tune_job_ref.name] = await kc.get(API_VERSION, FTJ_KIND, a.fine_tune_job_ref.name, namespace)
+            desired = sa.desired_adapters(spec, ftjs)
+            deployment = await ensure_children(kc, body, spec, ftjs)
+            pods = [
+                p for p in await kc.list("v1", "Pod", namespace, label_selector=b.selector_labels(name))
+                # kmock (and defensive code) : filter by labels ourselves
+                if all(((p.get("metadata") or {}).get("labels") or {}).get(k) == v
+                       for k, v in b.selector_labels(name).items())
+            ]
+            api_key = await _api_key(kc, spec, namespace)
+            serving, failures = await sync_adapters(body, desired, pods, api_key, log)
+            now = now_iso()
+            adapters = sa.adapter_status(desired, serving, failures=failures, previous=old.get("adapters") or [],
+                                         now=now)
+            status = sa.reduce_status(body, adapters=adapters, deployment=deployment, now=now)
+            diff = merge_patch(old, status)
+            if diff:
+                await kc.patch(API_VERSION, KIND, name, namespace, {"status": diff}, subresource="status")
+            METRICS.set_adapterdeployment(
+                namespace, name,
+                desired_replicas=int(((deployment or {}).get("spec") or {}).get("replicas") or spec.replicas),
+                ready_replicas=status.get("readyReplicas") or 0,
+                desired_adapters=status.get("adaptersDesired") or 0,
+                loaded_adapters=status.get("adaptersReady") or 0,
+            )
+            result = "retry" if failures else "success"
+            return status
+    finally:
+        METRICS.observe_reconcile(KIND, result, time.monotonic() - started)
+
+
+async def _reconcile_quietly(namespace: str, name: str, logger: logging.Logger) -> bool:
+    try:
+        await reconcile_object(namespace, name, logger=logger)
+        return True
+    except kube.ApiError as e:
+        logger.warning(f"reconcile of AdapterDeployment {namespace}/{name} failed: {e}")
+        return False
+
+
+# ---------------------------------------------------------------------------------- handlers
+
+
+async def on_change(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    """create / update(spec) / resume."""
+    if not await _reconcile_quietly(namespace, name, logger):
+        raise kopf.TemporaryError("the Kubernetes API refused a request; retrying", delay=15)
+
+
+async def adapters_timer(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+    """Every `interval` seconds: pods restarted, adapters lost, vLLM errors retried."""
+    await _reconcile_quietly(namespace, name, logger)
+
+
+async def on_child_event(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """A vLLM pod or the Deployment changed (ready, restarted, scaled): reconcile the owner."""
+    meta = body.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(b.OWNER_LABEL)
+    if owner and meta.get("namespace"):
+        await _reconcile_quietly(meta["namespace"], owner, logger)
+
+
+def references(ad: dict[str, Any], ftj_name: str) -> bool:
+    return any(
+        ((a or {}).get("fineTuneJobRef") or {}).get("name") == ftj_name
+        for a in ((ad.get("spec") or {}).get("adapters") or [])
+    )
+
+
+async def on_ftj_event(
+    type: Optional[str], body: kopf.Body, name: str, namespace: str, logger: logging.Logger, **_: Any
+) -> None:
+    """A FineTuneJob's phase, adapter or output changed: reconcile the AdapterDeployments of its
+    namespace that reference it (its adapter may now be served, or its claim mounted)."""
+    st = body.get("status") or {}
+    fingerprint = None if type == "DELETED" else (
+        st.get("phase"), (st.get("adapter") or {}).get("sha256"),
+        str(((body.get("spec") or {}).get("output") or {})),
+    )
+    key = (namespace, name)
+    if key in _ftj_seen and _ftj_seen[key] == fingerprint:
+        return
+    _ftj_seen[key] = fingerprint
+    try:
+        ads = await kube.client().list(API_VERSION, KIND, namespace)
+    except kube.ApiError as e:
+        logger.warning(f"AdapterDeployments in {namespace} not listed: {e}")
+        _ftj_seen.pop(key, None)
+        return
+    for ad in ads:
+        if references(ad, name):
+            await _reconcile_quietly(namespace, ad["metadata"]["name"], logger)
+
+
+async def on_ad_event(type: Optional[str], name: str, namespace: str, **_: Any) -> None:
+    if type == "DELETED":
+        METRICS.forget_adapterdeployment(namespace, name)
+        _locks.pop((id(asyncio.get_running_loop()), namespace, name), None)
+        for k in [k for k in _failures if k[:2] == (namespace, name)]:
+            _failures.pop(k, None)
+
+
+# ---------------------------------------------------------------------------------- registration
+
+
+def register(
+    registry: Optional[kopf.OperatorRegistry] = None,
+    config: Optional[AdapterConfig] = None,
+    *,
+    with_common: bool = False,
+) -> kopf.OperatorRegistry:
+    """Register the AdapterDeployment handlers. with_common: also the operator-wide startup,
+    login and cleanup handlers (``finetunejob.register`` registers those already)."""
+    global CONFIG
+    if config is not None:
+        CONFIG = config
+    _failures.clear()
+    _ftj_seen.clear()
+    reg = registry if registry is not None else kopf.get_default_registry()
+    if with_common:
+        from . import finetunejob
+
+        kopf.on.startup(registry=reg)(finetunejob.startup)
+        kopf.on.cleanup(registry=reg)(finetunejob.cleanup)
+        kopf.on.login(registry=reg)(finetunejob.login)
+    ad = (GROUP, VERSION, PLURAL)
+    owned = {b.MANAGED_BY: "tuneop", b.OWNER_LABEL: kopf.PRESENT}
+    kopf.on.create(*ad, registry=reg, id="ad-reconcile")(on_change)
+    kopf.on.update(*ad, registry=reg, id="ad-reconcile-spec", field="spec")(on_change)
+    kopf.on.resume(*ad, registry=reg, id="ad-reconcile-resume")(on_change)
+    kopf.on.event(*ad, registry=reg, id="ad-metrics")(on_ad_event)
+    kopf.timer(*ad, registry=reg, id="ad-adapters", interval=CONFIG.interval)(adapters_timer)
+    kopf.on.event("v1", "pods", registry=reg, id="ad-pod", labels=owned)(on_child_event)
+    kopf.on.event("apps", "v1", "deployments", registry=reg, id="ad-deployment", labels=owned)(on_child_event)
+    kopf.on.event(GROUP, VERSION, "finetunejobs", registry=reg, id="ad-finetunejob")(on_ftj_event)
+    return reg

@@ -1,0 +1,104 @@
+"""The operator's small async client of vLLM's runtime LoRA API (aiohttp).
+
+- ``list_adapters(base_url) -> set[str]``: ``GET /v1/models``; entries with a ``parent`` (the
+  base model) are adapters; the base model itself is never returned.
+- ``load(base_url, name, path)``: ``POST /v1/load_lora_adapter {lora_name, lora_path}``.
+- ``unload(base_url, name)``: ``POST /v1/unload_lora_adapter {lora_name}``.
+
+Idempotent: "already loaded" (load) and "not found" (unload) answers are success. Any other
+non-2xx answer raises :class:`AdminError` with the status code (0: no answer). The server needs
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; with ``VLLM_API_KEY`` set, pass ``api_key``.
+``base_url`` is ``http://<podIP>:<port>`` (no ``/v1``).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+import aiohttp
+
+DEFAULT_TIMEOUT = 60.0  # loading a large adapter from a network volume takes a while
+_ALREADY = ("already been loaded", "already loaded", "already exists")
+_NOT_FOUND = ("not found", "cannot be found", "does not exist", "no such")
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str, *, op: str = "", url: str = ""):
+        super().__init__(f"vLLM {op} at {url}: {status} {message}".strip())
+        self.status = status
+        self.message = message
+
+
+def _headers(api_key: Optional[str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def _request(
+    method: str, url: str, *, json: Any = None, api_key: Optional[str], timeout: float, op: str,
+    session: Optional[aiohttp.ClientSession] = None,
+) -> tuple[int, str]:
+    own = session is None
+    s = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+    try:
+        async with s.request(method, url, json=json, headers=_headers(api_key)) as rsp:
+            return rsp.status, await rsp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise AdminError(0, str(e) or type(e).__name__, op=op, url=url) from e
+    finally:
+        if own:
+            await s.close()
+
+
+async def list_models(
+    base_url: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+    session: Optional[aiohttp.ClientSession] = None,
+) -> dict[str, Optional[str]]:
+    """Adapters served: name -> the path vLLM loaded it from (``root``), or None."""
+    import json as _json
+
+    url = base_url.rstrip("/") + "/v1/models"
+    status, text = await _request("GET", url, api_key=api_key, timeout=timeout, op="list", session=session)
+    if status >= 400:
+        raise AdminError(status, text[:300], op="list", url=url)
+    try:
+        data = _json.loads(text).get("data") or []
+    except (ValueError, AttributeError) as e:
+        raise AdminError(status, f"not a model list: {text[:200]}", op="list", url=url) from e
+    return {m["id"]: m.get("root") for m in data if isinstance(m, dict) and m.get("parent") and m.get("id")}
+
+
+async def list_adapters(base_url: str, **kw: Any) -> set[str]:
+    return set(await list_models(base_url, **kw))
+
+
+async def load(
+    base_url: str, name: str, path: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+    session: Optional[aiohttp.ClientSession] = None,
+) -> bool:
+    """Load adapter `name` from `path`. True: loaded now; False: it was already loaded."""
+    url = base_url.rstrip("/") + "/v1/load_lora_adapter"
+    status, text = await _request(
+        "POST", url, json={"lora_name": name, "lora_path": path}, api_key=api_key, timeout=timeout,
+        op="load", session=session,
+    )
+    if status < 300:
+        return True
+    if status in (400, 409) and any(s in text.lower() for s in _ALREADY):
+        return False
+    raise AdminError(status, text[:300], op=f"load {name}", url=url)
+
+
+async def unload(
+    base_url: str, name: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+    session: Optional[aiohttp.ClientSession] = None,
+) -> bool:
+    """Unload adapter `name`. True: unloaded now; False: it was not loaded."""
+    url = base_url.rstrip("/") + "/v1/unload_lora_adapter"
+    status, text = await _request(
+        "POST", url, json={"lora_name": name}, api_key=api_key, timeout=timeout, op="unload", session=session,
+    )
+    if status < 300:
+        return True
+    if status in (400, 404) and any(s in text.lower() for s in _NOT_FOUND):
+        return False
+    raise AdminError(status, text[:300], op=f"unload {name}", url=url)

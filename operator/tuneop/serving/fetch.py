@@ -1,0 +1,99 @@
+"""``python -m tuneop.serving.fetch --url URL --dest DIR [--sha256 HEX]``: the init container
+of a vLLM pod that serves an adapter from a URL.
+
+Downloads the archive (.tar.gz / .tar.zst / .tar; recognised by magic bytes), extracts it with
+:func:`tuneop.archive.safe_extract` (no path escapes, size and file limits), finds the adapter
+directory (the shallowest one with ``adapter_config.json``) and puts it at ``DIR``. Then checks
+the sha256 of ``adapter_model.safetensors`` against ``--sha256``, else against the archive's
+``tuneop-manifest.json`` when it has one. Exit 0 on success, 2 for a bad archive or a sha256
+mismatch (the pod stays in Init:Error, visible in its termination message), 1 for download errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from typing import Optional
+
+from ..archive import ArchiveError, find_adapter_dir, safe_extract
+from ..trainer.manifest import MANIFEST, sha256_file, weights_file
+
+CHUNK = 1 << 20
+
+
+def download(url: str, dest_file: str, *, timeout: float = 300.0) -> int:
+    n = 0
+    with urllib.request.urlopen(url, timeout=timeout) as rsp, open(dest_file, "wb") as f:  # noqa: S310
+        while True:
+            chunk = rsp.read(CHUNK)
+            if not chunk:
+                break
+            f.write(chunk)
+            n += len(chunk)
+    return n
+
+
+def expected_sha256(adapter_dir: str, given: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(weights file, expected sha256): --sha256 first, else the manifest's entry, else None."""
+    weights = weights_file(adapter_dir)
+    if given:
+        return weights, given.lower()
+    try:
+        with open(os.path.join(adapter_dir, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return weights, None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return weights, (files or {}).get(weights) if weights else None
+
+
+def fetch(url: str, dest: str, sha256: Optional[str] = None) -> dict[str, Optional[str]]:
+    """Download + extract + verify; returns {"path", "sha256"}. Raises ArchiveError."""
+    dest = os.path.abspath(dest)
+    parent = os.path.dirname(dest)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}-fetch-", dir=parent)
+    try:
+        archive = os.path.join(work, "archive")
+        download(url, archive)
+        root = os.path.join(work, "x")
+        safe_extract(archive, root)
+        adapter = find_adapter_dir(root)
+        weights, want = expected_sha256(adapter, sha256)
+        if weights is None:
+            raise ArchiveError("the adapter has no adapter_model.safetensors")
+        got = sha256_file(os.path.join(adapter, weights))
+        if want and got != want:
+            raise ArchiveError(f"sha256 mismatch of {weights}: expected {want}, got {got}")
+        if os.path.lexists(dest):
+            shutil.rmtree(dest)
+        os.replace(adapter, dest)
+        return {"path": dest, "sha256": got}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tuneop.serving.fetch", description=__doc__.split("\n")[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--dest", required=True)
+    p.add_argument("--sha256")
+    a = p.parse_args(argv)
+    try:
+        out = fetch(a.url, a.dest, a.sha256)
+    except ArchiveError as e:
+        print(json.dumps({"event": "error", "reason": "ArchiveInvalid", "message": str(e)}), flush=True)
+        return 2
+    except OSError as e:  # urllib errors are OSErrors
+        print(json.dumps({"event": "error", "reason": "DownloadFailed", "message": str(e)}), flush=True)
+        return 1
+    print(json.dumps({"event": "done", "adapter": out}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""serving/admin.py against a small vLLM-like server; serving/fetch.py against a local HTTP server."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from aiohttp import web
+
+from tuneop.serving import admin, fetch
+
+BASE = "base-model"
+
+
+def vllm_app(state: dict[str, Any]) -> web.Application:
+    async def models(_: web.Request) -> web.Response:
+        data = [{"id": BASE, "root": BASE, "parent": None}]
+        data += [{"id": n, "root": p, "parent": BASE} for n, p in state["loaded"].items()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def load(req: web.Request) -> web.Response:
+        b = await req.json()
+        state["auth"] = req.headers.get("Authorization")
+        if state.get("fail"):
+            return web.json_response({"message": "boom"}, status=500)
+        if b["lora_name"] in state["loaded"]:
+            return web.json_response({"message": f"The lora adapter '{b['lora_name']}' has already been loaded."},
+                                     status=400)
+        state["loaded"][b["lora_name"]] = b["lora_path"]
+        return web.Response(text="Success")
+
+    async def unload(req: web.Request) -> web.Response:
+        b = await req.json()
+        if b["lora_name"] not in state["loaded"]:
+            return web.json_response({"message": f"The lora adapter '{b['lora_name']}' cannot be found."},
+                                     status=404)
+        del state["loaded"][b["lora_name"]]
+        return web.Response(text="Success")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/load_lora_adapter", load)
+    app.router.add_post("/v1/unload_lora_adapter", unload)
+    return app
+
+
+def test_admin_client_is_idempotent_and_reports_errors() -> None:
+    async def scenario() -> None:
+        state: dict[str, Any] = {"loaded": {}}
+        runner = web.AppRunner(vllm_app(state))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        try:
+            assert await admin.list_adapters(url) == set()  # the base model is not an adapter
+            assert await admin.load(url, "a", "/p/a", api_key="k") is True
+            assert state["auth"] == "Bearer k"
+            assert await admin.load(url, "a", "/p/a") is False  # already loaded: success
+            assert await admin.list_models(url) == {"a": "/p/a"}
+            assert await admin.unload(url, "a") is True
+            assert await admin.unload(url, "a") is False  # not found: success
+            state["fail"] = True
+            with pytest.raises(admin.AdminError) as e:
+                await admin.load(url, "b", "/p/b")
+            assert e.value.status == 500 and "boom" in str(e.value)
+        finally:
+            await runner.cleanup()
+        with pytest.raises(admin.AdminError) as e:
+            await admin.list_adapters(url, timeout=2)
+        assert e.value.status == 0
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------------- fetch
+
+
+def adapter_tar(weights: bytes, *, manifest_sha: str | None = None, prefix: str = "out/adapter/") -> bytes:
+    files = {f"{prefix}adapter_config.json": b'{"r": 4}', f"{prefix}adapter_model.safetensors": weights}
+    if manifest_sha is not None:
+        files[f"{prefix}tuneop-manifest.json"] = json.dumps({"files": {"adapter_model.safetensors": manifest_sha}}).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", root
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_fetch_extracts_the_adapter_dir_and_checks_sha256(served: tuple[str, Path], tmp_path: Path) -> None:
+    url, root = served
+    weights = b"weights-bytes-0123456789"
+    sha = hashlib.sha256(weights).hexdigest()
+    (root / "ok.tar.gz").write_bytes(adapter_tar(weights, manifest_sha=sha))
+    dest = tmp_path / "adapters" / "web"
+    assert fetch.main(["--url", f"{url}/ok.tar.gz", "--dest", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "tuneop-manifest.json"]
+    # --sha256 given and matching; a rerun replaces the directory
+    assert fetch.main(["--url", f"{url}/ok.tar.gz", "--dest", str(dest), "--sha256", sha]) == 0
+    # mismatch against --sha256, and against the manifest: exit 2, nothing left behind
+    bad = tmp_path / "adapters" / "bad"
+    assert fetch.main(["--url", f"{url}/ok.tar.gz", "--dest", str(bad), "--sha256", "0" * 64]) == 2
+    (root / "lying.tar.gz").write_bytes(adapter_tar(weights, manifest_sha="1" * 64))
+    assert fetch.main(["--url", f"{url}/lying.tar.gz", "--dest", str(bad)]) == 2
+    assert not bad.exists()
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["web"]
+    # unsafe archive (path escape) -> 2; HTTP 404 -> 1
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../evil")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    (root / "evil.tar.gz").write_bytes(buf.getvalue())
+    assert fetch.main(["--url", f"{url}/evil.tar.gz", "--dest", str(bad)]) == 2
+    assert fetch.main(["--url", f"{url}/missing.tar.gz", "--dest", str(bad)]) == 1
