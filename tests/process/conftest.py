@@ -36,3 +36,13 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
         "pref_train": tinymodel.write_jsonl(d / "pref_train.jsonl", tinymodel.pref_rows(train_words)),
         "pref_test": tinymodel.write_jsonl(d / "pref_test.jsonl", tinymodel.pref_rows(test_words)),
     }
+
+
+@pytest.fixture(scope="session")
+def servable_model(tmp_path_factory) -> Path:
+    """The same tiny Llama with 2 attention heads (head_dim 32): vLLM's CPU attention serves no
+    smaller head. A plain HF directory with tokenizer and chat template."""
+    import torch
+
+    torch.set_num_threads(1)
+    return tinymodel.build(tmp_path_factory.mktemp("tiny-llama-servable") / "model", heads=2)

@@ -96,8 +96,10 @@ def build_tokenizer(corpus: list[str]):
     return hf
 
 
-def build(dest: Path, steps: int = 300, seed: int = 0) -> Path:
-    """Write a pre-trained tiny Llama (model + tokenizer) to dest; returns dest."""
+def build(dest: Path, steps: int = 300, seed: int = 0, heads: int = 4) -> Path:
+    """Write a pre-trained tiny Llama (model + tokenizer) to dest; returns dest.
+
+    heads=2 gives head_dim 32, the smallest vLLM's CPU attention serves (4 heads: 16)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,8 +118,8 @@ def build(dest: Path, steps: int = 300, seed: int = 0) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=128,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

