@@ -145,3 +145,25 @@ def test_fetch_extracts_the_adapter_dir_and_checks_sha256(served: tuple[str, Pat
     (root / "evil.tar.gz").write_bytes(buf.getvalue())
     assert fetch.main(["--url", f"{url}/evil.tar.gz", "--dest", str(bad)]) == 2
     assert fetch.main(["--url", f"{url}/missing.tar.gz", "--dest", str(bad)]) == 1
+
+
+def test_unload_on_a_server_without_runtime_lora_is_an_error_not_success() -> None:
+    async def scenario() -> None:
+        # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING has no such route: FastAPI's 404 answer.
+        async def no_route(_: web.Request) -> web.Response:
+            return web.json_response({"detail": "Not Found"}, status=404)
+
+        app = web.Application()
+        app.router.add_post("/v1/unload_lora_adapter", no_route)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            with pytest.raises(admin.AdminError, match="runtime LoRA updating is disabled"):
+                await admin.unload(f"http://127.0.0.1:{port}", "a")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())

@@ -99,6 +99,19 @@ async def unload(
     )
     if status < 300:
         return True
+    if status == 404 and _route_missing(text):
+        # The endpoint itself is absent: VLLM_ALLOW_RUNTIME_LORA_UPDATING is not set on the server.
+        raise AdminError(status, "runtime LoRA updating is disabled on this server", op=f"unload {name}", url=url)
     if status in (400, 404) and any(s in text.lower() for s in _NOT_FOUND):
         return False
     raise AdminError(status, text[:300], op=f"unload {name}", url=url)
+
+
+def _route_missing(text: str) -> bool:
+    """FastAPI's answer for an unknown route, as opposed to vLLM's "adapter not found" message."""
+    import json as _json
+
+    try:
+        return _json.loads(text) == {"detail": "Not Found"}
+    except ValueError:
+        return False
