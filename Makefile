@@ -22,5 +22,5 @@ test-fast: setup-test
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 crds: setup
-	$(VENV)/bin/tuneop crds --out crds
+	$(VENV)/bin/tuneop crds --out crds --reference docs/reference.md
 	cp crds/*.yaml charts/tuneop/crds/

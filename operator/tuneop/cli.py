@@ -23,13 +23,18 @@ def cmd_crds(args: argparse.Namespace) -> int:
     from .api.crdgen import all_crds, render_yaml
 
     crds = all_crds()
+    if args.reference:
+        from .api.reference import render
+
+        Path(args.reference).write_text(render())
+        print(f"wrote {args.reference}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for fname, crd in crds.items():
             (out / fname).write_text(render_yaml(crd))
             print(f"wrote {out / fname}")
-    else:
+    elif not args.reference:
         sys.stdout.write("---\n".join(render_yaml(c) for c in crds.values()))
     return 0
 
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("crds", help="print (or write with --out) the CRDs generated from the models")
     s.add_argument("--out", help="directory to write the CRD files to (e.g. crds/)")
+    s.add_argument("--reference", help="also write the field reference (Markdown) to this file")
     s.set_defaults(func=cmd_crds)
 
     s = sub.add_parser("operator", help="run the operator (kopf)")

@@ -133,3 +133,14 @@ def test_crd_has_kubectl_niceties():
     assert spec["properties"]["adapter"]["properties"]["type"]["enum"] == ["lora", "qlora", "full"]
     # defaults of nested objects are materialised so the API server fills them in
     assert spec["properties"]["hyperparameters"]["default"]["learningRate"] == 2.0e-4
+
+
+def test_field_reference_matches_the_models():
+    from tuneop.api.reference import render
+
+    path = ROOT / "docs" / "reference.md"
+    assert path.read_text() == render(), "docs/reference.md drifted: run `make crds`"
+    text = path.read_text()
+    assert "| `dataset.train.pvc.claimName` | string | yes |" in text
+    assert "rule: qlora requires backend kubernetes" not in text  # spec-level rules are listed once, above
+    assert "adapter.type qlora requires backend kubernetes" in text

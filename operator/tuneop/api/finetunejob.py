@@ -264,7 +264,10 @@ class FineTuneJobSpec(Model):
     base_model: str = Field(
         min_length=1,
         max_length=512,
-        description="Hugging Face model id, a local directory, or a .gguf file path.",
+        description=(
+            "Hugging Face model id, a directory or .gguf file (inside modelVolume when set), "
+            "or pkg://<python package>/<file> for a model shipped in an installed package."
+        ),
     )
     method: Method = Field(default=Method.sft, description="sft or dpo.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="What is trained.")
