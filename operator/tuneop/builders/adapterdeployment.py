@@ -36,6 +36,7 @@ from ..api.common import API_VERSION
 from ..jobconfig import pod_pvc_dir
 from ..serving import adapters as sa
 from ..serving import vllm
+from . import common
 from .finetunejob import DEFAULT_IMAGE as DEFAULT_TRAINER_IMAGE
 from .finetunejob import RUN_AS_USER
 
@@ -76,17 +77,7 @@ def labels(name: str) -> dict[str, str]:
 
 
 def owner_reference(ad: Mapping[str, Any]) -> dict[str, Any]:
-    meta = ad.get("metadata") or {}
-    ref = {
-        "apiVersion": ad.get("apiVersion", API_VERSION),
-        "kind": ad.get("kind", KIND),
-        "name": meta["name"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-    if meta.get("uid"):
-        ref["uid"] = meta["uid"]
-    return ref
+    return common.owner_reference(ad, api_version=API_VERSION, kind=KIND)
 
 
 def _metadata(ad: Mapping[str, Any]) -> dict[str, Any]:

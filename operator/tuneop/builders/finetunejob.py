@@ -24,6 +24,7 @@ from typing import Any, Optional
 from ..api.common import API_VERSION
 from ..api.finetunejob import KIND, FineTuneJobSpec, parse_spec
 from ..jobconfig import CONFIG_KEY, pod_configmap_dir, pod_pvc_dir, resolve
+from . import common
 
 DEFAULT_IMAGE = "ghcr.io/tuneop/trainer:latest"
 CONFIG_DIR = "/etc/tuneop"
@@ -42,10 +43,7 @@ GENERATION_LABEL = "tuneop.dev/generation"
 SPEC_HASH_ANNOTATION = "tuneop.dev/spec-hash"
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
-VALIDATE_RESOURCES = {
-    "requests": {"cpu": "100m", "memory": "256Mi"},
-    "limits": {"cpu": "1", "memory": "2Gi"},
-}
+VALIDATE_RESOURCES = common.SMALL_POD_RESOURCES
 VALIDATE_BACKOFF_LIMIT = 1
 VALIDATE_DEADLINE_SECONDS = 1800
 
@@ -96,17 +94,7 @@ def labels(ftj: dict[str, Any], component: str) -> dict[str, str]:
 
 
 def owner_reference(ftj: dict[str, Any]) -> dict[str, Any]:
-    meta = ftj.get("metadata") or {}
-    ref = {
-        "apiVersion": ftj.get("apiVersion", API_VERSION),
-        "kind": ftj.get("kind", KIND),
-        "name": meta["name"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-    if meta.get("uid"):
-        ref["uid"] = meta["uid"]
-    return ref
+    return common.owner_reference(ftj, api_version=API_VERSION, kind=KIND)
 
 
 def _metadata(

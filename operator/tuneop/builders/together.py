@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from ..api.finetunejob import FineTuneJobSpec
 from ..jobconfig import pod_configmap_dir, pod_pvc_dir
+from . import common
 from . import finetunejob as b
 
 UPLOAD_CONTAINER = "upload"
@@ -27,10 +28,7 @@ DOWNLOAD_CONTAINER = "download"
 API_KEY_ENV = "TOGETHER_API_KEY"
 BASE_URL_ENV = "TOGETHER_BASE_URL"
 
-POD_RESOURCES = {
-    "requests": {"cpu": "100m", "memory": "256Mi"},
-    "limits": {"cpu": "1", "memory": "2Gi"},
-}
+POD_RESOURCES = common.SMALL_POD_RESOURCES
 UPLOAD_BACKOFF_LIMIT = 3
 UPLOAD_DEADLINE_SECONDS = 3600
 DOWNLOAD_BACKOFF_LIMIT = 3
