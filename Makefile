@@ -4,7 +4,7 @@
 VENV ?= .venv
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-test quickstart test test-fast crds
+.PHONY: setup setup-test quickstart test test-fast crds images
 
 setup:
 	bash scripts/setup.sh
@@ -24,3 +24,6 @@ test-fast: setup-test
 crds: setup
 	$(VENV)/bin/tuneop crds --out crds --reference docs/reference.md
 	cp crds/*.yaml charts/tuneop/crds/
+
+images:
+	bash scripts/build-images.sh

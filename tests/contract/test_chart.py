@@ -132,15 +132,14 @@ def test_namespaced_mode_uses_roles_only():
 
 def test_values_reach_the_pod():
     docs = render({"nodeSelector": {"pool": "system"}, "image": {"tag": "9.9.9"},
-                   "workloads": {"trainer": {"image": "reg/trainer:1"},
-                                 "defaults": {"nodeSelector": {"gpu": "h100"}}}})
+                   "workloads": {"trainer": {"image": "reg/trainer:1"}, "vllm": {"image": "reg/vllm:2"}}})
     pod = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert pod["nodeSelector"] == {"pool": "system"}
     assert c["image"].endswith(":9.9.9")
     assert "--trainer-image=reg/trainer:1" in c["args"]
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert json.loads(env["TUNEOP_WORKLOAD_DEFAULTS"])["nodeSelector"] == {"gpu": "h100"}
+    assert env["TUNEOP_VLLM_IMAGE"] == "reg/vllm:2"
 
 
 # ---------------------------------------------------------------------------------- RBAC
