@@ -27,7 +27,6 @@ Pod admin URL: ``http://<podIP>:8000``; ``admin_urls`` (pod name -> URL) and, on
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import logging
@@ -43,7 +42,7 @@ from ..metrics import METRICS
 from ..serving import adapters as sa
 from ..serving import admin, vllm
 from ..status import merge_patch
-from .finetunejob import now_iso
+from .common import ObjectLocks, get_live, now_iso
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "adapterdeployments"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -65,17 +64,10 @@ class AdapterConfig:
 
 CONFIG = AdapterConfig()
 
-_locks: dict[tuple[int, str, str], asyncio.Lock] = {}
+_locks = ObjectLocks()
+_lock = _locks.get
 _failures: dict[tuple[str, str, str, str], str] = {}  # (ns, name, op, adapter) -> last failure posted
 _ftj_seen: dict[tuple[str, str], Any] = {}
-
-
-def _lock(namespace: str, name: str) -> asyncio.Lock:
-    key = (id(asyncio.get_running_loop()), namespace, name)
-    lock = _locks.get(key)
-    if lock is None:
-        lock = _locks[key] = asyncio.Lock()
-    return lock
 
 
 def admin_url(pod: dict[str, Any]) -> Optional[str]:
@@ -268,12 +260,10 @@ async def reconcile_object(
     try:
         async with _lock(namespace, name):
             kc = kube.client()
-            body = await kc.get(API_VERSION, KIND, name, namespace)
-            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            body = await get_live(kc, API_VERSION, KIND, name, namespace)
+            if body is None:
                 result = "success"
                 return None
-            body.setdefault("apiVersion", API_VERSION)
-            body.setdefault("kind", KIND)
             old = body.get("status") or {}
             try:
                 spec = b.parse_spec(body.get("spec") or {})
@@ -386,7 +376,7 @@ async def on_ftj_event(
 async def on_ad_event(type: Optional[str], name: str, namespace: str, **_: Any) -> None:
     if type == "DELETED":
         METRICS.forget_adapterdeployment(namespace, name)
-        _locks.pop((id(asyncio.get_running_loop()), namespace, name), None)
+        _locks.forget(namespace, name)
         for k in [k for k in _failures if k[:2] == (namespace, name)]:
             _failures.pop(k, None)
 

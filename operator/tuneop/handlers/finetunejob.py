@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import logging
 import os
 import time
@@ -35,6 +34,7 @@ from .. import status as st
 from ..builders import finetunejob as b
 from ..metrics import METRICS
 from . import together
+from .common import ObjectLocks, get_live, now_iso
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -58,10 +58,6 @@ class OperatorConfig:
 
 
 CONFIG = OperatorConfig()
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -111,15 +107,8 @@ async def login(settings: kopf.OperatorSettings, logger: logging.Logger, **kwarg
 
 # ---------------------------------------------------------------------------------- observe/apply
 
-_locks: dict[tuple[int, str, str], asyncio.Lock] = {}
-
-
-def _lock(namespace: str, name: str) -> asyncio.Lock:
-    key = (id(asyncio.get_running_loop()), namespace, name)
-    lock = _locks.get(key)
-    if lock is None:
-        lock = _locks[key] = asyncio.Lock()
-    return lock
+_locks = ObjectLocks()
+_lock = _locks.get
 
 
 async def check_inline_dataset(text: str, declared: str, source: str) -> dict[str, Any]:
@@ -213,12 +202,10 @@ async def reconcile_object(
     try:
         async with _lock(namespace, name):
             kc = kube.client()
-            body = await kc.get(API_VERSION, KIND, name, namespace)
-            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            body = await get_live(kc, API_VERSION, KIND, name, namespace)
+            if body is None:
                 result = "success"
                 return None
-            body.setdefault("apiVersion", API_VERSION)
-            body.setdefault("kind", KIND)
             observed = await observe(kc, body)
             decision = st.reconcile(
                 body, observed, image=CONFIG.image, now=now_iso(),
@@ -297,7 +284,7 @@ async def on_ftj_event(
 ) -> None:
     if type == "DELETED":
         METRICS.forget(namespace, name)
-        _locks.pop((id(asyncio.get_running_loop()), namespace, name), None)
+        _locks.forget(namespace, name)
     else:
         METRICS.set_phase(namespace, name, (status or {}).get("phase"))
 

@@ -175,19 +175,18 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     }
     callback = EventCallback(emitter, start_info, progress_bar=bar and rank == 0)
 
+    trainer_inputs = dict(
+        model=model,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
     if method == Method.dpo:
         from trl import DPOConfig, DPOTrainer
 
-        trl_args = DPOConfig(**targs, beta=float(hp.dpo_beta))
-        trainer = DPOTrainer(
-            model=model,
-            args=trl_args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[callback],
-        )
+        trainer = DPOTrainer(args=DPOConfig(**targs, beta=float(hp.dpo_beta)), **trainer_inputs)
     else:
         from trl import SFTConfig, SFTTrainer
 
@@ -201,15 +200,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
             completion_only_loss=completion_only,
             assistant_only_loss=assistant_only,
         )
-        trainer = SFTTrainer(
-            model=model,
-            args=trl_args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[callback],
-        )
+        trainer = SFTTrainer(args=trl_args, **trainer_inputs)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
 

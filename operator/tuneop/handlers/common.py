@@ -1,0 +1,44 @@
+"""Pieces every kopf handler module shares: per-object locks, the live object, timestamps."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any, Optional
+
+from .. import kube
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ObjectLocks:
+    """One asyncio.Lock per (event loop, namespace, name): reconciles of one object never overlap."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[int, str, str], asyncio.Lock] = {}
+
+    def _key(self, namespace: str, name: str) -> tuple[int, str, str]:
+        return (id(asyncio.get_running_loop()), namespace, name)
+
+    def get(self, namespace: str, name: str) -> asyncio.Lock:
+        key = self._key(namespace, name)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._locks.pop(self._key(namespace, name), None)
+
+
+async def get_live(
+    kc: kube.KubeClient, api_version: str, kind: str, name: str, namespace: str
+) -> Optional[dict[str, Any]]:
+    """The object as the API server has it now; None when it is gone or being deleted."""
+    body = await kc.get(api_version, kind, name, namespace)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    body.setdefault("apiVersion", api_version)
+    body.setdefault("kind", kind)
+    return body
