@@ -42,6 +42,11 @@ class FakeVllm:
 
     def __init__(self) -> None:
         self.loaded: dict[str, str] = {}
+        self.shas: dict[str, Optional[str]] = {}  # tuneop_sha256 of each load
+        # The admin token the pod has (its mounted Secret volume); None: not checked. Like tuneop's
+        # guard, load/unload without the header is 401, with another token 403.
+        self.token: Optional[Callable[[], Optional[str]]] = None
+        self.refused = 0
         self.fail_loads = 0  # answer this many load requests with a 500
         self.calls: list[tuple[str, str]] = []
         self.url = ""
@@ -76,9 +81,26 @@ class FakeVllm:
         data += [{"id": n, "object": "model", "root": p, "parent": BASE} for n, p in sorted(self.loaded.items())]
         return web.json_response({"object": "list", "data": data})
 
+    def _refusal(self, request: web.Request) -> Optional[web.Response]:
+        if self.token is None:
+            return None
+        given = request.headers.get("X-Tuneop-Admin-Token")
+        want = self.token()
+        if given and want and given == want:
+            return None
+        self.refused += 1
+        reason = "missing_credential" if not given else "bad_credential" if want else "no_credential_configured"
+        return web.json_response({"error": {"message": "only the tuneop operator may load or unload adapters",
+                                            "type": "tuneop_admin_refused", "reason": reason}},
+                                 status=401 if not given else 403)
+
     async def _load(self, request: web.Request) -> web.Response:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         body = await request.json()
         name, path = body["lora_name"], body["lora_path"]
+        self.shas[name] = body.get("tuneop_sha256")
         self.calls.append(("load", name))
         if self.fail_loads > 0:
             self.fail_loads -= 1
@@ -92,6 +114,9 @@ class FakeVllm:
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
     async def _unload(self, request: web.Request) -> web.Response:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         body = await request.json()
         name = body["lora_name"]
         self.calls.append(("unload", name))
@@ -249,6 +274,18 @@ def reasons(api: KMockThread) -> list[str]:
     return [e["reason"] for e in api.events()]
 
 
+SECRETS = f"/api/v1/namespaces/{NS}/secrets"
+
+
+def admin_token(api: KMockThread, name: str = "qwen") -> Optional[str]:
+    """What the kubelet would project into the pods from Secret <name>-vllm-admin."""
+    import base64
+
+    sec = api.get(f"{SECRETS}/{name}-vllm-admin")
+    raw = ((sec or {}).get("data") or {}).get("token")
+    return base64.b64decode(raw).decode() if raw else None
+
+
 # ---------------------------------------------------------------------------------- tests
 
 
@@ -301,6 +338,7 @@ def test_adapters_loaded_live_on_every_pod_and_template_never_changes(
         assert p1.loaded["support"] == "/mnt/pvc/trained/support/adapter" and set(p2.loaded) == {"news", "support"}
         assert st["phase"] == "Ready" and st["adaptersReady"] == 2 and st["adaptersDesired"] == 2
         assert st["readyReplicas"] == 2 and st["observedGeneration"] == 1
+        assert p1.shas == {"news": None, "support": SHA}  # the guard checks the weights against it
         sup = next(a for a in st["adapters"] if a["name"] == "support")
         assert sup["sha256"] == SHA and [p["pod"] for p in sup["pods"]] == ["qwen-vllm-a", "qwen-vllm-b"]
         assert all(p["since"] for p in sup["pods"])
@@ -409,3 +447,50 @@ def test_vllm_setting_rolls_the_deployment_replicas_and_autoscaling_do_not(
         wait_for(lambda: api.get(f"{HPAS}/qwen-vllm") is None, what="HPA deleted")
     assert len(template_patches(api)) == 1
     assert len(api.requests("POST", DEPLOYS)) == 1
+
+
+def test_admin_credential_is_generated_mounted_used_and_recreated_without_restarts(
+    api: KMockThread, vllm_pods: Callable[[], FakeVllm]
+) -> None:
+    api.create(AD_PATH, ad(adapters=[pvc_adapter("news")], replicas=1))
+    pod = vllm_pods()
+    pod.token = lambda: admin_token(api)  # the kubelet projects the Secret at once
+
+    with Operator():
+        # 1. The operator generates the Secret, owned by the AdapterDeployment, and the pods mount it.
+        sec = wait_for(lambda: api.get(f"{SECRETS}/qwen-vllm-admin"), what="admin Secret")
+        assert sec["metadata"]["ownerReferences"][0]["kind"] == "AdapterDeployment"
+        first = admin_token(api)
+        assert first and len(first) >= 32
+        dep = wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert vols["tuneop-admin"]["secret"]["secretName"] == "qwen-vllm-admin"
+        assert api.get(f"/api/v1/namespaces/{NS}/configmaps/qwen-vllm-guard")["data"]["tuneop_vllm_guard.py"]
+
+        # 2. ... and uses it: the pod only accepts calls with the current token.
+        start_pod(api, pod, "qwen-vllm-a")
+        deployment_ready(api, 1)
+        wait_for(lambda: adapter_states(api).get("news") == "Loaded", what="news loaded")
+        assert pod.refused == 0 and "news" in pod.loaded
+
+        # 3. The Secret is deleted: recreated with a new token. The pod still has the old one for a
+        #    while (the kubelet refreshes Secret volumes eventually): calls are refused, the status
+        #    says why, nothing restarts; once the volume is refreshed, the adapter is loaded.
+        pod.token = lambda: first
+        api.call("DELETE", f"{SECRETS}/qwen-vllm-admin")
+        wait_for(lambda: admin_token(api) not in (None, first), what="admin Secret recreated")
+        patch_spec(api, {"adapters": [pvc_adapter("news"), pvc_adapter("legal")]})
+        wait_for(lambda: adapter_states(api).get("legal") == "Failed", what="legal refused with the stale token")
+        legal = next(a for a in status_of(api)["adapters"] if a["name"] == "legal")
+        assert "admin credential" in legal["message"]
+        assert "legal" not in pod.loaded and pod.refused > 0
+        pod.token = lambda: admin_token(api)
+        wait_for(lambda: adapter_states(api).get("legal") == "Loaded", what="legal loaded with the new token")
+        assert set(pod.loaded) == {"news", "legal"}
+
+    assert len(api.requests("POST", SECRETS)) == 2
+    assert len(api.requests("POST", DEPLOYS)) == 1 and template_patches(api) == []
+    tokens = {first, admin_token(api)}
+    for e in api.events():
+        assert not any(t and t in json.dumps(e) for t in tokens)
+    assert "AdminCredentialCreated" in reasons(api)

@@ -186,5 +186,56 @@ def test_example_renders_and_validates_strictly(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "support-tone: -  [waiting (FineTuneJob support-tone not found)]" in out
     docs = [d for d in yaml.safe_load_all(out) if d]
-    assert [d["kind"] for d in docs] == ["Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service"]
     validate(*docs)
+
+
+def test_guard_is_loaded_as_middleware_from_its_configmap_with_the_admin_secret_mounted() -> None:
+    from tuneop.serving import guard, vllm
+
+    body = ad()
+    dep = b.build_deployment(body, finetunejobs=FTJS)
+    c = container(dep)
+    i = c["args"].index("--middleware")
+    assert c["args"][i + 1] == "tuneop_vllm_guard.AdminGuard"
+    e = env(c)
+    assert e["PYTHONPATH"] == "/opt/tuneop"
+    assert e[guard.TOKEN_FILE_ENV] == "/etc/tuneop/admin/token"
+    assert e[guard.ROOTS_ENV] == "/mnt/pvc:/adapters"
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tuneop-guard"]["configMap"]["name"] == "qwen-vllm-guard"
+    assert vols["tuneop-admin"]["secret"] == {"secretName": "qwen-vllm-admin", "optional": True, "defaultMode": 0o440}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["tuneop-guard"] == {"name": "tuneop-guard", "mountPath": "/opt/tuneop", "readOnly": True}
+    assert mounts["tuneop-admin"]["mountPath"] == "/etc/tuneop/admin" and mounts["tuneop-admin"]["readOnly"]
+    # the admin token is never in the pod template or its environment
+    assert "token" not in json.dumps(c["env"]).replace("TOKEN_FILE", "").replace("/token", "")
+
+    cm = b.build_guard_configmap(body)
+    assert cm["metadata"]["name"] == "qwen-vllm-guard"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert cm["data"] == {"tuneop_vllm_guard.py": vllm.guard_source()}
+    ann = dep["spec"]["template"]["metadata"]["annotations"]
+    assert cm["metadata"]["annotations"][b.GUARD_SHA_ANNOTATION].startswith(ann[b.GUARD_SHA_ANNOTATION])
+    validate(dep, cm)
+
+
+def test_admin_secret_holds_only_the_token_and_is_owned() -> None:
+    import base64
+
+    s = b.build_admin_secret(ad(), "tok-123")
+    assert s["metadata"]["name"] == "qwen-vllm-admin" and s["type"] == "Opaque"
+    assert s["metadata"]["ownerReferences"][0]["kind"] == "AdapterDeployment"
+    assert base64.b64decode(s["data"]["token"]) == b"tok-123"
+    validate(s)
+    # tuneop render never prints a Secret
+    assert all(o["kind"] != "Secret" for o in b.build_all(ad(), finetunejobs=FTJS))
+
+
+def test_a_new_guard_changes_the_template_hash(monkeypatch) -> None:
+    from tuneop.serving import vllm
+
+    before = template_hash(b.build_deployment(ad(), finetunejobs=FTJS))
+    src = vllm.guard_source()
+    monkeypatch.setattr(vllm, "guard_source", lambda: src + "\n# v2\n")
+    assert template_hash(b.build_deployment(ad(), finetunejobs=FTJS)) != before

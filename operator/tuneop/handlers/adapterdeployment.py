@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import secrets
 import time
 from typing import Any, Optional
 
@@ -159,18 +160,55 @@ def _differs(have: Any, want: Any) -> bool:
 # ---------------------------------------------------------------------------------- adapters
 
 
-async def _api_key(kc: kube.KubeClient, spec: Any, ns: str) -> Optional[str]:
-    ref = spec.auth.api_key_secret_ref
-    if ref is None:
-        return None
-    secret = await kc.get("v1", "Secret", ref.name, ns)
-    raw = ((secret or {}).get("data") or {}).get(ref.key)
+async def ensure_guard(kc: kube.KubeClient, body: dict[str, Any]) -> None:
+    """ConfigMap ``<name>-vllm-guard`` with the current guard source (patched after an upgrade)."""
+    ns = body["metadata"]["namespace"]
+    want = b.build_guard_configmap(body)
+    cm_name = want["metadata"]["name"]
+    have = await kc.get("v1", "ConfigMap", cm_name, ns)
+    if have is None:
+        await kc.create(want, ns)
+    elif ((have.get("metadata") or {}).get("annotations") or {}).get(b.GUARD_SHA_ANNOTATION) != \
+            want["metadata"]["annotations"][b.GUARD_SHA_ANNOTATION]:
+        await kc.patch("v1", "ConfigMap", cm_name, ns,
+                       {"metadata": {"annotations": want["metadata"]["annotations"]}, "data": want["data"]})
+
+
+def _token_of(secret: Optional[dict[str, Any]]) -> Optional[str]:
+    raw = ((secret or {}).get("data") or {}).get(vllm.ADMIN_TOKEN_KEY)
     if not raw:
         return None
     try:
-        return base64.b64decode(raw).decode().strip()
+        tok = base64.b64decode(raw).decode().strip()
     except ValueError:
         return None
+    return tok if len(tok) >= 16 else None
+
+
+async def ensure_admin_token(kc: kube.KubeClient, body: dict[str, Any]) -> Optional[str]:
+    """The admin token from Secret ``<name>-vllm-admin``; a missing Secret is (re)created with a
+    fresh random token. None (and a Warning) when the Secret exists without a usable token: it is
+    not overwritten (the operator may only get and create Secrets); deleting it heals it."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    sname = b.admin_secret_name(name)
+    secret = await kc.get("v1", "Secret", sname, ns)
+    if secret is None:
+        secret, created = await kc.create(b.build_admin_secret(body, secrets.token_urlsafe(32)), ns)
+        if created:
+            _event(body, "Normal", "AdminCredentialCreated",
+                   f"Secret {sname} created: the admin credential of the vLLM pods' adapter API")
+        else:
+            secret = await kc.get("v1", "Secret", sname, ns)
+    token = _token_of(secret)
+    key = (ns, name, "secret", sname)
+    if token is None:
+        if _failures.get(key) != "invalid":
+            _failures[key] = "invalid"
+            _event(body, "Warning", "AdminCredentialInvalid",
+                   f"Secret {sname} has no usable key {vllm.ADMIN_TOKEN_KEY!r}; delete it and tuneop recreates it")
+    else:
+        _failures.pop(key, None)
+    return token
 
 
 async def _timed(op: str, coro: Any) -> Any:
@@ -185,7 +223,7 @@ async def _timed(op: str, coro: Any) -> Any:
 
 
 async def sync_adapters(
-    body: dict[str, Any], desired: list[dict[str, Any]], pods: list[dict[str, Any]], api_key: Optional[str],
+    body: dict[str, Any], desired: list[dict[str, Any]], pods: list[dict[str, Any]], admin_token: Optional[str],
     logger: logging.Logger,
 ) -> tuple[dict[str, set[str]], dict[str, str]]:
     """Make every ready pod serve exactly the ready desired adapters. Returns (what each ready
@@ -196,7 +234,8 @@ async def sync_adapters(
     loaded: dict[str, dict[str, Optional[str]]] = {}
     provides: dict[str, set[str]] = {}
     unreachable: dict[str, str] = {}
-    kw = {"api_key": api_key, "timeout": CONFIG.admin_timeout}
+    kw = {"admin_token": admin_token, "timeout": CONFIG.admin_timeout}
+    sha = {d["name"]: d.get("sha256") for d in desired}
     for pod in ready:
         pname = pod["metadata"]["name"]
         url = admin_url(pod)
@@ -206,8 +245,8 @@ async def sync_adapters(
         try:
             loaded[pname] = await admin.list_models(url, **kw)
         except admin.AdminError as e:
-            unreachable[pname] = str(e)
-            logger.warning(f"vLLM pod {pname} not reachable: {e}")
+            unreachable[pname] = _explain(e)
+            logger.warning(f"vLLM pod {pname} not reachable: {_explain(e)}")
             continue
         urls[pname] = url
         provides[pname] = sa.pod_provides(pod)
@@ -224,7 +263,7 @@ async def sync_adapters(
         key = (ns, name, act.op, act.name)
         try:
             if act.op == "load":
-                await _timed("load", admin.load(url, act.name, act.path or "", **kw))
+                await _timed("load", admin.load(url, act.name, act.path or "", sha256=sha.get(act.name), **kw))
                 loaded[act.pod][act.name] = act.path
                 _event(body, "Normal", "AdapterLoaded", f"adapter {act.name} loaded on pod {act.pod} from {act.path}")
             else:
@@ -233,7 +272,7 @@ async def sync_adapters(
                 _event(body, "Normal", "AdapterUnloaded", f"adapter {act.name} unloaded from pod {act.pod}")
             _failures.pop(key, None)
         except admin.AdminError as e:
-            msg = f"{act.op} on pod {act.pod} failed: {e.status} {e.message}"[:500]
+            msg = f"{act.op} on pod {act.pod} failed: {_explain(e)}"[:500]
             if act.op == "load":
                 failures.setdefault(act.name, msg)
             logger.warning(f"adapter {act.name}: {msg}")
@@ -242,9 +281,23 @@ async def sync_adapters(
                 reason = "AdapterLoadFailed" if act.op == "load" else "AdapterUnloadFailed"
                 _event(body, "Warning", reason, f"adapter {act.name}: {msg} (retried)")
     serving = {p: set(v) for p, v in loaded.items()}
-    for p in unreachable:
+    for p, why in unreachable.items():
         serving[p] = set()
+        if "credential" in why:
+            for d in desired:
+                if d.get("ready"):
+                    failures.setdefault(d["name"], f"pod {p}: {why}")
     return serving, failures
+
+
+def _explain(e: admin.AdminError) -> str:
+    """An AdminError for status and Events (never a token: the guard does not echo it)."""
+    if e.reason in ("bad_credential", "no_credential_configured"):
+        return (f"{e.status} the pod does not have the current admin credential yet ({e.reason}; the kubelet "
+                "refreshes Secret volumes within about a minute)")
+    if e.reason:
+        return f"{e.status} refused by tuneop's guard ({e.reason}): {e.message}"
+    return f"{e.status} {e.message}"
 
 
 # ---------------------------------------------------------------------------------- reconcile
@@ -281,6 +334,8 @@ async def reconcile_object(
                 if a.fine_tune_job_ref is not None:
                     ftjs[a.fine_tune_job_ref.name] = await kc.get(API_VERSION, FTJ_KIND, a.fine_tune_job_ref.name, namespace)
             desired = sa.desired_adapters(spec, ftjs)
+            await ensure_guard(kc, body)
+            admin_token = await ensure_admin_token(kc, body)
             deployment = await ensure_children(kc, body, spec, ftjs)
             pods = [
                 p for p in await kc.list("v1", "Pod", namespace, label_selector=b.selector_labels(name))
@@ -288,8 +343,7 @@ async def reconcile_object(
                 if all(((p.get("metadata") or {}).get("labels") or {}).get(k) == v
                        for k, v in b.selector_labels(name).items())
             ]
-            api_key = await _api_key(kc, spec, namespace)
-            serving, failures = await sync_adapters(body, desired, pods, api_key, log)
+            serving, failures = await sync_adapters(body, desired, pods, admin_token, log)
             now = now_iso()
             adapters = sa.adapter_status(desired, serving, failures=failures, previous=old.get("adapters") or [],
                                          now=now)

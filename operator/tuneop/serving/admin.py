@@ -6,8 +6,12 @@
 - ``unload(base_url, name)``: ``POST /v1/unload_lora_adapter {lora_name}``.
 
 Idempotent: "already loaded" (load) and "not found" (unload) answers are success. Any other
-non-2xx answer raises :class:`AdminError` with the status code (0: no answer). The server needs
-``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; with ``VLLM_API_KEY`` set, pass ``api_key``.
+non-2xx answer raises :class:`AdminError` with the status code (0: no answer) and, for refusals
+by tuneop's guard (``serving/guard.py``), its ``reason``. The server needs
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``. Behind the guard pass ``admin_token`` (header
+``X-Tuneop-Admin-Token``; the guard then authenticates the call to vLLM's own API-key check); a
+plain vLLM with ``VLLM_API_KEY`` set takes ``api_key``. ``load(..., sha256=...)`` asks the guard
+to check the weights file against it before vLLM loads it.
 ``base_url`` is ``http://<podIP>:<port>`` (no ``/v1``).
 """
 from __future__ import annotations
@@ -23,24 +27,55 @@ _NOT_FOUND = ("not found", "cannot be found", "does not exist", "no such")
 
 
 class AdminError(Exception):
-    def __init__(self, status: int, message: str, *, op: str = "", url: str = ""):
+    def __init__(self, status: int, message: str, *, op: str = "", url: str = "", body: Optional[str] = None):
+        self.reason = guard_reason(body if body is not None else message)
+        if self.reason and body is not None:
+            message = guard_message(body) or message
         super().__init__(f"vLLM {op} at {url}: {status} {message}".strip())
         self.status = status
         self.message = message
 
 
-def _headers(api_key: Optional[str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def guard_reason(text: str) -> Optional[str]:
+    """The refusal reason of tuneop's guard in an error body, else None."""
+    import json as _json
+
+    try:
+        err = (_json.loads(text) or {}).get("error") or {}
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(err, dict) and err.get("type") == "tuneop_admin_refused":
+        return str(err.get("reason") or "") or None
+    return None
+
+
+def guard_message(text: str) -> Optional[str]:
+    import json as _json
+
+    try:
+        return str(((_json.loads(text) or {}).get("error") or {}).get("message"))[:500]
+    except (ValueError, AttributeError):
+        return None
+
+
+ADMIN_HEADER = "X-Tuneop-Admin-Token"
+
+
+def _headers(api_key: Optional[str], admin_token: Optional[str] = None) -> dict[str, str]:
+    out = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if admin_token:
+        out[ADMIN_HEADER] = admin_token
+    return out
 
 
 async def _request(
     method: str, url: str, *, json: Any = None, api_key: Optional[str], timeout: float, op: str,
-    session: Optional[aiohttp.ClientSession] = None,
+    session: Optional[aiohttp.ClientSession] = None, admin_token: Optional[str] = None,
 ) -> tuple[int, str]:
     own = session is None
     s = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
     try:
-        async with s.request(method, url, json=json, headers=_headers(api_key)) as rsp:
+        async with s.request(method, url, json=json, headers=_headers(api_key, admin_token)) as rsp:
             return rsp.status, await rsp.text()
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise AdminError(0, str(e) or type(e).__name__, op=op, url=url) from e
@@ -51,15 +86,16 @@ async def _request(
 
 async def list_models(
     base_url: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
-    session: Optional[aiohttp.ClientSession] = None,
+    session: Optional[aiohttp.ClientSession] = None, admin_token: Optional[str] = None,
 ) -> dict[str, Optional[str]]:
     """Adapters served: name -> the path vLLM loaded it from (``root``), or None."""
     import json as _json
 
     url = base_url.rstrip("/") + "/v1/models"
-    status, text = await _request("GET", url, api_key=api_key, timeout=timeout, op="list", session=session)
+    status, text = await _request("GET", url, api_key=api_key, timeout=timeout, op="list", session=session,
+                                  admin_token=admin_token)
     if status >= 400:
-        raise AdminError(status, text[:300], op="list", url=url)
+        raise AdminError(status, text[:300], op="list", url=url, body=text)
     try:
         data = _json.loads(text).get("data") or []
     except (ValueError, AttributeError) as e:
@@ -73,29 +109,35 @@ async def list_adapters(base_url: str, **kw: Any) -> set[str]:
 
 async def load(
     base_url: str, name: str, path: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
-    session: Optional[aiohttp.ClientSession] = None,
+    session: Optional[aiohttp.ClientSession] = None, admin_token: Optional[str] = None,
+    sha256: Optional[str] = None,
 ) -> bool:
-    """Load adapter `name` from `path`. True: loaded now; False: it was already loaded."""
+    """Load adapter `name` from `path`. True: loaded now; False: it was already loaded.
+    sha256 (only behind tuneop's guard): the expected sha256 of the weights file."""
     url = base_url.rstrip("/") + "/v1/load_lora_adapter"
+    body: dict[str, Any] = {"lora_name": name, "lora_path": path}
+    if sha256:
+        body["tuneop_sha256"] = sha256
     status, text = await _request(
-        "POST", url, json={"lora_name": name, "lora_path": path}, api_key=api_key, timeout=timeout,
-        op="load", session=session,
+        "POST", url, json=body, api_key=api_key, timeout=timeout,
+        op="load", session=session, admin_token=admin_token,
     )
     if status < 300:
         return True
     if status in (400, 409) and any(s in text.lower() for s in _ALREADY):
         return False
-    raise AdminError(status, text[:300], op=f"load {name}", url=url)
+    raise AdminError(status, text[:300], op=f"load {name}", url=url, body=text)
 
 
 async def unload(
     base_url: str, name: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
-    session: Optional[aiohttp.ClientSession] = None,
+    session: Optional[aiohttp.ClientSession] = None, admin_token: Optional[str] = None,
 ) -> bool:
     """Unload adapter `name`. True: unloaded now; False: it was not loaded."""
     url = base_url.rstrip("/") + "/v1/unload_lora_adapter"
     status, text = await _request(
         "POST", url, json={"lora_name": name}, api_key=api_key, timeout=timeout, op="unload", session=session,
+        admin_token=admin_token,
     )
     if status < 300:
         return True
@@ -104,7 +146,7 @@ async def unload(
         raise AdminError(status, "runtime LoRA updating is disabled on this server", op=f"unload {name}", url=url)
     if status in (400, 404) and any(s in text.lower() for s in _NOT_FOUND):
         return False
-    raise AdminError(status, text[:300], op=f"unload {name}", url=url)
+    raise AdminError(status, text[:300], op=f"unload {name}", url=url, body=text)
 
 
 def _route_missing(text: str) -> bool:

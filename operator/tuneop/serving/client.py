@@ -67,6 +67,14 @@ class AdapterConflict(VllmError):
     """load_adapter: the name is already loaded from a different path, or is the base model's name."""
 
 
+GUARD_ERROR_TYPE = "tuneop_admin_refused"
+
+
+class AdminRefused(VllmError):
+    """tuneop's admin guard refused a load/unload (no or wrong credential, a path outside the
+    adapter roots, a bad name, a sha256 mismatch); the message says which."""
+
+
 class ModelNotFound(VllmError):
     """A completion named a model (base or adapter) the server does not serve."""
 
@@ -125,9 +133,11 @@ class Sample:
 class VllmClient:
     """Client of one vLLM server, e.g. VllmClient("http://10.0.0.7:8000")."""
 
-    def __init__(self, base_url: str, *, api_key: Optional[str] = None, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, *, api_key: Optional[str] = None, timeout: float = 30.0,
+                 admin_token: Optional[str] = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.admin_token = admin_token  # tuneop's guard: X-Tuneop-Admin-Token
         self.timeout = timeout
 
     def __repr__(self) -> str:  # never the key
@@ -144,6 +154,8 @@ class VllmClient:
             req.add_header("Content-Type", "application/json")
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
+        if self.admin_token:
+            req.add_header("X-Tuneop-Admin-Token", self.admin_token)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 return resp.status, resp.read()
@@ -236,20 +248,26 @@ class VllmClient:
         """Adapters the server serves now, by name (root = the path it was loaded from)."""
         return {m.id: m for m in self.models() if m.is_adapter}
 
-    def load_adapter(self, name: str, path: str, *, replace: bool = False) -> AdapterChange:
+    def load_adapter(self, name: str, path: str, *, replace: bool = False,
+                     sha256: Optional[str] = None) -> AdapterChange:
         """Load a PEFT adapter directory (a path the *server* can read) under `name`.
 
         Already loaded from the same path: ALREADY_LOADED. Loaded from another path: AdapterConflict,
-        unless replace=True (vLLM's load_inplace: RELOADED)."""
+        unless replace=True (vLLM's load_inplace: RELOADED). sha256: the expected sha256 of the
+        weights file, checked by tuneop's guard. A refusal by the guard: AdminRefused."""
         body: dict[str, Any] = {"lora_name": name, "lora_path": path}
         if replace:
             body["load_inplace"] = True
+        if sha256:
+            body["tuneop_sha256"] = sha256
         method, route = "POST", "/v1/load_lora_adapter"
         status, raw = self._request(method, route, body)
         if status < 300:
             msg = raw.decode("utf-8", "replace").strip()
             return AdapterChange(name, Outcome.RELOADED if replace else Outcome.LOADED, msg)
         message, typ = self._error_of(status, raw)
+        if typ == GUARD_ERROR_TYPE:
+            raise AdminRefused(message, status=status, type=typ, method=method, path=route)
         if status == 404 and message == "Not Found" and typ is None:
             raise RuntimeLoraDisabled(
                 f"{route} is not served: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
@@ -277,6 +295,8 @@ class VllmClient:
         if status < 300:
             return AdapterChange(name, Outcome.UNLOADED, raw.decode("utf-8", "replace").strip())
         message, typ = self._error_of(status, raw)
+        if typ == GUARD_ERROR_TYPE:
+            raise AdminRefused(message, status=status, type=typ, method=method, path=route)
         if status == 404 and message == "Not Found" and typ is None:
             raise RuntimeLoraDisabled(
                 f"{route} is not served: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
@@ -332,8 +352,9 @@ class VllmClient:
 class AsyncVllmClient:
     """The same calls, awaitable (each runs the sync client in a worker thread)."""
 
-    def __init__(self, base_url: str, *, api_key: Optional[str] = None, timeout: float = 30.0) -> None:
-        self.sync = VllmClient(base_url, api_key=api_key, timeout=timeout)
+    def __init__(self, base_url: str, *, api_key: Optional[str] = None, timeout: float = 30.0,
+                 admin_token: Optional[str] = None) -> None:
+        self.sync = VllmClient(base_url, api_key=api_key, timeout=timeout, admin_token=admin_token)
 
     def __repr__(self) -> str:
         return f"AsyncVllmClient({self.sync.base_url!r})"

@@ -15,6 +15,15 @@ DEFAULT_IMAGE = "vllm/vllm-openai:v0.11.0"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # Upstream requires this for /v1/load_lora_adapter and /v1/unload_lora_adapter.
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+# tuneop's admin guard (serving/guard.py) runs inside the vLLM API server as ASGI middleware. The
+# pods get its source from a ConfigMap mounted at GUARD_DIR as GUARD_MODULE.py (stdlib only), the
+# admin token from a Secret volume at ADMIN_TOKEN_DIR.
+GUARD_MODULE = "tuneop_vllm_guard"
+GUARD_MIDDLEWARE = f"{GUARD_MODULE}.AdminGuard"
+GUARD_DIR = "/opt/tuneop"
+ADMIN_TOKEN_DIR = "/etc/tuneop/admin"
+ADMIN_TOKEN_KEY = "token"
+ADAPTER_ROOTS = ("/mnt/pvc", "/adapters")  # PVC mounts (jobconfig.pod_pvc_dir), URL adapters
 
 
 def served_model_name(spec: AdapterDeploymentSpec) -> str:
@@ -40,6 +49,7 @@ def server_args(
         "--max-loras", str(v.max_loras),
         "--max-lora-rank", str(v.max_lora_rank),
         "--dtype", v.dtype,
+        "--middleware", GUARD_MIDDLEWARE,
     ]
     if v.max_cpu_loras is not None:
         args += ["--max-cpu-loras", str(v.max_cpu_loras)]
@@ -55,4 +65,18 @@ def server_args(
 
 def server_env(spec: AdapterDeploymentSpec) -> dict[str, str]:
     """Plain environment variables (secrets are added by the builder as secretKeyRef)."""
-    return {RUNTIME_LORA_ENV: "True"}
+    from . import guard
+
+    return {
+        RUNTIME_LORA_ENV: "True",
+        "PYTHONPATH": GUARD_DIR,
+        guard.TOKEN_FILE_ENV: f"{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}",
+        guard.ROOTS_ENV: ":".join(ADAPTER_ROOTS),
+    }
+
+
+def guard_source() -> str:
+    """The guard module's source, as the pods import it (``GUARD_MODULE``)."""
+    from pathlib import Path
+
+    return (Path(__file__).parent / "guard.py").read_text(encoding="utf-8")

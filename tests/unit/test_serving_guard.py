@@ -1,0 +1,372 @@
+"""tuneop's admin guard (serving/guard.py): the pure name/path/integrity checks, and the ASGI
+middleware driven with raw ASGI messages around a recording inner app (the real vLLM process test
+in tests/process/test_vllm_serving.py runs the same module inside vLLM)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from tuneop.serving import guard as g
+from tuneop.serving import vllm
+from tuneop.jobconfig import PVC_MOUNT_ROOT
+from tuneop.serving.adapters import URL_ADAPTER_ROOT
+
+TOKEN = "s3cret-admin-token-0123456789abcdef"
+
+
+# ------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("name", ["a", "my-adapter", "x1", "a" * 63, "0-9"])
+def test_good_names(name):
+    assert g.check_name(name) == name
+
+
+@pytest.mark.parametrize("name", [
+    "", "-a", "a-", "A", "a_b", "a.b", "a/b", "../a", "a" * 64, None, 3, ["a"],
+    "\u0430dapter",      # Cyrillic a
+    "ａdapter",          # fullwidth a
+    "adapter\u200b",     # zero-width space
+    "adapter\n", "ad\x00apter", "k\u212a",  # Kelvin sign folds to k
+])
+def test_bad_names(name):
+    with pytest.raises(g.Refused) as e:
+        g.check_name(name)
+    assert e.value.reason == g.BAD_NAME and e.value.status == 400
+
+
+# ------------------------------------------------------------------------------ paths
+
+
+@pytest.fixture()
+def roots(tmp_path) -> list[str]:
+    pvc = tmp_path / "mnt" / "pvc"
+    urls = tmp_path / "adapters"
+    (pvc / "claim" / "a1").mkdir(parents=True)
+    (pvc / "claim" / "a1" / "adapter_config.json").write_text("{}")
+    urls.mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "adapter_config.json").write_text("{}")
+    return [str(pvc), str(urls)]
+
+
+def test_roots_match_the_pod_layout():
+    assert vllm.ADAPTER_ROOTS == (PVC_MOUNT_ROOT, URL_ADAPTER_ROOT)
+    assert g.parse_roots(None) == list(vllm.ADAPTER_ROOTS)
+    assert g.parse_roots("/a/:/b") == ["/a", "/b"]
+
+
+def test_path_under_a_root_is_accepted(roots):
+    p = f"{roots[0]}/claim/a1"
+    assert g.check_path(p, roots) == p
+    assert g.check_path(p + "/", roots) == p
+
+
+@pytest.mark.parametrize("suffix,reason", [
+    ("/claim/../claim/a1", g.BAD_PATH),
+    ("/claim/./a1", g.BAD_PATH),
+    ("/claim//a1", g.BAD_PATH),
+    ("/claim/missing", g.NOT_FOUND),
+    ("/claim/a1\x00", g.BAD_PATH),
+    ("/claim/a1\n", g.BAD_PATH),
+    ("/claim/a1 ", g.BAD_PATH),
+    ("/claim/\u2024\u2024/a1", g.BAD_PATH),   # one-dot leaders look like ..
+    ("/claim/．．/a1", g.BAD_PATH),           # fullwidth full stops
+    ("/claim/a1\u202e", g.BAD_PATH),          # right-to-left override
+])
+def test_bad_paths_under_a_root(roots, suffix, reason):
+    with pytest.raises(g.Refused) as e:
+        g.check_path(roots[0] + suffix, roots)
+    assert e.value.reason == reason
+
+
+@pytest.mark.parametrize("path", ["relative/a1", "", "/etc", "/", "/etc/passwd"])
+def test_paths_outside_the_roots(roots, path):
+    with pytest.raises(g.Refused) as e:
+        g.check_path(path, roots)
+    assert e.value.reason in (g.OUTSIDE_ROOT, g.BAD_PATH)
+
+
+def test_root_itself_and_prefix_lookalikes_are_outside(roots, tmp_path):
+    (tmp_path / "mnt" / "pvc-evil").mkdir()
+    for p in (roots[0], str(tmp_path / "mnt" / "pvc-evil"), str(tmp_path / "outside")):
+        with pytest.raises(g.Refused) as e:
+            g.check_path(p, roots)
+        assert e.value.reason == g.OUTSIDE_ROOT
+
+
+def test_non_strings_and_long_paths(roots):
+    for p in (None, 1, ["/x"], roots[0] + "/" + "a" * 2000):
+        with pytest.raises(g.Refused) as e:
+            g.check_path(p, roots)
+        assert e.value.reason == g.BAD_PATH
+
+
+def test_symlinked_adapter_dir_leading_out_is_refused(roots, tmp_path):
+    os.symlink(tmp_path / "outside", Path(roots[0]) / "claim" / "evil")
+    with pytest.raises(g.Refused) as e:
+        g.check_path(f"{roots[0]}/claim/evil", roots)
+    assert e.value.reason == g.SYMLINK_OUT
+
+
+def test_symlink_inside_the_adapter_leading_out_is_refused(roots, tmp_path):
+    os.symlink(tmp_path / "outside" / "adapter_config.json", Path(roots[0]) / "claim" / "a1" / "weights")
+    with pytest.raises(g.Refused) as e:
+        g.check_path(f"{roots[0]}/claim/a1", roots)
+    assert e.value.reason == g.SYMLINK_OUT and "weights" in str(e.value)
+
+
+def test_symlinks_that_stay_under_the_roots_are_fine(roots):
+    a1 = Path(roots[0]) / "claim" / "a1"
+    os.symlink(a1 / "adapter_config.json", a1 / "alias.json")
+    os.symlink(a1, Path(roots[1]) / "url-a1")  # one root into another
+    assert g.check_path(f"{roots[1]}/url-a1", roots) == f"{roots[1]}/url-a1"
+
+
+# ------------------------------------------------------------------------------ integrity
+
+
+def _adapter(d: Path, weights: bytes = b"weights") -> str:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text('{"r": 8}')
+    (d / "adapter_model.safetensors").write_bytes(weights)
+    files = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in ("adapter_config.json",
+                                                                           "adapter_model.safetensors")}
+    (d / g.MANIFEST).write_text(json.dumps({"files": files}))
+    return files["adapter_model.safetensors"]
+
+
+def test_verify_against_manifest_and_expected(tmp_path):
+    sha = _adapter(tmp_path / "a")
+    got = g.verify_adapter(str(tmp_path / "a"), sha)
+    assert got["adapter_model.safetensors"] == sha and "adapter_config.json" in got
+
+
+def test_tampered_file_is_refused(tmp_path):
+    _adapter(tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"r": 64}')
+    with pytest.raises(g.Refused) as e:
+        g.verify_adapter(str(tmp_path / "a"))
+    assert e.value.reason == g.INTEGRITY and "adapter_config.json" in str(e.value)
+
+
+def test_missing_listed_file_and_wrong_expected_sha(tmp_path):
+    sha = _adapter(tmp_path / "a")
+    with pytest.raises(g.Refused):
+        g.verify_adapter(str(tmp_path / "a"), "0" * 64)
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    with pytest.raises(g.Refused) as e:
+        g.verify_adapter(str(tmp_path / "a"), sha)
+    assert e.value.reason == g.INTEGRITY
+
+
+def test_without_manifest_only_the_expected_sha_is_checked(tmp_path):
+    d = tmp_path / "plain"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(b"w")
+    assert g.verify_adapter(str(d)) == {}
+    assert g.verify_adapter(str(d), hashlib.sha256(b"w").hexdigest())
+    with pytest.raises(g.Refused) as e:
+        g.verify_adapter(str(d), "not-hex")
+    assert e.value.reason == g.BAD_REQUEST
+
+
+def test_manifest_listing_files_outside_the_adapter(tmp_path):
+    d = tmp_path / "a"
+    _adapter(d)
+    (d / g.MANIFEST).write_text(json.dumps({"files": {"../x": "0" * 64}}))
+    with pytest.raises(g.Refused) as e:
+        g.verify_adapter(str(d))
+    assert e.value.reason == g.INTEGRITY
+
+
+# ------------------------------------------------------------------------------ ASGI
+
+
+class Inner:
+    """The app behind the guard: records what reached it."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    async def __call__(self, scope, receive, send):
+        body = b""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            while True:
+                m = await receive()
+                body += m.get("body", b"")
+                if not m.get("more_body"):
+                    break
+        self.calls.append({"path": scope["path"], "headers": dict(scope["headers"]), "body": body})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def call(app, method: str, path: str, body: Optional[dict] = None, headers: Optional[dict[str, str]] = None,
+         raw: Optional[bytes] = None, chunks: int = 1) -> tuple[int, dict]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+    parts = [data[i::chunks] for i in range(chunks)] if chunks > 1 else [data]
+    if chunks > 1:  # split in order, not interleaved
+        n = -(-len(data) // chunks)
+        parts = [data[i:i + n] for i in range(0, len(data), n)] or [b""]
+    msgs = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "client": ("10.0.0.9", 5555),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+    out: list[dict] = []
+
+    async def receive():
+        return msgs.pop(0) if msgs else {"type": "http.disconnect"}
+
+    async def send(m):
+        out.append(m)
+
+    asyncio.run(app(scope, receive, send))
+    status = out[0]["status"]
+    payload = b"".join(m.get("body", b"") for m in out[1:])
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, {"raw": payload}
+
+
+@pytest.fixture()
+def env(tmp_path, roots, monkeypatch):
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN + "\n")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    inner = Inner()
+    return {"inner": inner, "app": g.AdminGuard(inner, token_file=str(tok), roots=roots), "token": tok,
+            "adapter": f"{roots[0]}/claim/a1", "roots": roots}
+
+
+def admin(token: str = TOKEN) -> dict[str, str]:
+    return {"X-Tuneop-Admin-Token": token, "content-type": "application/json"}
+
+
+def refused(env, reason: str) -> int:
+    return g.REFUSED.counts.get(reason, 0)
+
+
+def test_no_credential_is_401_and_nothing_reaches_vllm(env):
+    before = refused(env, g.MISSING_CREDENTIAL)
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "//v1/load_lora_adapter/"):
+        status, body = call(env["app"], "POST", path, {"lora_name": "x", "lora_path": env["adapter"]})
+        assert status == 401 and body["error"]["reason"] == g.MISSING_CREDENTIAL
+    assert env["inner"].calls == []
+    assert refused(env, g.MISSING_CREDENTIAL) == before + 3
+
+
+def test_wrong_credential_or_api_key_is_403(env):
+    for headers in (admin("wrong"), {**admin("wrong"), "Authorization": f"Bearer {TOKEN}"}, admin(TOKEN + "x")):
+        status, body = call(env["app"], "POST", "/v1/unload_lora_adapter", {"lora_name": "x"}, headers)
+        assert status == 403 and body["error"]["reason"] == g.BAD_CREDENTIAL
+    # vLLM's own API key is not an admin credential
+    status, _ = call(env["app"], "POST", "/v1/unload_lora_adapter", {"lora_name": "x"},
+                     {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 401
+    assert env["inner"].calls == []
+
+
+def test_no_token_file_refuses_everything(env):
+    env["token"].unlink()
+    status, body = call(env["app"], "POST", "/v1/unload_lora_adapter", {"lora_name": "x"}, admin())
+    assert status == 403 and body["error"]["reason"] == g.NO_CREDENTIAL_CONFIGURED
+    env["token"].write_text("")
+    assert call(env["app"], "POST", "/v1/unload_lora_adapter", {"lora_name": "x"}, admin())[0] == 403
+
+
+def test_rotated_token_takes_effect_without_restart(env):
+    env["token"].write_text("new-token-000000000000000000")
+    assert call(env["app"], "POST", "/v1/unload_lora_adapter", {"lora_name": "x"}, admin())[0] == 403
+    assert call(env["app"], "POST", "/v1/unload_lora_adapter", {"lora_name": "x"},
+                admin("new-token-000000000000000000"))[0] == 200
+
+
+def test_good_load_is_forwarded_without_the_admin_header_or_sha(env, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "serving-key")
+    d = Path(env["adapter"])
+    sha = _adapter(d)
+    status, _ = call(env["app"], "POST", "/v1/load_lora_adapter",
+                     {"lora_name": "a1", "lora_path": env["adapter"] + "/", "tuneop_sha256": sha}, admin(), chunks=3)
+    assert status == 200
+    (c,) = env["inner"].calls
+    assert json.loads(c["body"]) == {"lora_name": "a1", "lora_path": env["adapter"]}
+    assert b"x-tuneop-admin-token" not in c["headers"]
+    assert c["headers"][b"authorization"] == b"Bearer serving-key"
+    assert c["headers"][b"content-length"] == str(len(c["body"])).encode()
+
+
+@pytest.mark.parametrize("body,reason", [
+    ({"lora_name": "a1", "lora_path": "/etc"}, g.OUTSIDE_ROOT),
+    ({"lora_name": "a1", "lora_path": "{root}/claim/../../../etc"}, g.BAD_PATH),
+    ({"lora_name": "A1", "lora_path": "{root}/claim/a1"}, g.BAD_NAME),
+    ({"lora_name": "a1", "lora_path": "{root}/claim/a1", "extra": 1}, g.BAD_REQUEST),
+    ({"lora_name": "a1", "lora_path": "{root}/claim/a1", "tuneop_sha256": "0" * 64}, g.INTEGRITY),
+    ({"lora_name": "a1", "lora_path": "{root}/claim/a1", "load_inplace": "yes"}, g.BAD_REQUEST),
+    ({"lora_path": "{root}/claim/a1"}, g.BAD_NAME),
+])
+def test_bad_loads_are_400_and_counted(env, body, reason):
+    _adapter(Path(env["adapter"]))
+    body = {k: v.replace("{root}", env["roots"][0]) if isinstance(v, str) else v for k, v in body.items()}
+    before = refused(env, reason)
+    status, out = call(env["app"], "POST", "/v1/load_lora_adapter", body, admin())
+    assert status == 400 and out["error"]["reason"] == reason, out
+    assert env["inner"].calls == []
+    assert refused(env, reason) == before + 1
+
+
+def test_malformed_and_oversized_bodies(env):
+    assert call(env["app"], "POST", "/v1/load_lora_adapter", raw=b"{nope", headers=admin())[0] == 400
+    assert call(env["app"], "POST", "/v1/load_lora_adapter", raw=b"[1]", headers=admin())[0] == 400
+    big = json.dumps({"lora_name": "a", "lora_path": "x" * (g.MAX_BODY + 10)}).encode()
+    assert call(env["app"], "POST", "/v1/load_lora_adapter", raw=big, headers=admin(), chunks=4)[0] == 413
+    assert call(env["app"], "GET", "/v1/load_lora_adapter", headers=admin())[0] == 405
+    assert env["inner"].calls == []
+
+
+def test_sagemaker_adapter_routes_are_always_refused(env):
+    for method, path in (("POST", "/adapters"), ("DELETE", "/adapters/a1"), ("POST", "/adapters/")):
+        status, body = call(env["app"], method, path, {"name": "x", "src": "/etc"}, admin())
+        assert status == 403 and body["error"]["reason"] == g.BLOCKED_ROUTE
+    assert env["inner"].calls == []
+
+
+def test_everything_else_passes_untouched(env):
+    for method, path in (("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"),
+                         ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+        hdrs = {"Authorization": "Bearer user-key"}
+        assert call(env["app"], method, path, {"model": "m"}, hdrs)[0] == 200
+        assert env["inner"].calls[-1]["headers"] == {b"authorization": b"Bearer user-key"}
+
+
+def test_valid_admin_token_stands_in_for_the_api_key_on_other_routes(env, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "serving-key")
+    call(env["app"], "GET", "/v1/models", headers=admin())
+    assert env["inner"].calls[-1]["headers"] == {b"content-type": b"application/json",
+                                                 b"authorization": b"Bearer serving-key"}
+    call(env["app"], "GET", "/v1/models", headers=admin("wrong"))
+    assert env["inner"].calls[-1]["headers"] == {b"content-type": b"application/json"}
+
+
+def test_the_token_never_reaches_logs_or_answers(env, caplog):
+    caplog.set_level(logging.DEBUG, logger="tuneop.guard")
+    _, body = call(env["app"], "POST", "/v1/load_lora_adapter", {"lora_name": "a1", "lora_path": "/etc"},
+                   admin())
+    call(env["app"], "POST", "/v1/load_lora_adapter", {"lora_name": "a1", "lora_path": "/etc"},
+         admin(TOKEN + "-guess"))
+    assert TOKEN not in caplog.text and TOKEN not in json.dumps(body)
+    assert "outside_root" in caplog.text and "10.0.0.9" in caplog.text
+
+
+def test_guard_imports_only_the_standard_library():
+    src = vllm.guard_source()
+    imports = {line.split()[1].split(".")[0] for line in src.splitlines()
+               if line.startswith(("import ", "from ")) and not line.startswith("from __future__")}
+    assert imports <= {"asyncio", "hashlib", "hmac", "json", "logging", "os", "posixpath", "re", "typing"}
