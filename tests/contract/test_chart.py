@@ -35,6 +35,7 @@ ALL_ON = {
     "grafanaDashboard": {"enabled": True},
 }
 NAMESPACED = {**ALL_ON, "watchNamespaces": ["team-a", "team-b"]}
+NETPOL = {**NAMESPACED, "networkPolicy": {"enabled": True}}
 
 
 def render(values: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
@@ -75,7 +76,8 @@ def test_helm_lint_is_clean():
         assert problems == [] and report["errors"] == [], report
 
 
-@pytest.mark.parametrize("values", [{}, ALL_ON, NAMESPACED], ids=["defaults", "all-on", "namespaced"])
+@pytest.mark.parametrize("values", [{}, ALL_ON, NAMESPACED, NETPOL],
+                         ids=["defaults", "all-on", "namespaced", "network-policies"])
 def test_rendered_objects_validate_strictly(values):
     docs = render(values)
     kinds = {d["kind"] for d in docs}
@@ -86,6 +88,37 @@ def test_rendered_objects_validate_strictly(values):
             assert d["metadata"]["name"] and isinstance(d["spec"], dict)
             continue
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def test_network_policies_let_only_the_operator_and_allowed_peers_reach_vllm_pods():
+    from tuneop.builders import adapterdeployment as b
+
+    assert by_kind(render(NAMESPACED), "NetworkPolicy") == []  # off by default
+    docs = render(NETPOL)
+    pols = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in by_kind(docs, "NetworkPolicy")}
+    assert set(pols) == {(NAMESPACE, RELEASE), ("team-a", f"{RELEASE}-vllm"), ("team-b", f"{RELEASE}-vllm")}
+    operator_labels = by_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert _matches(pols[(NAMESPACE, RELEASE)]["spec"]["podSelector"], operator_labels)
+    pod = b.build_pod_template({"metadata": {"name": "qwen", "namespace": "team-a", "uid": "u"},
+                                "spec": {"baseModel": "m"}})
+    for ns in ("team-a", "team-b"):
+        spec = pols[(ns, f"{RELEASE}-vllm")]["spec"]
+        assert _matches(spec["podSelector"], pod["metadata"]["labels"])
+        (rule,) = spec["ingress"]
+        assert rule["ports"] == [{"port": b.CONTAINER_PORT, "protocol": "TCP"}]
+        first = rule["from"][0]
+        assert first["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
+        assert _matches(first["podSelector"], operator_labels)
+        assert rule["from"][1:] == [{"podSelector": {}}]
+    # Only the listed peers: an empty allowFrom leaves the operator alone.
+    only_op = render({**NETPOL, "networkPolicy": {"enabled": True, "vllm": {"allowFrom": [],
+                                                                             "namespaces": ["ml"]}}})
+    (vpol,) = [p for p in by_kind(only_op, "NetworkPolicy") if p["metadata"]["name"].endswith("-vllm")]
+    assert vpol["metadata"]["namespace"] == "ml" and len(vpol["spec"]["ingress"][0]["from"]) == 1
 
 
 def test_operator_deployment():
@@ -260,6 +293,9 @@ def _exported_tuneop_metrics() -> set[str]:
         names.add(family.name)
         for s in family.samples:
             names.add(s.name)
+    from tuneop.serving import guard
+
+    names.add(guard.METRIC)  # exported by tuneop's guard inside each vLLM pod
     for suffix in ("_bucket", "_sum", "_count", "_total"):
         names |= {n + suffix for n in list(names)}
     return names
@@ -303,6 +339,7 @@ def test_alert_rules():
             assert m in exported or m in PENDING_METRICS, (name, m)
     assert 'phase="Failed"' in alerts["TuneopFineTuneJobsFailed"]["expr"]
     assert 'job="tuneop-metrics"' in alerts["TuneopOperatorDown"]["expr"]
+    assert "tuneop_vllm_admin_refused_total" in alerts["TuneopVllmAdminProbing"]["expr"]
     # The operator's series carry the namespace of each resource: the ServiceMonitor keeps it.
     sm = by_kind(render(ALL_ON), "ServiceMonitor")[0]
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True

@@ -124,7 +124,7 @@ def check_path(path: Any, roots: Sequence[str]) -> str:
     if not any(_within(real, r) for r in real_roots):
         raise Refused(SYMLINK_OUT, f"lora_path {path!r} leads out of the adapter roots through a symlink")
     if not os.path.isdir(real):
-        raise Refused(NOT_FOUND, f"lora_path {path!r} is not a directory in this pod")
+        raise Refused(NOT_FOUND, f"lora_path {path!r} is not a directory in this pod", 404)
     n = 0
     for dirpath, dirnames, filenames in os.walk(real, followlinks=False):
         for entry in dirnames + filenames:
@@ -211,21 +211,35 @@ def check_request(op: str, body: bytes, roots: Sequence[str]) -> tuple[dict[str,
 # ------------------------------------------------------------------------------ metrics
 
 
+METRIC = "tuneop_vllm_admin_refused"  # a counter: tuneop_vllm_admin_refused_total{reason}
+REASONS = (MISSING_CREDENTIAL, BAD_CREDENTIAL, NO_CREDENTIAL_CONFIGURED, BAD_METHOD, BAD_REQUEST, BAD_NAME,
+           BAD_PATH, OUTSIDE_ROOT, SYMLINK_OUT, NOT_FOUND, INTEGRITY, BLOCKED_ROUTE)
+
+
 class _Counter:
+    """Refusals by reason; exported through prometheus_client's default registry (the one vLLM's
+    /metrics serves) once :meth:`export` ran, with every reason at 0 from the start so that
+    ``increase()`` sees the first refusal."""
+
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
-        self._prom = None
+        self._prom: Any = None
+
+    def export(self) -> None:
+        if self._prom is not None:
+            return
         try:
             from prometheus_client import Counter
 
-            self._prom = Counter("tuneop_vllm_admin_refused", "Admin API calls refused by tuneop's guard",
-                                 ["reason"])
-        except Exception:  # noqa: BLE001  (no prometheus_client, or registered twice)
-            self._prom = None
+            self._prom = Counter(METRIC, "Adapter admin API calls refused by tuneop's guard", ["reason"])
+            for r in REASONS:
+                self._prom.labels(reason=r)
+        except Exception:  # noqa: BLE001  (no prometheus_client, or registered already)
+            self._prom = False
 
     def inc(self, reason: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        if self._prom is not None:
+        if self._prom:
             self._prom.labels(reason=reason).inc()
 
 
@@ -247,6 +261,7 @@ class AdminGuard:
         self.app = app
         self.token_file = token_file or os.environ.get(TOKEN_FILE_ENV) or DEFAULT_TOKEN_FILE
         self.roots = list(roots) if roots is not None else parse_roots(os.environ.get(ROOTS_ENV))
+        REFUSED.export()
 
     # -- credential
 
