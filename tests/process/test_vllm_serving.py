@@ -5,6 +5,10 @@ AdapterDeployment's pods (serving/vllm.py), driven through tuneop's client (serv
 One server for the whole module (start-up 25-70 s); the two adapters are trained while it boots.
 Base and adapter outputs are compared in separate, sequential requests: vLLM's CPU build applies
 an adapter to base-model requests batched together with LoRA requests (an upstream bug).
+
+The server runs as the pods do: tuneop's admin guard as its middleware (the module from the
+ConfigMap, the token file from the Secret, the adapter root standing in for /mnt/pvc) and the
+users' serving API key on (spec.auth.apiKeySecretRef renders VLLM_API_KEY).
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import pytest
 import tinymodel
 from trainer_harness import make_config, run_trainer
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
-from tuneop.serving.client import AdapterLoadFailed, AdapterNotFound, ModelNotFound, Outcome, VllmClient
+from tuneop.serving.client import (
+    AdapterLoadFailed, AdapterNotFound, AdminRefused, ModelNotFound, Outcome, VllmClient, VllmError,
+)
 from tuneop.serving.local import LocalVllm
 from tuneop.serving.vllm import server_args, server_env
 
@@ -48,19 +54,29 @@ def rotated(word: str, by: int) -> str:
     return tinymodel.LABELS[(tinymodel.LETTERS.index(word[0]) + by) % len(tinymodel.LABELS)]
 
 
+API_KEY = "user-serving-key-not-a-secret"
+
+
 @pytest.fixture(scope="module")
-def server(servable_model, tmp_path_factory):
+def adapter_root(tmp_path_factory) -> Path:
+    """Stands in for the pod's /mnt/pvc: the only place adapters may be loaded from."""
+    return tmp_path_factory.mktemp("adapter-root")
+
+
+@pytest.fixture(scope="module")
+def server(servable_model, tmp_path_factory, adapter_root):
     srv = LocalVllm.for_spec(SPEC, model_path=str(servable_model),
-                             log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+                             log_path=tmp_path_factory.mktemp("vllm") / "server.log",
+                             adapter_roots=[adapter_root], extra_env={"VLLM_API_KEY": API_KEY})
     srv.start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def adapters(servable_model, tmp_path_factory) -> dict[str, Path]:
+def adapters(servable_model, adapter_root) -> dict[str, Path]:
     """Two LoRA adapters from `python -m tuneop.trainer` (trained while the server boots)."""
-    d = tmp_path_factory.mktemp("adapters")
+    d = adapter_root
     train_words = tinymodel.make_words(48, seed=5)
     out: dict[str, Path] = {}
     for name, by in ((A, 1), (B, 2)):
@@ -99,7 +115,9 @@ def accuracy(got: list[str], by: int) -> float:
 def test_server_runs_with_the_operators_rendered_arguments(server, servable_model) -> None:
     assert server.args == server_args(SPEC, model_path=str(servable_model), host="127.0.0.1",
                                       port=int(server.args[server.args.index("--port") + 1]))
-    assert server_env(SPEC).items() <= server.env.items()
+    pod_paths = {"PYTHONPATH", "TUNEOP_ADMIN_TOKEN_FILE", "TUNEOP_ADAPTER_ROOTS"}  # volumes in the pod
+    assert {k: v for k, v in server_env(SPEC).items() if k not in pod_paths}.items() <= server.env.items()
+    assert "--middleware" in server.args
     assert server.command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
 
 
@@ -164,24 +182,30 @@ def test_metrics_show_lora_requests(client, adapters) -> None:
     assert client.lora_info() is not None
 
 
-def test_adapter_rank_above_max_lora_rank_is_refused_and_the_server_lives_on(client, servable_model, tmp_path) -> None:
+def test_adapter_rank_above_max_lora_rank_is_refused_and_the_server_lives_on(client, servable_model,
+                                                                            adapter_root) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     rank = SPEC.vllm.max_lora_rank * 2
     model = AutoModelForCausalLM.from_pretrained(servable_model, dtype=torch.float32)
-    get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")).save_pretrained(tmp_path / "big")
+    get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")).save_pretrained(
+        adapter_root / "big")
     with pytest.raises(AdapterLoadFailed, match=f"LoRA rank {rank} is greater than max_lora_rank") as e:
-        client.load_adapter("too-big", str(tmp_path / "big"))
+        client.load_adapter("too-big", str(adapter_root / "big"))
     assert e.value.status == 500
     assert client.health() and "too-big" not in client.loaded_adapters()
     assert client.complete(BASE_NAME, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
 
 
-def test_missing_adapter_directory_is_reported(client, tmp_path) -> None:
-    with pytest.raises(AdapterNotFound) as e:
-        client.load_adapter("nowhere", str(tmp_path / "missing"))
+def test_missing_adapter_directory_is_reported(client, adapter_root) -> None:
+    with pytest.raises(AdminRefused) as e:  # the guard: no such directory
+        client.load_adapter("nowhere", str(adapter_root / "missing"))
+    assert e.value.status == 404
+    (adapter_root / "empty").mkdir(exist_ok=True)
+    with pytest.raises(AdapterNotFound) as e:  # vLLM: a directory without an adapter
+        client.load_adapter("nowhere", str(adapter_root / "empty"))
     assert e.value.status == 404
     assert "nowhere" not in client.loaded_adapters()
 
@@ -190,13 +214,96 @@ def test_missing_adapter_directory_is_reported(client, tmp_path) -> None:
 async def test_operator_admin_client_against_the_real_server(client, adapters, server) -> None:
     """The operator's own async client (serving/admin.py) reads real vLLM answers as it expects."""
     admin = pytest.importorskip("tuneop.serving.admin")
-    assert await admin.list_models(server.url) == {}
-    assert await admin.load(server.url, A, str(adapters[A])) is True
-    assert await admin.load(server.url, A, str(adapters[A])) is False  # already loaded
-    assert await admin.list_models(server.url) == {A: str(adapters[A])}
+    # Only the admin token, as the operator has it: the guard stands it in for the serving API key.
+    kw = {"admin_token": server.admin_token}
+    assert await admin.list_models(server.url, **kw) == {}
+    sha = json.loads((adapters[A] / "tuneop-manifest.json").read_text())["files"]["adapter_model.safetensors"]
+    assert await admin.load(server.url, A, str(adapters[A]), sha256=sha, **kw) is True
+    assert await admin.load(server.url, A, str(adapters[A]), **kw) is False  # already loaded
+    assert await admin.list_models(server.url, **kw) == {A: str(adapters[A])}
     with pytest.raises(admin.AdminError) as e:
-        await admin.load(server.url, "nowhere", str(adapters[A].parent / "missing"))
-    assert e.value.status == 404
-    assert await admin.unload(server.url, A) is True
-    assert await admin.unload(server.url, A) is False  # not loaded
-    assert await admin.list_adapters(server.url) == set()
+        await admin.load(server.url, "nowhere", str(adapters[A].parent / "missing"), **kw)
+    assert e.value.status == 404 and e.value.reason == "not_found"
+    with pytest.raises(admin.AdminError) as e:
+        await admin.load(server.url, B, str(adapters[B]), sha256="0" * 64, **kw)
+    assert e.value.status == 400 and e.value.reason == "sha256_mismatch"
+    with pytest.raises(admin.AdminError) as e:
+        await admin.unload(server.url, A)  # no token
+    assert e.value.status == 401 and e.value.reason == "missing_credential"
+    assert await admin.unload(server.url, A, **kw) is True
+    assert await admin.unload(server.url, A, **kw) is False  # not loaded
+    assert await admin.list_adapters(server.url, **kw) == set()
+
+
+def _raw(server, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode() if body else None,
+                                 method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_only_the_operator_can_change_what_is_served(client, server, adapters, adapter_root, servable_model) -> None:
+    import os
+    import shutil
+
+    before = client.loaded_adapters()
+    assert B not in before
+    user = server.client(admin_token=None)  # a client of the Service with the serving API key
+    stranger = server.client(admin_token=None, api_key=None)
+    guesser = server.client(admin_token="not-the-token")
+
+    # No credential: 401; a wrong one: 403; the serving API key is not an admin credential.
+    for c, status in ((stranger, 401), (user, 401), (guesser, 403)):
+        with pytest.raises(AdminRefused) as e:
+            c.load_adapter(B, str(adapters[B]))
+        assert e.value.status == status
+        with pytest.raises(AdminRefused) as e:
+            c.unload_adapter(A)
+        assert e.value.status == status
+    # vLLM's SageMaker-style adapter routes, outside vLLM's own API-key check, are closed too.
+    assert _raw(server, "POST", "/adapters", {"name": B, "src": str(adapters[B])}) == 403
+    assert _raw(server, "DELETE", f"/adapters/{A}") == 403
+    assert client.loaded_adapters() == before
+
+    # Right credential, but outside the adapter root / through a symlink / not an adapter name.
+    outside = servable_model.parent / "outside-adapter"
+    shutil.copytree(adapters[B], outside, dirs_exist_ok=True)
+    os.symlink(outside, adapter_root / "sneaky", target_is_directory=True)
+    for name, path, reason in ((B, str(outside), "outside the adapter roots"), (B, str(adapter_root / "sneaky"), "symlink"),
+                               (B, f"{adapter_root}/../{outside.name}", "normalised"),
+                               ("Bаd", str(adapters[B]), "not a valid adapter name")):
+        with pytest.raises(AdminRefused, match=reason) as e:
+            client.load_adapter(name, path)
+        assert e.value.status == 400
+    # A tampered adapter (manifest no longer matches) is refused before vLLM reads it.
+    tampered = adapter_root / "tampered"
+    shutil.copytree(adapters[B], tampered, dirs_exist_ok=True)
+    cfg = json.loads((tampered / "adapter_config.json").read_text())
+    (tampered / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 999}))
+    with pytest.raises(AdminRefused, match="does not match") as e:
+        client.load_adapter("tampered", str(tampered))
+    assert client.loaded_adapters() == before
+
+    # Inference, /v1/models, /health and /metrics need no admin credential (the API key as before).
+    assert user.complete(BASE_NAME, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
+    assert [m.id for m in user.models()] == [BASE_NAME, *before]
+    with pytest.raises(VllmError) as e:
+        stranger.complete(BASE_NAME, tinymodel.prompt(WORDS[0]), max_tokens=2)
+    assert e.value.status == 401  # vLLM's own API key check, unchanged
+    assert stranger.health()
+    refused = stranger.metrics().get("tuneop_vllm_admin_refused", [])
+    counts = {s.labels["reason"]: s.value for s in refused if s.name.endswith("_total")}
+    assert counts.get("missing_credential", 0) >= 4 and counts.get("bad_credential", 0) >= 2, counts
+    assert counts.get("outside_root") and counts.get("symlink_outside_root") and counts.get("sha256_mismatch")
+    assert counts.get("blocked_route", 0) >= 2
+
+    # Right credential + a good adapter: loaded and served.
+    assert client.load_adapter(B, str(adapters[B])).outcome is Outcome.LOADED
+    assert user.complete(B, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
+    assert client.unload_adapter(B).outcome is Outcome.UNLOADED

@@ -44,13 +44,36 @@ class LocalVllm:
         host = self._arg("--host", "127.0.0.1")
         self.url = f"http://{host}:{self._arg('--port', '8000')}"
 
+    admin_token: Optional[str] = None
+
     @classmethod
     def for_spec(cls, spec: AdapterDeploymentSpec, *, model_path: str, log_path: Path | str,
                  host: str = "127.0.0.1", port: Optional[int] = None,
-                 extra_env: Optional[dict[str, str]] = None) -> "LocalVllm":
-        """The server exactly as tuneop renders it into the Deployment (server_args/server_env)."""
+                 extra_env: Optional[dict[str, str]] = None,
+                 adapter_roots: Sequence[str | Path] = (),
+                 admin_token: Optional[str] = None) -> "LocalVllm":
+        """The server exactly as tuneop renders it into the Deployment (server_args/server_env),
+        with tuneop's admin guard as its middleware. What the pod gets from volumes is laid out
+        next to the log: the guard module (the ConfigMap) and the admin token file (the Secret).
+        adapter_roots replace the pod's /mnt/pvc and /adapters; admin_token: random if None."""
+        import secrets as _secrets
+
+        from . import guard
+        from .vllm import GUARD_MODULE, guard_source
+
         args = server_args(spec, model_path=model_path, host=host, port=port or free_port(host))
-        return cls(args, {**server_env(spec), **CPU_ENV, **(extra_env or {})}, log_path=log_path)
+        pod = Path(log_path).parent / "tuneop-pod"
+        pod.mkdir(parents=True, exist_ok=True)
+        (pod / f"{GUARD_MODULE}.py").write_text(guard_source(), encoding="utf-8")
+        token = admin_token or _secrets.token_urlsafe(32)
+        token_file = pod / "admin-token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        env = {**server_env(spec), **CPU_ENV, "PYTHONPATH": str(pod), guard.TOKEN_FILE_ENV: str(token_file),
+               guard.ROOTS_ENV: ":".join(str(r) for r in adapter_roots), **(extra_env or {})}
+        srv = cls(args, env, log_path=log_path)
+        srv.admin_token = token
+        return srv
 
     def _arg(self, flag: str, default: str) -> str:
         return self.args[self.args.index(flag) + 1] if flag in self.args else default
@@ -60,6 +83,10 @@ class LocalVllm:
         return [self.python, "-m", API_SERVER_MODULE, *self.args]
 
     def client(self, **kw) -> VllmClient:
+        """A client with the admin token and the serving API key (if any); pass
+        admin_token=None / api_key=None for one without."""
+        kw.setdefault("admin_token", self.admin_token)
+        kw.setdefault("api_key", self.env.get("VLLM_API_KEY"))
         return VllmClient(self.url, **kw)
 
     def start(self) -> "LocalVllm":
