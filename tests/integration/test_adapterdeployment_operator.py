@@ -160,8 +160,9 @@ def vllm_pods() -> Iterator[Callable[[], FakeVllm]]:
 
 
 class Operator:
-    def __init__(self, interval: float = 0.3) -> None:
+    def __init__(self, interval: float = 0.3, workload_defaults: Optional[dict[str, Any]] = None) -> None:
         self.interval = interval
+        self.workload_defaults = workload_defaults or {}
         self.runner: Optional[KopfRunner] = None
 
     def __enter__(self) -> "Operator":
@@ -170,7 +171,7 @@ class Operator:
             registry,
             handlers.AdapterConfig(
                 vllm_image="vllm:test", trainer_image="trainer:test", interval=self.interval,
-                admin_timeout=5, admin_url_annotation=True,
+                admin_timeout=5, admin_url_annotation=True, workload_defaults=self.workload_defaults,
             ),
             with_common=True,
         )
@@ -494,3 +495,21 @@ def test_admin_credential_is_generated_mounted_used_and_recreated_without_restar
     for e in api.events():
         assert not any(t and t in json.dumps(e) for t in tokens)
     assert "AdminCredentialCreated" in reasons(api)
+
+
+def test_platform_defaults_fill_what_the_spec_leaves_empty(api: KMockThread) -> None:
+    from tuneop import workload_defaults as wd
+
+    defaults = wd.parse({"vllm": {"nodeSelector": {"pool": "serving"}, "memory": "24Gi",
+                                  "tolerations": [{"key": "gpu", "operator": "Exists"}]}})
+    api.create(AD_PATH, ad(name="mine", resources={"nodeSelector": {"pool": "mine"}}))
+    api.create(AD_PATH, ad(name="plain"))
+    with Operator(workload_defaults=defaults):
+        mine = wait_for(lambda: api.get(f"{DEPLOYS}/mine-vllm"), what="Deployment mine")
+        plain = wait_for(lambda: api.get(f"{DEPLOYS}/plain-vllm"), what="Deployment plain")
+    p = plain["spec"]["template"]["spec"]
+    assert p["nodeSelector"] == {"pool": "serving"} and p["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert p["containers"][0]["resources"]["limits"]["memory"] == "24Gi"
+    m = mine["spec"]["template"]["spec"]
+    assert m["nodeSelector"] == {"pool": "mine"} and m["containers"][0]["resources"]["requests"]["memory"] == "24Gi"
+    assert get_ad(api, "mine")["spec"]["resources"] == {"nodeSelector": {"pool": "mine"}}  # the spec is untouched

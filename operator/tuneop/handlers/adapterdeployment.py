@@ -37,7 +37,7 @@ from typing import Any, Optional
 import kopf
 from pydantic import ValidationError
 
-from .. import kube
+from .. import kube, workload_defaults
 from ..builders import adapterdeployment as b
 from ..metrics import METRICS
 from ..serving import adapters as sa
@@ -61,6 +61,8 @@ class AdapterConfig:
     admin_port: int = b.CONTAINER_PORT
     admin_urls: dict[str, str] = dataclasses.field(default_factory=dict)
     admin_url_annotation: bool = False  # tests only: honor the pod annotation tuneop.dev/admin-url
+    # The platform's defaults for vLLM pods (workload_defaults.parse(...)["vllm"] applies).
+    workload_defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 CONFIG = AdapterConfig()
@@ -319,7 +321,8 @@ async def reconcile_object(
                 return None
             old = body.get("status") or {}
             try:
-                spec = b.parse_spec(body.get("spec") or {})
+                spec = b.parse_spec(workload_defaults.apply(body.get("spec") or {}, CONFIG.workload_defaults,
+                                                            "vllm"))
             except ValidationError as e:
                 msg = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())[:1000]
                 status = sa.reduce_status(body, adapters=[], deployment=None, now=now_iso(), spec_error=msg)
