@@ -268,10 +268,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- operator
 def cmd_operator(args: argparse.Namespace) -> int:
+    from . import workload_defaults as wd
     from .handlers import run_operator
 
+    try:
+        defaults = wd.parse(args.workload_defaults)
+    except wd.DefaultsError as exc:
+        return _err(f"--workload-defaults / ${wd.ENV}: {exc}")
     namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
     return run_operator(
+        workload_defaults=defaults,
         namespaces=namespaces,
         metrics_port=args.metrics_port,
         image=args.trainer_image,
@@ -340,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM image of AdapterDeployments (default: $TUNEOP_VLLM_IMAGE, else upstream vllm/vllm-openai)")
     s.add_argument("--adapter-interval", type=float, default=10.0,
                    help="seconds between checks of what each vLLM pod serves")
+    s.add_argument("--workload-defaults", default=os.environ.get("TUNEOP_WORKLOAD_DEFAULTS"),
+                   help="JSON: the platform's nodeSelector/tolerations/cpu/memory for created pods, "
+                        '{"trainer": {...}, "vllm": {...}} (default: $TUNEOP_WORKLOAD_DEFAULTS)')
     s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=cmd_operator)
 

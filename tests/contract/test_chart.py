@@ -552,3 +552,17 @@ def test_user_roles_aggregate_into_the_builtin_roles():
 def test_values_schema_rejects_typos(bad):
     with pytest.raises(helm.HelmError):
         render(bad)
+
+
+def test_workload_defaults_reach_the_operator_as_valid_json():
+    from tuneop import workload_defaults as wd
+
+    def env_of(values):
+        c = by_kind(render(values), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in c["env"]}
+
+    assert wd.parse(env_of({})[wd.ENV]) == {}
+    gpu = {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+           "cpu": 8, "memory": "64Gi"}
+    got = wd.parse(env_of({"workloads": {"trainer": gpu, "vllm": {"memory": "32Gi"}}})[wd.ENV])
+    assert got == {"trainer": {**gpu, "cpu": "8"}, "vllm": {"memory": "32Gi"}}

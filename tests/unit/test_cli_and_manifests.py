@@ -110,3 +110,16 @@ def test_summary_table_reports_before_and_after():
     assert "0.0%" in table and "93.8%" in table
     assert "2m05s" in table and "3m20s" in table
     assert "/o/adapter" in table
+
+
+def test_operator_refuses_bad_workload_defaults_before_starting(capsys, monkeypatch) -> None:
+    import tuneop.handlers as h
+
+    monkeypatch.setattr(h, "run_operator", lambda **kw: pytest.fail("must not start"))
+    assert main(["operator", "--workload-defaults", '{"trainer": {"nodeselector": {}}}']) == 2
+    assert "trainer.nodeselector: unknown field" in capsys.readouterr().err
+    started = {}
+    monkeypatch.setattr(h, "run_operator", lambda **kw: started.update(kw) or 0)
+    monkeypatch.setenv("TUNEOP_WORKLOAD_DEFAULTS", '{"vllm": {"memory": "8Gi"}}')
+    assert main(["operator", "--metrics-port", "0"]) == 0
+    assert started["workload_defaults"] == {"vllm": {"memory": "8Gi"}}

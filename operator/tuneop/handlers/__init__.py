@@ -21,10 +21,12 @@ def run_operator(
     together_base_url: Optional[str] = None,
     vllm_image: Optional[str] = None,
     adapter_interval: float = 10.0,
+    workload_defaults: Optional[dict[str, Any]] = None,
     verbose: bool = False,
     debug: bool = False,
     stop_flag: Optional[threading.Event] = None,
     ready_flag: Optional[threading.Event] = None,
+    settings: Any = None,
 ) -> None:
     """Run the operator until stopped (blocks; `tuneop operator` calls this).
 
@@ -41,6 +43,10 @@ def run_operator(
     (None: tuneop.serving.vllm.DEFAULT_IMAGE).
     adapter_interval: seconds between adapter reconciles of each AdapterDeployment (pods
     restarted, vLLM errors retried).
+    workload_defaults: the platform's defaults for created pods (``workload_defaults.parse``):
+    ``trainer`` fills empty ``spec.resources`` fields of FineTuneJobs, ``vllm`` of AdapterDeployments.
+    settings: a ``kopf.OperatorSettings`` to start from (None: kopf's defaults); the startup
+    handler applies tuneop's own settings on top (benchmarks pass scanning disabled for kmock).
     One replica (Recreate): kopf runs standalone, without peering.
     """
     import kopf
@@ -62,6 +68,7 @@ def run_operator(
         registry,
         adapterdeployment.AdapterConfig(
             vllm_image=vllm_image or vllm.DEFAULT_IMAGE, trainer_image=image, interval=adapter_interval,
+            workload_defaults=dict(workload_defaults or {}),
         ),
     )
     if liveness_port and not liveness_endpoint:
@@ -79,6 +86,7 @@ def run_operator(
         liveness_endpoint=liveness_endpoint,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
+        settings=settings,
         **kwargs,
     )
 
