@@ -297,7 +297,7 @@ def test_good_load_is_forwarded_without_the_admin_header_or_sha(env, monkeypatch
                      {"lora_name": "a1", "lora_path": env["adapter"] + "/", "tuneop_sha256": sha}, admin(), chunks=3)
     assert status == 200
     (c,) = env["inner"].calls
-    assert json.loads(c["body"]) == {"lora_name": "a1", "lora_path": env["adapter"]}
+    assert json.loads(c["body"]) == {"lora_name": "a1", "lora_path": env["adapter"] + "/"}  # as the operator sent it
     assert b"x-tuneop-admin-token" not in c["headers"]
     assert c["headers"][b"authorization"] == b"Bearer serving-key"
     assert c["headers"][b"content-length"] == str(len(c["body"])).encode()

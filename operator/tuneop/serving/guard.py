@@ -204,8 +204,9 @@ def check_request(op: str, body: bytes, roots: Sequence[str]) -> tuple[dict[str,
         return data, None
     if "load_inplace" in data and not isinstance(data["load_inplace"], bool):
         raise Refused(BAD_REQUEST, "load_inplace must be a boolean")
-    data["lora_path"] = check_path(data.get("lora_path"), roots)
-    return data, data["lora_path"]
+    # Forwarded as given (it passed the checks), so that /v1/models reports the very path the
+    # operator asked for; what is verified is the normalised directory.
+    return data, check_path(data.get("lora_path"), roots)
 
 
 # ------------------------------------------------------------------------------ metrics
