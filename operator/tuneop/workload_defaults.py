@@ -103,3 +103,26 @@ def apply(spec: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]], ki
             res[key] = json.loads(json.dumps(value))
     out["resources"] = res
     return out
+
+
+def apply_to_pod(pod_spec: dict[str, Any], block: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Fill a built pod spec (in place, and returned) with one kind's defaults where it is empty:
+    ``nodeSelector``, ``tolerations``, and cpu / memory as request and limit of its first
+    container (the trainer's convention). Used on the training Job's pod template after it was
+    built, so the Job's spec-hash annotation (the FineTuneJob's own spec) is not affected."""
+    if not block:
+        return pod_spec
+    if block.get("nodeSelector") and not pod_spec.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(block["nodeSelector"])
+    if block.get("tolerations") and not pod_spec.get("tolerations"):
+        pod_spec["tolerations"] = json.loads(json.dumps(block["tolerations"]))
+    containers = pod_spec.get("containers") or []
+    if containers:
+        res = containers[0].setdefault("resources", {})
+        for key in ("cpu", "memory"):
+            if block.get(key) and key not in (res.get("requests") or {}):
+                res.setdefault("requests", {})[key] = block[key]
+                res.setdefault("limits", {}).setdefault(key, block[key])
+        if not res:
+            containers[0].pop("resources")
+    return pod_spec

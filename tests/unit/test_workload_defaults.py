@@ -1,6 +1,8 @@
 """workload_defaults.py: the platform's defaults for the pods tuneop creates."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tuneop import workload_defaults as wd
@@ -65,3 +67,24 @@ def test_defaults_reach_the_built_pods():
     assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
     assert hasattr(fb, "build_all") or hasattr(fb, "build_train_job")
+
+
+def test_apply_to_a_built_training_pod_keeps_the_spec_hash():
+    from tuneop.builders import finetunejob as fb
+
+    ftj = {"apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "j", "namespace": "n", "uid": "u", "generation": 1},
+           "spec": {"baseModel": "m", "dataset": {"train": {"pvc": {"claimName": "d", "path": "t.jsonl"}}},
+                    "output": {"pvc": {"claimName": "o"}}, "resources": {"gpus": 1, "memory": "32Gi"}}}
+    job = fb.build_training_job(ftj)
+    before = json.loads(json.dumps(job["metadata"]))
+    pod = job["spec"]["template"]["spec"]
+    wd.apply_to_pod(pod, wd.parse({"trainer": GPU_NODES})["trainer"])
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"] == GPU_NODES["tolerations"]
+    res = pod["containers"][0]["resources"]
+    assert res["requests"] == {"memory": "32Gi", "cpu": "8"}  # the spec's memory wins
+    assert res["limits"]["cpu"] == "8" and res["limits"]["memory"] == "32Gi" and res["limits"]["nvidia.com/gpu"] == 1
+    assert job["metadata"] == before  # spec hash and names untouched
+    assert wd.apply_to_pod({"containers": [{"name": "c"}]}, None) == {"containers": [{"name": "c"}]}
+    assert wd.apply_to_pod({"containers": [{"name": "c"}]}, {"nodeSelector": {"a": "b"}}) == {
+        "containers": [{"name": "c"}], "nodeSelector": {"a": "b"}}
