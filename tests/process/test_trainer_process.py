@@ -116,6 +116,26 @@ def test_sft_prompt_completion(tiny_model, datasets, tmp_path):
     assert text.strip() == tinymodel.label(word, "B")
 
 
+@pytest.mark.parametrize("batching", ["padding_free", "group_by_length"])
+def test_sft_batching_modes_learn_the_completion(tiny_model, datasets, tmp_path, batching):
+    """The batching schemes the trainer may pick for mixed lengths (forced here) still train on the
+    completion only and learn it; a flattened row counts every position as a token."""
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                      hyperparameters={"maxSteps": 30})
+    run = run_trainer(cfg, env={"TUNEOP_BATCHING": batching})
+    assert run.rc == 0, run.stderr[-3000:]
+    start = run.one("start")
+    assert start["speed"]["batching"] == batching and start["lossOn"] == "completion"
+    assert start["speed"]["compactLmHead"] is (not cuda_available())
+    progress = run.of("progress")
+    assert progress[-1]["tokens_seen"] > 0 and progress[-1]["train_seconds"] > 0
+    seen = losses(run)
+    assert seen[-1] < seen[0] * 0.5
+    ev = next(e for e in run.of("eval") if e.get("metric") == "exact_match")
+    assert ev["adapter"] > ev["base"] and ev["adapter"] >= 0.8
+
+
 def test_sft_messages_assistant_only(tiny_model, datasets, tmp_path):
     # A copy of the base whose chat template lacks {% generation %} markers: the trainer installs its own.
     plain = tmp_path / "plain-template-model"

@@ -48,7 +48,8 @@ def test_event_sequence(tmp_path):
     assert ev[0] == {"event": "start", "model": "m", "resumed_from": None, "total_steps": 10, "step": 0}
     p = ev[1]
     assert p == {"event": "progress", "step": 5, "total_steps": 10, "epoch": 0.5, "loss": 1.5,
-                 "learning_rate": 1e-4, "tokens_per_second": 125.0, "eta_seconds": 10}
+                 "learning_rate": 1e-4, "tokens_per_second": 125.0, "eta_seconds": 10,
+                 "tokens_seen": 1000, "train_seconds": 8.0}
     assert ev[2] == {"event": "eval", "step": 5, "eval_loss": 1.2}
     assert ev[3] == {"event": "checkpoint", "step": 5, "path": str(tmp_path / "checkpoints" / "checkpoint-5")}
     assert json.loads((tmp_path / "progress.json").read_text()) == p

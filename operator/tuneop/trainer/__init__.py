@@ -6,7 +6,8 @@ contract (events on stdout, progress.json, adapter layout, termination message, 
 Modules:
   main       argument parsing, orchestration, error -> termination message / exit code
   config     job config parsing and the pure decisions: precision, gradient checkpointing,
-             steps, TrainingArguments mapping
+             steps, TrainingArguments mapping, and the speed plan (batching of mixed lengths:
+             padded / padding-free / group_by_length; Liger kernels; torch.compile; compact LM head)
   data       dataset checks (--validate-only), loading, seeded validation hold-out
   paths      model sources (hub id, directory, .gguf, pkg://), URL downloads, checkpoints
   model      model/tokenizer loading, GGUF fix-ups, LoRA/QLoRA, the training chat template

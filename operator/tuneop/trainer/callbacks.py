@@ -35,6 +35,17 @@ def _round(x: Any, digits: int = 6) -> Any:
     return round(float(x), digits) if isinstance(x, (int, float)) else x
 
 
+def gpu_peak_bytes() -> Optional[int]:
+    """Peak memory the CUDA caching allocator handed out so far (None without CUDA)."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            return int(torch.cuda.max_memory_allocated())
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
 class EventCallback(TrainerCallback):
     def __init__(
         self,
@@ -118,7 +129,13 @@ class EventCallback(TrainerCallback):
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_second": tps,
             "eta_seconds": eta_seconds(step - self.step0, elapsed, total - step),
+            # cumulative, so a reader can take the rate over any window (benchmarks skip warm-up steps)
+            "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+            "train_seconds": round(self.train_seconds, 4),
         }
+        peak = gpu_peak_bytes()
+        if peak is not None:
+            event["gpu_peak_bytes"] = peak
         self.emitter.emit(event)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -143,9 +143,13 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         model = M.prepare_qlora(model, grad_ckpt)
 
     total = C.total_steps(hp, len(splits.train), world)
+    speed = plan_speed(cfg, splits, tokenizer, model, text_config, cuda, total)
     targs = C.training_arguments(
         hp, checkpoints, total, precision, grad_ckpt, has_eval=bool(splits.validation), cuda=cuda, world_size=world
     )
+    targs.update(speed["training_arguments"])
+    if speed["compactLmHead"]:
+        M.compact_fused_lm_head()
 
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -169,6 +173,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         "chatTemplate": note,
         "precision": precision,
         "gradientCheckpointing": grad_ckpt,
+        "speed": speed["report"],
         "device": "cuda" if cuda else "cpu",
         "worldSize": world,
         "resumed_from": resume,
@@ -195,12 +200,16 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         else:
             completion_only = False if hp.train_on_inputs else None
         trl_args = SFTConfig(
-            **targs,
-            packing=bool(hp.packing),
+            **{**targs, **speed["sft_arguments"]},
             completion_only_loss=completion_only,
             assistant_only_loss=assistant_only,
         )
         trainer = SFTTrainer(args=trl_args, **trainer_inputs)
+        if speed["truncate"]:
+            # padding-free without packing: TRL leaves max_length to the caller
+            trainer.train_dataset = M.truncate_prepared(trainer.train_dataset, hp.max_seq_length)
+            if trainer.eval_dataset is not None:
+                trainer.eval_dataset = M.truncate_prepared(trainer.eval_dataset, hp.max_seq_length)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
 
@@ -295,6 +304,70 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     )
     emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
     return 0
+
+
+def plan_speed(cfg: C.JobConfig, splits: D.Splits, tokenizer, model, text_config, cuda: bool, total: int) -> dict[str, Any]:
+    """The speed decisions of config.py applied to this job: batching of mixed lengths, Liger kernels,
+    torch.compile, the compact LM head. TUNEOP_BATCHING (padded|padding_free|group_by_length|packing),
+    TUNEOP_LIGER and TUNEOP_TORCH_COMPILE (0|1) override the automatic choice (benchmarks, debugging)."""
+    from . import model as M
+
+    spec = cfg.spec
+    hp = spec.hyperparameters
+    method = spec.method.value
+    lengths = M.sample_lengths(tokenizer, splits.train, splits.format, seed=hp.seed) if method == "sft" else []
+    batching = C.decide_batching(
+        hp.packing, method, lengths, hp.batch_size,
+        hidden_size=int(getattr(text_config, "hidden_size", 0) or 0),
+        num_layers=int(getattr(text_config, "num_hidden_layers", 0) or 0),
+        n_params=model.num_parameters(),
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+    )
+    mode, reason = batching.mode, batching.reason
+    forced = os.environ.get("TUNEOP_BATCHING", "").strip()
+    if forced in ("padded", "padding_free", "group_by_length", "packing") and method == "sft":
+        mode, reason = forced, "TUNEOP_BATCHING"
+    model_type = str(getattr(text_config, "model_type", "") or "")
+    liger, liger_reason = C.decide_liger(
+        C.parse_switch(os.environ.get("TUNEOP_LIGER")), cuda, M.liger_available(), model_type
+    )
+    compile_, compile_reason = C.decide_torch_compile(
+        C.parse_switch(os.environ.get("TUNEOP_TORCH_COMPILE")), cuda, spec.adapter.type, total,
+        static_shapes=mode == "packing" or (bool(lengths) and min(lengths) >= hp.max_seq_length),
+        torch_version=_torch_version(),
+    )
+    compact = C.decide_compact_lm_head(cuda) and method == "sft"
+    targs: dict[str, Any] = {"include_num_input_tokens_seen": C.token_count_mode(mode)}
+    if mode == "group_by_length":
+        targs["train_sampling_strategy"] = "group_by_length"
+    if liger and method == "sft":
+        # applied here, not through use_liger_kernel, so a Liger that does not fit this transformers
+        # version costs the kernels, not the run
+        liger, liger_reason = M.apply_liger(model, liger_reason)
+    if compile_:
+        targs["torch_compile"] = True
+    sft: dict[str, Any] = {"packing": mode == "packing"}
+    if mode == "padding_free":
+        sft.update(padding_free=True, max_length=None)
+    report = {
+        "batching": mode, "batchingReason": reason, "padFraction": batching.pad_fraction,
+        "liger": bool(liger and method == "sft"), "ligerReason": liger_reason,
+        "torchCompile": compile_, "torchCompileReason": compile_reason,
+        "compactLmHead": compact,
+    }
+    return {
+        "training_arguments": targs,
+        "sft_arguments": sft,
+        "truncate": mode == "padding_free",
+        "compactLmHead": compact,
+        "report": report,
+    }
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
 
 
 def loss_scope(method: Method, fmt: str, train_on_inputs: bool) -> str:

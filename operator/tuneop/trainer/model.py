@@ -244,3 +244,101 @@ def quiet_libraries() -> None:
 
 def raise_training_error(e: BaseException) -> TrainerError:
     return TrainerError(TRAINING_ERROR, f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- speed helpers
+
+LENGTH_SAMPLE = 512
+
+
+def sample_lengths(tokenizer, rows: list[dict[str, Any]], fmt: str, n: int = LENGTH_SAMPLE, seed: int = 0) -> list[int]:
+    """Token lengths of a seeded random sample of rows (in random order, like the training sampler's),
+    as TRL will tokenize them closely enough for a cost estimate (plus one for the EOS it appends)."""
+    import random
+
+    if not rows:
+        return []
+    picked = list(rows)
+    if len(picked) > n:
+        picked = random.Random(seed).sample(picked, n)
+    else:
+        random.Random(seed).shuffle(picked)
+    out: list[int] = []
+    for row in picked:
+        try:
+            if fmt == "messages" or isinstance(row.get("prompt"), list):
+                messages = row.get("messages") or (list(row.get("prompt") or []) + list(row.get("completion") or []))
+                ids = tokenizer.apply_chat_template(messages, tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+                out.append(len(ids))
+            elif fmt == "prompt-completion":
+                out.append(len(tokenizer(str(row["prompt"]) + str(row["completion"]))["input_ids"]) + 1)
+            elif fmt == "text":
+                out.append(len(tokenizer(str(row["text"]))["input_ids"]) + 1)
+        except Exception:  # noqa: BLE001 - an estimate only: a row TRL reads differently is skipped
+            continue
+    return out
+
+
+def truncate_prepared(dataset, max_length: int):
+    """TRL's own truncation (keep the start) of a prepared dataset, for padding-free batches without
+    packing, where TRL leaves max_length to the caller; drops rows left without any label."""
+    if dataset is None or "input_ids" not in (dataset.column_names or []):
+        return dataset
+
+    def cut(example):
+        out = {"input_ids": example["input_ids"][:max_length]}
+        if "labels" in example:
+            out["labels"] = example["labels"][:max_length]
+        return out
+
+    if all(len(x) <= max_length for x in dataset["input_ids"]):
+        return dataset
+    dataset = dataset.map(cut)
+    if "labels" in dataset.column_names:
+        dataset = dataset.filter(lambda example: any(label != -100 for label in example["labels"]))
+    return dataset
+
+
+def compact_fused_lm_head() -> bool:
+    """Make TRL's fused LM head score only labelled positions off Triton devices too (see
+    config.decide_compact_lm_head). Returns whether the hook was found (a TRL without it: no-op)."""
+    try:
+        import trl.trainer.utils as tu
+    except ImportError:
+        return False
+    original = getattr(tu, "_use_triton", None)
+    if original is None or getattr(original, "_tuneop_compact", False):
+        return original is not None
+
+    def use_compact(device) -> bool:
+        return getattr(device, "type", None) == "cpu" or original(device)
+
+    use_compact._tuneop_compact = True  # type: ignore[attr-defined]
+    tu._use_triton = use_compact
+    return True
+
+
+def liger_available() -> bool:
+    try:
+        from transformers.utils import is_liger_kernel_available
+
+        return bool(is_liger_kernel_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def apply_liger(model, reason: str) -> tuple[bool, str]:
+    """Liger's layer kernels (RMSNorm, RoPE, SwiGLU) patched into this model instance; not its fused
+    linear cross-entropy, which would replace the forward that TRL's fused LM head patches."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(
+            model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+        return True, reason
+    except Exception as e:  # noqa: BLE001 - the kernels are an optimisation: train without them
+        print(f"tuneop: Liger kernels not applied: {type(e).__name__}: {e}", file=sys.stderr)
+        return False, f"not applied: {type(e).__name__}"
