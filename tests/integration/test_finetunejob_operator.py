@@ -385,3 +385,27 @@ def test_metrics_follow_the_job_and_forget_it_when_deleted(api: KMockThread) -> 
         assert status_of(api, "metrics")["progress"]["totalSteps"] == 70
         api.call("DELETE", f"{FTJ_PATH}/metrics")
         wait_for(lambda: metric("tuneop_training_step", **job_labels) is None, what="series removed")
+
+
+def test_event_of_the_job_version_already_reconciled_is_skipped(api: KMockThread) -> None:
+    """The ADDED event of the training Job the reconcile itself created changes nothing: no
+    second reconcile. A later change of the Job (here: the Job controller's status) reconciles."""
+    import time
+
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        wait_phase(api, "Running")
+        time.sleep(1.0)  # the Job's ADDED event has long arrived
+        # Every reconcile reads the config ConfigMap (the test's own GETs are of the FineTuneJob).
+        assert len(api.requests("GET", f"{CMS}/news-config")) == 1  # the create reconcile only
+        assert len(api.requests("PATCH", f"{FTJ_PATH}/news/status")) == 1
+
+        api.patch(f"{JOBS}/news-train/status", {"status": {"active": 1, "startTime": "2026-01-01T00:01:00Z"}})
+        wait_for(lambda: len(api.requests("GET", f"{CMS}/news-config")) == 2, what="a reconcile of the Job change")
+        wait_for(lambda: "is running" in [c for c in status_of(api)["conditions"] if c["type"] == "Running"][0]["message"],
+                 what="Running condition updated")
+    assert len(job_posts(api)) == 1
+    assert reasons(api) == ["DatasetValid", "TrainingStarted"]

@@ -1,9 +1,9 @@
 """kopf handlers of the FineTuneJob (backend: kubernetes). Thin glue around st.reconcile.
 
 Every trigger ends in :func:`reconcile_object`: under a per-object lock it reads the
-FineTuneJob fresh from the API, observes its children and dependencies, lets the pure reducer
-decide, applies the decision (deletes, creates with 409 = exists, patches, status), then posts
-one Event per transition. Running it twice in a row does nothing the second time.
+FineTuneJob fresh from the API, observes its children and dependencies (independent reads at
+once), lets the pure reducer decide, applies the decision (deletes, creates with 409 = exists,
+patches, status), then posts one Event per transition. Running it twice in a row does nothing the second time.
 
 Triggers:
 - FineTuneJob created / spec changed / operator (re)started -> reconcile. Waiting is not an
@@ -11,7 +11,9 @@ Triggers:
   quota, RBAC, 5xx), the `retry` timer reconciles every ``retry_interval`` seconds (no crash
   loop, one Event per distinct reason). Only an unreachable API server fails the handler
   (kopf.TemporaryError, kopf retries it).
-- any event of a batch/v1 Job labelled managed-by tuneop -> reconcile its owner at once.
+- any event of a batch/v1 Job labelled managed-by tuneop -> reconcile its owner at once, unless
+  the owner's last reconcile already saw exactly that version of the Job (`SeenJobs`: the ADDED
+  event of the Job a reconcile has just created would redo the same reconcile).
 - a timer, every ``progress_interval`` seconds while phase is Running: the newest
   ``{"event": "progress"}`` line of the training pod's log -> status.progress + metrics.
 - FineTuneJob watch events -> the phase gauge; deletion -> its metric series are dropped.
@@ -111,16 +113,46 @@ _locks = ObjectLocks()
 _lock = _locks.get
 
 
+# ConfigMap datasets up to this size are checked in the event loop (a thread hop costs more than
+# checking a few hundred rows); larger ones (up to the 1 MiB a ConfigMap holds) in a thread.
+INLINE_CHECK_MAX_CHARS = 64 * 1024
+
+
 async def check_inline_dataset(text: str, declared: str, source: str) -> dict[str, Any]:
     from ..dataset import check_lines
 
-    report = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: check_lines(text, declared=declared, max_errors=10, source=source)
+    def check() -> dict[str, Any]:
+        return check_lines(text, declared=declared, max_errors=10, source=source).to_dict()
+
+    if len(text) <= INLINE_CHECK_MAX_CHARS:
+        return check()
+    return await asyncio.get_running_loop().run_in_executor(None, check)
+
+
+async def gather(*aws: Any) -> list[Any]:
+    """asyncio.gather that waits for every read and then raises the first error (no read is
+    left running unobserved)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)
+
+
+def read_children(kc: kube.KubeClient, ns: str, name: str) -> Any:
+    """The ConfigMap, validation Job and training Job of a FineTuneJob (backend: kubernetes)."""
+    return gather(
+        kc.get("v1", "ConfigMap", b.config_map_name(name), ns),
+        kc.get("batch/v1", "Job", b.validation_job_name(name), ns),
+        kc.get("batch/v1", "Job", b.training_job_name(name), ns),
     )
-    return report.to_dict()
 
 
-async def observe(kc: kube.KubeClient, body: dict[str, Any]) -> st.Observed:
+async def observe(
+    kc: kube.KubeClient, body: dict[str, Any], children: Optional[list[Any]] = None
+) -> st.Observed:
+    """What exists for `body`. `children`: what :func:`read_children` returned, when it was read
+    together with the FineTuneJob itself."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     if (body.get("spec") or {}).get("backend") == "together":
@@ -129,25 +161,36 @@ async def observe(kc: kube.KubeClient, body: dict[str, Any]) -> st.Observed:
         except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
             return st.Observed()
         return await together.observe(kc, body, spec)
+    try:
+        spec: Optional[Any] = st.spec_of(body)
+    except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
+        spec = None
+    # Every independent read at once: the children first (they decide what else matters), then
+    # the pods of existing Jobs and the dependencies (only needed before the training Job).
     obs = st.Observed()
-    obs.config_map = await kc.get("v1", "ConfigMap", b.config_map_name(name), ns)
-    obs.validation_job = await kc.get("batch/v1", "Job", b.validation_job_name(name), ns)
-    obs.training_job = await kc.get("batch/v1", "Job", b.training_job_name(name), ns)
+    if children is None:
+        children = await read_children(kc, ns, name)
+    obs.config_map, obs.validation_job, obs.training_job = children
+    deps = [] if (
+        spec is None or obs.training_job is not None or st.is_settled(body)
+    ) else st.dependencies(spec)
+    reads: list[Any] = []
     if obs.validation_job or obs.training_job:
-        pods = await kc.list("v1", "Pod", ns, label_selector={b.OWNER_LABEL: name})
+        reads.append(kc.list("v1", "Pod", ns, label_selector={b.OWNER_LABEL: name}))
+    if spec is not None and spec.resources.nodes > 1:
+        reads.append(kc.get("v1", "Service", b.service_name(name), ns))
+    results = await gather(*reads, *(kc.get("v1", kind, dep, ns) for kind, dep, _ in deps))
+    if obs.validation_job or obs.training_job:
+        pods = results.pop(0)
         obs.validation_pods = st.pods_of(obs.validation_job, pods)
         obs.training_pods = st.pods_of(obs.training_job, pods)
-    try:
-        spec = st.spec_of(body)
-    except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
-        return obs
-    if spec.resources.nodes > 1:
-        obs.service = await kc.get("v1", "Service", b.service_name(name), ns)
-    if st.is_settled(body) or obs.training_job is not None:
+    if spec is not None and spec.resources.nodes > 1:
+        obs.service = results.pop(0)
+    if spec is None or not deps:
         return obs
     contents: dict[str, dict[str, Any]] = {}
-    for kind, dep, key in st.dependencies(spec):
-        obj = await kc.get("v1", kind, dep, ns)
+    for kind, dep, key in deps:
+        obj = results.pop(0)
         if obj is None:
             obs.missing.append(f"{kind} {dep}")
             continue
@@ -167,15 +210,49 @@ async def observe(kc: kube.KubeClient, body: dict[str, Any]) -> st.Observed:
     return obs
 
 
+class SeenJobs:
+    """The resourceVersion of each of our Jobs as the last completed reconcile of its owner saw
+    it (read, or created by it), per event loop. An event of exactly that version of a Job would
+    reconcile the same inputs again: the Job event handler skips it."""
+
+    def __init__(self) -> None:
+        self._rv: dict[tuple[int, str, str], dict[str, str]] = {}
+
+    def _key(self, namespace: str, owner: str) -> tuple[int, str, str]:
+        return (id(asyncio.get_running_loop()), namespace, owner)
+
+    def remember(self, namespace: str, owner: str, jobs: Any) -> None:
+        seen: dict[str, str] = {}
+        for job in jobs:
+            meta = (job or {}).get("metadata") or {}
+            if meta.get("name") and meta.get("resourceVersion"):
+                seen[meta["name"]] = str(meta["resourceVersion"])
+        self._rv[self._key(namespace, owner)] = seen
+
+    def seen(self, namespace: str, owner: str, job: str, resource_version: Optional[str]) -> bool:
+        rv = self._rv.get(self._key(namespace, owner), {}).get(job)
+        return rv is not None and rv == resource_version
+
+    def forget(self, namespace: str, owner: str) -> None:
+        self._rv.pop(self._key(namespace, owner), None)
+
+
+_seen_jobs = SeenJobs()
+
+
 async def apply(
     kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision
-) -> None:
+) -> list[dict[str, Any]]:
+    """Carry out `decision`; returns the objects created (as the API server answered)."""
     ns = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
     for ref in decision.delete:
         await kc.delete(ref["apiVersion"], ref["kind"], ref["name"], ns, propagation="Background")
+    created = []
     for obj in decision.create:
-        await kc.create(obj, ns)
+        out, new = await kc.create(obj, ns)
+        if new:
+            created.append(out)
     for p in decision.patch:
         await kc.patch(p["apiVersion"], p["kind"], p["name"], ns, p["patch"])
     diff = st.merge_patch(body.get("status") or {}, decision.status)
@@ -190,36 +267,57 @@ async def apply(
             METRICS.set_cost(ns, name, tg["costUSD"])
         if decision.status.get("progress"):
             METRICS.set_progress(ns, name, decision.status["progress"])
+    return created
 
 
 async def reconcile_object(
-    namespace: str, name: str, *, logger: Optional[logging.Logger] = None
+    namespace: str, name: str, *, logger: Optional[logging.Logger] = None,
+    prefetch: bool = False, unless_seen: Optional[tuple[str, Optional[str]]] = None,
 ) -> Optional[st.Decision]:
-    """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists."""
+    """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists.
+    prefetch: read the children (backend: kubernetes) together with the FineTuneJob.
+    unless_seen: (Job name, resourceVersion): do nothing when the last reconcile already saw
+    that version of that Job (checked under the lock, after any reconcile in flight)."""
     log = logger or logging.getLogger("tuneop")
     started = time.monotonic()
-    result = "error"
+    result: Optional[str] = "error"
     try:
         async with _lock(namespace, name):
+            if unless_seen is not None and _seen_jobs.seen(namespace, name, *unless_seen):
+                result = None
+                return None
             kc = kube.client()
-            body = await get_live(kc, API_VERSION, KIND, name, namespace)
+            children = None
+            if prefetch:
+                body, children = await gather(
+                    get_live(kc, API_VERSION, KIND, name, namespace), read_children(kc, namespace, name)
+                )
+            else:
+                body = await get_live(kc, API_VERSION, KIND, name, namespace)
             if body is None:
                 result = "success"
                 return None
-            observed = await observe(kc, body)
+            if (body.get("spec") or {}).get("backend") == "together":
+                children = None
+            observed = await observe(kc, body, children)
             decision = st.reconcile(
                 body, observed, image=CONFIG.image, now=now_iso(),
                 together_base_url=together.base_url(),
             )
-            await apply(kc, body, decision)
+            created = await apply(kc, body, decision)
             for ev in decision.events:
                 log.info("%s: %s", ev["reason"], ev["message"])
             if decision.together:
                 await together.run_actions(kc, body, decision, log)
+            _seen_jobs.remember(namespace, name, [
+                observed.validation_job, observed.training_job, observed.upload_job,
+                observed.download_job, *(o for o in created if o.get("kind") == "Job"),
+            ])
             result = "retry" if decision.retry_after else "success"
             return decision
     finally:
-        METRICS.observe_reconcile(KIND, result, time.monotonic() - started)
+        if result is not None:
+            METRICS.observe_reconcile(KIND, result, time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------------- handlers
@@ -242,21 +340,28 @@ async def report_api_error(namespace: str, name: str, error: kube.ApiError) -> b
         return False
 
 
-async def reconcile_or_report(namespace: str, name: str, logger: logging.Logger) -> bool:
-    """Reconcile; an API error goes into the status. False when even that was impossible."""
+async def reconcile_or_report(namespace: str, name: str, logger: logging.Logger, **kwargs: Any) -> bool:
+    """Reconcile (kwargs: see :func:`reconcile_object`); an API error goes into the status.
+    False when even that was impossible."""
     try:
-        await reconcile_object(namespace, name, logger=logger)
+        await reconcile_object(namespace, name, logger=logger, **kwargs)
         return True
     except kube.ApiError as e:
         logger.warning(f"reconcile of FineTuneJob {namespace}/{name} failed: {e}")
         return await report_api_error(namespace, name, e)
 
 
-async def on_change(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+def _kubernetes_backend(spec: Any) -> bool:
+    return (spec or {}).get("backend") != "together"
+
+
+async def on_change(
+    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, **_: Any
+) -> None:
     """create / update(spec) / resume. Waiting (a missing PVC, old Jobs being deleted, an API
     error) is not a handler failure: the status says why and the `retry` timer looks again.
     Only when the API server cannot even take the status does kopf retry the handler."""
-    if not await reconcile_or_report(namespace, name, logger):
+    if not await reconcile_or_report(namespace, name, logger, prefetch=_kubernetes_backend(spec)):
         raise kopf.TemporaryError("the Kubernetes API is not reachable", delay=15)
 
 
@@ -264,19 +369,23 @@ def _is_waiting(status: kopf.Status, **_: Any) -> bool:
     return (status or {}).get("reason") in st.RETRY_REASONS and (status or {}).get("phase") not in st.TERMINAL
 
 
-async def retry_timer(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
-    await reconcile_or_report(namespace, name, logger)
+async def retry_timer(
+    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, **_: Any
+) -> None:
+    await reconcile_or_report(namespace, name, logger, prefetch=_kubernetes_backend(spec))
 
 
 async def on_job_event(
     type: Optional[str], body: kopf.Body, logger: logging.Logger, **_: Any
 ) -> None:
-    """Any change of one of our Jobs: reconcile its owner now."""
+    """Any change of one of our Jobs: reconcile its owner now, unless the owner's last reconcile
+    already saw this very version of the Job (e.g. the ADDED event of the Job it created)."""
     meta = body.get("metadata") or {}
     owner = (meta.get("labels") or {}).get(b.OWNER_LABEL)
     if not owner or not meta.get("namespace"):
         return
-    await reconcile_or_report(meta["namespace"], owner, logger)
+    unless_seen = None if type == "DELETED" else (meta.get("name", ""), meta.get("resourceVersion"))
+    await reconcile_or_report(meta["namespace"], owner, logger, unless_seen=unless_seen)
 
 
 async def on_ftj_event(
@@ -285,6 +394,7 @@ async def on_ftj_event(
     if type == "DELETED":
         METRICS.forget(namespace, name)
         _locks.forget(namespace, name)
+        _seen_jobs.forget(namespace, name)
     else:
         METRICS.set_phase(namespace, name, (status or {}).get("phase"))
 

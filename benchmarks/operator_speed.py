@@ -1,0 +1,631 @@
+"""Operator speed: tuneop's FineTuneJob reconcile vs two floors, measured side by side in one run.
+
+    .venv/bin/python benchmarks/operator_speed.py [--n 200] [--rss-objects 1000] [--json OUT]
+
+Three operators, each in its own process, against the same kind of API server:
+
+- ``tuneop``: the real operator (``tuneop.handlers.run_operator``: every FineTuneJob and
+  AdapterDeployment handler, tuneop's kopf settings, its login, its aiohttp client), FineTuneJobs
+  with ``backend: kubernetes`` and the dataset in a ConfigMap: the operator checks the dataset,
+  creates ``<name>-config`` and ``<name>-train`` and writes the status (phase Running, two Events).
+- ``kopf``: a minimal kopf 1.45 ``@kopf.on.create`` handler creating one Job per object with the
+  ``kubernetes`` client (kopf's default settings).
+- ``watch``: a bare ``kubernetes``-client watch loop creating one Job per ADDED object.
+
+Measured for each: (a) create -> Job exists, p50/p95 over ``--seq`` sequential creates (each
+one after the previous has settled); (b) wall time from the first of ``--n`` FineTuneJobs
+created at once to the last Job (tuneop: also to the last status phase Running), with the
+number of Jobs created twice (must be 0); (c) the operator's RSS once ``--rss-objects``
+FineTuneJobs are reconciled. Ratios tuneop/floor are what matter: kmock is not kube-apiserver.
+
+API server: kmock (``tests/integration/kmockenv.py``'s emulator, in a thread of this process;
+every timestamp is taken inside it, when the object is stored). kmock looks objects up with a
+linear scan; the benchmark indexes lookups by name so that 1,000 objects measure the operators,
+not kmock. With ``--cluster`` (``KUBECONFIG`` must point at a cluster where tuneop's CRDs are
+installed) the same runs go against that cluster in a fresh namespace whose ResourceQuota allows
+no pods; times then come from a watch in this process (less precise, includes watch latency).
+That branch has not been run on this machine (no cluster here).
+
+Results: a table on stdout and JSON in ``benchmarks/results/operator_speed-<time>.json``.
+Internal: ``operator_speed.py _child {tuneop|kopf|watch}`` is one operator process.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+NS = "team-a"
+GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
+FTJ_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}"
+DATA_CM = "bench-data"
+OUT_PVC = "adapters"
+ROWS = "\n".join(
+    json.dumps({"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}"}]})
+    for i in range(20)
+)
+OPERATORS = ("tuneop", "base", "kopf", "watch")  # base: tuneop from --base DIR (before/after)
+# Goals of issue #8 on a real kube-apiserver (2 cores), and the floors measured there.
+GOALS = {"p50_ms": 30, "p95_ms": 80, "burst_s": 5.0, "rss_mb": 130}
+
+
+def ftj(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+        "metadata": {"name": name, "generation": 1},
+        "spec": {
+            "backend": "kubernetes", "baseModel": "Qwen/Qwen3-8B",
+            "dataset": {"train": {"configMap": {"name": DATA_CM, "key": "train.jsonl"}}},
+            "output": {"pvc": {"claimName": OUT_PVC, "path": name}},
+        },
+    }
+
+
+def floor_job(name: str, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
+    """The Job the floors create: roughly the size of tuneop's training Job."""
+    meta = owner.get("metadata") or {}
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {
+            "name": f"{name}-train", "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "floor", "tuneop.dev/finetunejob": name},
+            "ownerReferences": [{
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "name": name,
+                "uid": meta.get("uid", ""), "controller": True, "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": {
+            "backoffLimit": 2,
+            "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "trainer", "image": "ghcr.io/tuneop/trainer:latest",
+                    "command": ["python", "-m", "tuneop.trainer", "--config", "/etc/tuneop/job.json"],
+                }],
+            }},
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------- children
+
+
+def child_tuneop() -> None:
+    import kopf
+
+    import tuneop
+    from tuneop.handlers import run_operator
+
+    print(f"tuneop from {tuneop.__file__}", flush=True)
+    settings = kopf.OperatorSettings()
+    # kmock cannot serve kopf's namespace/CRD scanning; the watched namespace is named anyway.
+    settings.scanning.disabled = os.environ.get("BENCH_SCANNING") != "1"
+    profile = os.environ.get("BENCH_PROFILE")
+    if profile:
+        import cProfile
+        import signal
+
+        prof = cProfile.Profile()
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        prof.enable()
+        try:
+            run_operator(namespaces=[os.environ["BENCH_NS"]], metrics_port=None, settings=settings)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            prof.disable()
+            prof.dump_stats(profile)
+        return
+    run_operator(namespaces=[os.environ["BENCH_NS"]], metrics_port=None, settings=settings)
+
+
+def _k8s_clients() -> tuple[Any, Any]:
+    import kubernetes
+
+    kubernetes.config.load_kube_config()
+    return kubernetes.client.BatchV1Api(), kubernetes.client.CustomObjectsApi()
+
+
+def _create_job(batch: Any, body: dict[str, Any]) -> None:
+    import kubernetes
+
+    meta = body["metadata"]
+    try:
+        batch.create_namespaced_job(meta["namespace"], floor_job(meta["name"], meta["namespace"], body))
+    except kubernetes.client.ApiException as e:
+        if e.status != 409:
+            raise
+
+
+def child_kopf() -> None:
+    import kopf
+
+    batch, _ = _k8s_clients()
+
+    @kopf.on.startup()
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.scanning.disabled = os.environ.get("BENCH_SCANNING") != "1"
+
+    @kopf.on.create(GROUP, VERSION, PLURAL)
+    def create(body: kopf.Body, **_: Any) -> None:
+        _create_job(batch, dict(body))
+
+    kopf.configure(verbose=False)
+    kopf.run(standalone=True, namespaces=[os.environ["BENCH_NS"]])
+
+
+def child_watch() -> None:
+    import kubernetes
+
+    batch, custom = _k8s_clients()
+    ns = os.environ["BENCH_NS"]
+    seen: set[str] = set()
+    while True:
+        w = kubernetes.watch.Watch()
+        for event in w.stream(custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, timeout_seconds=300):
+            obj = event["object"]
+            name = obj["metadata"]["name"]
+            if event["type"] == "ADDED" and name not in seen:
+                seen.add(name)
+                _create_job(batch, obj)
+
+
+# ---------------------------------------------------------------------------------- API servers
+
+
+class Recorder:
+    """Timestamps of what the API server stored, per FineTuneJob name."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.ftj_created: dict[str, float] = {}
+        self.job_created: dict[str, float] = {}
+        self.job_creates: dict[str, int] = {}
+        self.job_conflicts = 0
+        self.running: dict[str, float] = {}
+        self.requests: dict[str, int] = {}
+        self.last_request = 0.0
+        self.watching: set[str] = set()
+
+    def reset(self) -> None:
+        with self.cond:
+            self.__init__()  # type: ignore[misc]
+
+    def wait(self, check: Any, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(check, timeout)
+
+
+class KMockApi:
+    """kmock in a thread of this process, with timestamps taken when objects are stored."""
+
+    def __init__(self) -> None:
+        sys.path.insert(0, str(ROOT / "tests" / "integration"))
+        import kmock
+        from kmockenv import Emulator, KMockThread
+
+        rec = self.rec = Recorder()
+        create, update, watch = kmock.action.CREATE, kmock.action.UPDATE, kmock.action.WATCH
+
+        class BenchEmulator(Emulator):
+            def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
+                # Named lookups by key: kmock scans every object for each request otherwise.
+                if request.name is not None and (strict or request.namespace is not None):
+                    obj = self._objects._objects.get((request.resource, request.namespace, request.name))
+                    return [obj] if obj is not None else []
+                return [
+                    obj for (res, ns, name), obj in self._objects.items()
+                    if res == request.resource and (ns == request.namespace or (not strict and request.namespace is None))
+                ]
+
+            async def _handle(self, request: Any) -> Any:
+                try:
+                    return await self._timed_handle(request)
+                finally:
+                    # kmock matches each request against every request it has served (its DSL
+                    # keeps them for assertions): quadratic. Keep only the ones in flight.
+                    try:
+                        self._requests.remove(request)
+                    except ValueError:
+                        pass
+                    for payload in self._payloads:
+                        payload._requests.clear()
+
+            async def _timed_handle(self, request: Any) -> Any:
+                res = request.resource
+                plural = res.plural if res is not None else ""
+                if res is not None:
+                    with rec.cond:
+                        key = f"{request.method.value} {plural}{'/' + request.subresource if request.subresource else ''}"
+                        if request.action == watch:
+                            key = f"WATCH {plural}"
+                            rec.watching.add(plural)
+                            rec.cond.notify_all()
+                        rec.requests[key] = rec.requests.get(key, 0) + 1
+                        rec.last_request = time.monotonic()
+                try:
+                    out = await super()._handle(request)
+                except Exception as e:
+                    if request.action == create and plural == "jobs" and "Conflict" in type(e).__name__:
+                        with rec.cond:
+                            rec.job_conflicts += 1
+                    raise
+                now = time.monotonic()
+                if request.action == create and isinstance(request.data, dict):
+                    name = (request.data.get("metadata") or {}).get("name", "")
+                    with rec.cond:
+                        if plural == PLURAL:
+                            rec.ftj_created[name] = now
+                        elif plural == "jobs" and name.endswith("-train"):
+                            owner = name[: -len("-train")]
+                            rec.job_created.setdefault(owner, now)
+                            rec.job_creates[owner] = rec.job_creates.get(owner, 0) + 1
+                        rec.cond.notify_all()
+                elif request.action == update and plural == PLURAL and request.subresource == "status":
+                    data = request.data if isinstance(request.data, dict) else {}
+                    if (data.get("status") or {}).get("phase") == "Running":
+                        with rec.cond:
+                            rec.running.setdefault(request.name, now)
+                            rec.cond.notify_all()
+                return out
+
+        import kmockenv
+
+        kmockenv.Emulator = BenchEmulator  # KMockThread builds kmockenv.Emulator()
+        self.server = KMockThread().start()
+        kmockenv.Emulator = Emulator
+        self.url = self.server.url
+        self.ns = NS
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+            "users": [{"name": "kmock", "user": {"token": "bench"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": self.ns}}],
+            "current-context": "kmock",
+        }))
+        return path
+
+    def setup(self) -> None:
+        self.server.create(f"/api/v1/namespaces/{self.ns}/persistentvolumeclaims",
+                           {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": OUT_PVC}})
+        self.server.create(f"/api/v1/namespaces/{self.ns}/configmaps",
+                           {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": DATA_CM},
+                            "data": {"train.jsonl": ROWS}})
+
+    def create_ftj(self, name: str) -> None:
+        self.server.create(FTJ_PATH.format(ns=self.ns), ftj(name))
+
+    def ready(self, operator: str, timeout: float = 60) -> bool:
+        need = {PLURAL, "jobs"} if operator in ("tuneop", "base") else {PLURAL}
+        return self.rec.wait(lambda: need <= self.rec.watching, timeout)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class ClusterApi:
+    """A real cluster (KUBECONFIG): a fresh namespace with a ResourceQuota of 0 pods (the Jobs
+    never run); timestamps from watches in this process. Not run on this machine."""
+
+    def __init__(self) -> None:
+        import kubernetes
+
+        kubernetes.config.load_kube_config()
+        self.k = kubernetes
+        self.core = kubernetes.client.CoreV1Api()
+        self.custom = kubernetes.client.CustomObjectsApi()
+        self.batch = kubernetes.client.BatchV1Api()
+        self.rec = Recorder()
+        self.ns = f"tuneop-bench-{os.getpid()}-{int(time.time()) % 100000}"
+        self._stop = threading.Event()
+
+    def kubeconfig(self, path: Path) -> Path:
+        return Path(os.environ["KUBECONFIG"])
+
+    def setup(self) -> None:
+        c = self.core
+        try:
+            c.create_namespace({"metadata": {"name": self.ns}})
+        except self.k.client.ApiException as e:
+            if e.status != 409:
+                raise
+        c.create_namespaced_resource_quota(self.ns, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}})
+        c.create_namespaced_persistent_volume_claim(self.ns, {
+            "metadata": {"name": OUT_PVC},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+        })
+        c.create_namespaced_config_map(self.ns, {"metadata": {"name": DATA_CM}, "data": {"train.jsonl": ROWS}})
+        threading.Thread(target=self._watch_jobs, daemon=True).start()
+        threading.Thread(target=self._watch_ftjs, daemon=True).start()
+        time.sleep(1)
+        self.rec.watching.update({PLURAL, "jobs"})
+
+    def _watch_jobs(self) -> None:
+        w = self.k.watch.Watch()
+        for ev in w.stream(self.batch.list_namespaced_job, self.ns, timeout_seconds=3600):
+            if self._stop.is_set():
+                return
+            name = ev["object"].metadata.name
+            if ev["type"] == "ADDED" and name.endswith("-train"):
+                owner = name[: -len("-train")]
+                with self.rec.cond:
+                    self.rec.job_created.setdefault(owner, time.monotonic())
+                    self.rec.job_creates[owner] = self.rec.job_creates.get(owner, 0) + 1
+                    self.rec.cond.notify_all()
+
+    def _watch_ftjs(self) -> None:
+        w = self.k.watch.Watch()
+        for ev in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.ns, PLURAL, timeout_seconds=3600):
+            if self._stop.is_set():
+                return
+            obj = ev["object"]
+            if (obj.get("status") or {}).get("phase") == "Running":
+                with self.rec.cond:
+                    self.rec.running.setdefault(obj["metadata"]["name"], time.monotonic())
+                    self.rec.cond.notify_all()
+
+    def create_ftj(self, name: str) -> None:
+        with self.rec.cond:
+            self.rec.ftj_created[name] = time.monotonic()
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, ftj(name))
+
+    def ready(self, operator: str, timeout: float = 60) -> bool:
+        time.sleep(3)  # no way to see the operator's watch from here
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.core.delete_namespace(self.ns)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------------------------- one operator
+
+
+class Child:
+    def __init__(self, operator: str, api: Any, workdir: Path, profile: Optional[Path] = None,
+                 source: Optional[Path] = None):
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(api.kubeconfig(workdir / "kubeconfig"))
+        env["BENCH_NS"] = api.ns
+        env["PYTHONPATH"] = os.pathsep.join([str((source or ROOT) / "operator"), env.get("PYTHONPATH", "")])
+        env.setdefault("OMP_NUM_THREADS", "1")
+        if profile is not None:
+            env["BENCH_PROFILE"] = str(profile)
+        self.log = workdir / f"{operator}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "_child", "tuneop" if operator == "base" else operator], env=env,
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+        )
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def cpu_s(self) -> float:
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def settle(rec: Recorder, quiet: float = 0.05, limit: float = 3.0) -> None:
+    """Wait until the API server got no request for `quiet` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        idle = time.monotonic() - rec.last_request
+        if idle >= quiet:
+            return
+        time.sleep(quiet - idle)
+
+
+def done_check(rec: Recorder, names: list[str], operator: str) -> Any:
+    if operator in ("tuneop", "base"):
+        return lambda: all(n in rec.running for n in names)
+    return lambda: all(n in rec.job_created for n in names)
+
+
+def run_operator_phase(operator: str, phase: str, count: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    api: Any = ClusterApi() if args.cluster else KMockApi()
+    child = None
+    try:
+        api.setup()
+        profile = workdir / f"{operator}-{phase}.prof" if (args.profile and operator == "tuneop") else None
+        child = Child(operator, api, workdir, profile, source=args.base if operator == "base" else None)
+        if not api.ready(operator):
+            raise RuntimeError(f"{operator} did not start watching; see {child.log}")
+        rec = api.rec
+        # Warm up (imports on first use, connection pools), not measured.
+        for i in range(3):
+            api.create_ftj(f"warm-{i}")
+        if not rec.wait(done_check(rec, [f"warm-{i}" for i in range(3)], operator), 30):
+            raise RuntimeError(f"{operator}: warm-up objects not reconciled; see {child.log}")
+        settle(rec, 0.2)
+        out: dict[str, Any] = {"rss_idle_mb": round(child.rss_mb(), 1)}
+        cpu0 = child.cpu_s()
+        requests0 = dict(rec.requests)
+        names = [f"{phase}-{i:04d}" for i in range(count)]
+        if phase == "seq":
+            lat, full = [], []
+            for name in names:
+                api.create_ftj(name)
+                if not rec.wait(done_check(rec, [name], operator), 30):
+                    raise RuntimeError(f"{operator}: {name} not reconciled in 30 s; see {child.log}")
+                lat.append(rec.job_created[name] - rec.ftj_created[name])
+                if name in rec.running:
+                    full.append(rec.running[name] - rec.ftj_created[name])
+                settle(rec)
+            out.update(p50_ms=1000 * percentile(lat, 0.5), p95_ms=1000 * percentile(lat, 0.95),
+                       mean_ms=1000 * statistics.fmean(lat))
+            if full:
+                out.update(status_p50_ms=1000 * percentile(full, 0.5), status_p95_ms=1000 * percentile(full, 0.95))
+        else:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(api.create_ftj, names))
+            if not rec.wait(done_check(rec, names, operator), 600):
+                missing = [n for n in names if n not in rec.job_created]
+                raise RuntimeError(f"{operator}: {len(missing)} of {count} not reconciled; see {child.log}")
+            first = min(rec.ftj_created[n] for n in names)
+            out["created_s"] = max(rec.ftj_created[n] for n in names) - first
+            out["jobs_s"] = max(rec.job_created[n] for n in names) - first
+            if operator in ("tuneop", "base"):
+                out["running_s"] = max(rec.running[n] for n in names) - first
+            settle(rec, 0.5, 30)
+            out["duplicate_jobs"] = sum(max(0, rec.job_creates.get(n, 0) - 1) for n in names)
+            out["job_conflicts"] = rec.job_conflicts
+            if phase == "rss":
+                time.sleep(1)
+                out["rss_mb"] = round(child.rss_mb(), 1)
+        out["cpu_s"] = round(child.cpu_s() - cpu0, 2)
+        out["requests_per_object"] = {
+            k: round((v - requests0.get(k, 0)) / count, 2) for k, v in sorted(rec.requests.items())
+            if v - requests0.get(k, 0) > 0
+        }
+        return out
+    finally:
+        if child is not None:
+            child.stop()
+        api.stop()
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}{unit}" if v >= 10 or unit == " MB" else f"{v:.2f}{unit}"
+    return f"{v}{unit}"
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        ("create -> Job p50", "seq", "p50_ms", " ms"),
+        ("create -> Job p95", "seq", "p95_ms", " ms"),
+        ("create -> status p50", "seq", "status_p50_ms", " ms"),
+        ("create -> status p95", "seq", "status_p95_ms", " ms"),
+        ("burst: last Job", "burst", "jobs_s", " s"),
+        ("burst: last Running", "burst", "running_s", " s"),
+        ("burst: duplicate Jobs", "burst", "duplicate_jobs", ""),
+        ("burst: operator CPU", "burst", "cpu_s", " s"),
+        ("RSS idle", "rss", "rss_idle_mb", " MB"),
+        ("RSS with objects", "rss", "rss_mb", " MB"),
+    ]
+    ops = [o for o in OPERATORS if o in results]
+    floors = [o for o in ops if o != "tuneop"]
+    head = ["", *ops, *[f"tuneop/{f}" for f in floors if "tuneop" in results]]
+    lines = [head]
+    for label, phase, key, unit in rows:
+        vals = [(results[o].get(phase) or {}).get(key) for o in ops]
+        if all(v is None for v in vals):
+            continue
+        line = [label, *[fmt(v, unit) for v in vals]]
+        if "tuneop" in results:
+            t = (results["tuneop"].get(phase) or {}).get(key)
+            # tuneop's status times are compared with the floors' Job times (they write no status).
+            for f in floors:
+                fk = {"running_s": "jobs_s", "status_p50_ms": "p50_ms", "status_p95_ms": "p95_ms"}.get(key, key)
+                fv = (results[f].get(phase) or {}).get(fk)
+                line.append(f"{t / fv:.2f}x" if isinstance(t, (int, float)) and fv and key != "duplicate_jobs" else "")
+        lines.append(line)
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["_child"]:
+        {"tuneop": child_tuneop, "kopf": child_kopf, "watch": child_watch}[argv[1]]()
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=200, help="FineTuneJobs created at once (b)")
+    p.add_argument("--seq", type=int, default=None, help="sequential creates for p50/p95 (a); default --n")
+    p.add_argument("--rss-objects", type=int, default=1000, help="FineTuneJobs for the RSS figure (c); 0 skips")
+    p.add_argument("--operators", default="tuneop,kopf,watch", help="which of tuneop,base,kopf,watch")
+    p.add_argument("--base", type=Path, help="another source tree (e.g. `git archive HEAD operator`) run as operator 'base'")
+    p.add_argument("--cluster", action="store_true", help="use the cluster of $KUBECONFIG instead of kmock")
+    p.add_argument("--profile", action="store_true", help="cProfile tuneop's process (written next to the JSON)")
+    p.add_argument("--json", help="JSON output file (default benchmarks/results/operator_speed-<time>.json)")
+    args = p.parse_args(argv)
+    if args.cluster and not os.environ.get("KUBECONFIG"):
+        p.error("--cluster needs KUBECONFIG")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_path = Path(args.json) if args.json else RESULTS / f"operator_speed-{stamp}.json"
+    workdir = out_path.parent / f"operator_speed-{stamp}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    phases = [("seq", args.seq or args.n), ("burst", args.n)]
+    if args.rss_objects:
+        phases.append(("rss", args.rss_objects))
+    operators = [o for o in args.operators.split(",") if o]
+    if args.base and "base" not in operators:
+        operators.insert(1, "base")
+    if "base" in operators and not args.base:
+        p.error("operator 'base' needs --base DIR")
+    results: dict[str, dict[str, Any]] = {o: {} for o in operators}
+    t0 = time.monotonic()
+    for phase, count in phases:
+        for op in operators:
+            t = time.monotonic()
+            results[op][phase] = run_operator_phase(op, phase, count, args, workdir)
+            print(f"  {op:6s} {phase:5s} n={count}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+    import kopf
+
+    report = {
+        "benchmark": "operator_speed",
+        "time": stamp,
+        "api_server": "cluster" if args.cluster else "kmock",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "kopf": kopf.__version__ if hasattr(kopf, "__version__") else "",
+        "args": {"n": args.n, "seq": args.seq or args.n, "rss_objects": args.rss_objects},
+        "goals_real_apiserver": GOALS,
+        "results": results,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "logs": str(workdir),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2))
+    print(table(results))
+    print(f"\nAPI server: {report['api_server']}; n={args.n}, rss objects={args.rss_objects}; "
+          f"goals (real apiserver): p50 <= 30 ms, p95 <= 80 ms, {args.n} in <= 5 s, <= 130 MB")
+    print(f"JSON: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
