@@ -689,9 +689,12 @@ def _reset_for_new_spec(bld: _Builder, h: str) -> None:
 def reconcile(
     body: dict[str, Any], observed: Observed | dict[str, Any], *, image: str, now: str,
     together_base_url: Optional[str] = None,
+    trainer_defaults: Optional[dict[str, Any]] = None,
 ) -> Decision:
     """The FineTuneJob `body` + what exists -> actions, new status and events.
-    ``together_base_url``: the Together endpoint the upload/download pods use (None: default)."""
+    ``together_base_url``: the Together endpoint the upload/download pods use (None: default).
+    ``trainer_defaults``: the platform's defaults for training pods (workload_defaults), filled into
+    the training Job's pods where the spec leaves them empty; the spec hash is unaffected."""
     obs = observed if isinstance(observed, Observed) else Observed(**observed)
     bld = _Builder(body, now)
     name = (body.get("metadata") or {}).get("name", "")
@@ -832,7 +835,12 @@ def reconcile(
         svc = b.build_headless_service(body, spec)
         if svc is not None and obs.service is None:
             bld.decision.create.append(svc)
-        bld.decision.create.append(b.build_training_job(body, spec, image=image))
+        job = b.build_training_job(body, spec, image=image)
+        if trainer_defaults:
+            from .workload_defaults import apply_to_pod
+
+            apply_to_pod(job["spec"]["template"]["spec"], trainer_defaults)
+        bld.decision.create.append(job)
         if spec.suspend:
             bld.cond(RUNNING_COND, False, SUSPENDED_REASON, f"Job {tname} created suspended")
             bld.phase(SUSPENDED, SUSPENDED_REASON, f"Job {tname} created suspended; unset spec.suspend to start")

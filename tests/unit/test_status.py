@@ -661,3 +661,23 @@ def test_failed_training_after_success_of_validation_keeps_dataset_counts() -> N
     d = run(ftj, training_job=job(ftj, "train", "failed"))
     assert d.status["dataset"]["trainRows"] == 4000
     assert d.status["reason"] == "BackoffLimitExceeded"
+
+
+def test_platform_defaults_reach_the_training_pods_and_keep_the_spec_hash() -> None:
+    defaults = {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "gpu", "operator": "Exists"}], "cpu": "8"}
+    ftj = applied(body(), run(body()))
+    message = json.dumps({"event": "validated", "datasets": {"train": OK_REPORT}})
+    d = s.reconcile(ftj, s.Observed(config_map=b.build_config_map(ftj), validation_job=job(ftj, "validate", "succeeded"),
+                                    validation_pods=[pod("news-validate", "validate", message=message)]),
+                    image="trainer:1", now=NOW, trainer_defaults=defaults)
+    (train,) = d.create
+    pod_spec = train["spec"]["template"]["spec"]
+    assert pod_spec["nodeSelector"] == {"pool": "gpu"} and pod_spec["tolerations"] == defaults["tolerations"]
+    assert pod_spec["containers"][0]["resources"]["requests"]["cpu"] == "8"
+    plain = b.build_training_job(ftj)
+    assert train["metadata"]["annotations"] == plain["metadata"]["annotations"]  # same spec hash
+    # The next reconcile sees that Job as current: nothing is replaced.
+    running = applied(ftj, d)
+    d2 = s.reconcile(running, s.Observed(config_map=b.build_config_map(ftj), training_job={**train, "status": {"active": 1}}),
+                     image="trainer:1", now=NOW, trainer_defaults=defaults)
+    assert d2.create == [] and d2.delete == []

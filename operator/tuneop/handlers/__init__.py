@@ -62,6 +62,7 @@ def run_operator(
         finetunejob.OperatorConfig(
             image=image, progress_interval=progress_interval, retry_interval=retry_interval,
             together_poll_interval=together_poll_interval, together_base_url=together_base_url,
+            workload_defaults=dict(workload_defaults or {}),
         ),
     )
     adapterdeployment.register(

@@ -47,6 +47,8 @@ PREFIX = "tuneop.dev"
 @dataclasses.dataclass
 class OperatorConfig:
     image: str = b.DEFAULT_IMAGE
+    # The platform's defaults for created pods (workload_defaults.parse); "trainer" applies here.
+    workload_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress_interval: float = 15.0
     retry_interval: float = 30.0
     log_tail_lines: int = 200
@@ -303,6 +305,7 @@ async def reconcile_object(
             decision = st.reconcile(
                 body, observed, image=CONFIG.image, now=now_iso(),
                 together_base_url=together.base_url(),
+                trainer_defaults=CONFIG.workload_defaults.get("trainer"),
             )
             created = await apply(kc, body, decision)
             for ev in decision.events:
