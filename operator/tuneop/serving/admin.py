@@ -28,34 +28,25 @@ _NOT_FOUND = ("not found", "cannot be found", "does not exist", "no such")
 
 class AdminError(Exception):
     def __init__(self, status: int, message: str, *, op: str = "", url: str = "", body: Optional[str] = None):
-        self.reason = guard_reason(body if body is not None else message)
-        if self.reason and body is not None:
-            message = guard_message(body) or message
+        self.reason, guard_message = guard_error(body if body is not None else message)
+        if self.reason and guard_message:
+            message = guard_message
         super().__init__(f"vLLM {op} at {url}: {status} {message}".strip())
         self.status = status
         self.message = message
 
 
-def guard_reason(text: str) -> Optional[str]:
-    """The refusal reason of tuneop's guard in an error body, else None."""
+def guard_error(text: str) -> tuple[Optional[str], Optional[str]]:
+    """(reason, message) of a refusal by tuneop's guard in an error body, else (None, None)."""
     import json as _json
 
     try:
         err = (_json.loads(text) or {}).get("error") or {}
     except (ValueError, AttributeError):
-        return None
-    if isinstance(err, dict) and err.get("type") == "tuneop_admin_refused":
-        return str(err.get("reason") or "") or None
-    return None
-
-
-def guard_message(text: str) -> Optional[str]:
-    import json as _json
-
-    try:
-        return str(((_json.loads(text) or {}).get("error") or {}).get("message"))[:500]
-    except (ValueError, AttributeError):
-        return None
+        return None, None
+    if not isinstance(err, dict) or err.get("type") != "tuneop_admin_refused":
+        return None, None
+    return str(err.get("reason") or "") or None, str(err.get("message") or "")[:500] or None
 
 
 ADMIN_HEADER = "X-Tuneop-Admin-Token"

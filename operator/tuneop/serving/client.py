@@ -266,12 +266,7 @@ class VllmClient:
             msg = raw.decode("utf-8", "replace").strip()
             return AdapterChange(name, Outcome.RELOADED if replace else Outcome.LOADED, msg)
         message, typ = self._error_of(status, raw)
-        if typ == GUARD_ERROR_TYPE:
-            raise AdminRefused(message, status=status, type=typ, method=method, path=route)
-        if status == 404 and message == "Not Found" and typ is None:
-            raise RuntimeLoraDisabled(
-                f"{route} is not served: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
-                status=status, method=method, path=route)
+        self._raise_admin_route_errors(status, message, typ, method, route)
         if "already been loaded" in message:
             current = self.loaded_adapters().get(name)
             if current is None or current.root in (None, path):
@@ -288,6 +283,16 @@ class VllmClient:
             raise AdapterLoadFailed(message, status=status, type=typ, method=method, path=route)
         raise VllmError(message, status=status, type=typ, method=method, path=route)
 
+    @staticmethod
+    def _raise_admin_route_errors(status: int, message: str, typ: Optional[str], method: str, route: str) -> None:
+        """Errors of the load/unload routes themselves: refused by tuneop's guard, or not served."""
+        if typ == GUARD_ERROR_TYPE:
+            raise AdminRefused(message, status=status, type=typ, method=method, path=route)
+        if status == 404 and message == "Not Found" and typ is None:
+            raise RuntimeLoraDisabled(
+                f"{route} is not served: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+                status=status, method=method, path=route)
+
     def unload_adapter(self, name: str) -> AdapterChange:
         """Unload `name`; NOT_LOADED (no exception) when the server does not have it."""
         method, route = "POST", "/v1/unload_lora_adapter"
@@ -295,12 +300,7 @@ class VllmClient:
         if status < 300:
             return AdapterChange(name, Outcome.UNLOADED, raw.decode("utf-8", "replace").strip())
         message, typ = self._error_of(status, raw)
-        if typ == GUARD_ERROR_TYPE:
-            raise AdminRefused(message, status=status, type=typ, method=method, path=route)
-        if status == 404 and message == "Not Found" and typ is None:
-            raise RuntimeLoraDisabled(
-                f"{route} is not served: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
-                status=status, method=method, path=route)
+        self._raise_admin_route_errors(status, message, typ, method, route)
         if status in (400, 404) and "cannot be found" in message:
             return AdapterChange(name, Outcome.NOT_LOADED, message)
         raise VllmError(message, status=status, type=typ, method=method, path=route)
