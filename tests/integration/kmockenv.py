@@ -161,6 +161,15 @@ class KMockThread:
             if str(r.method).upper().endswith(method.upper()) and r.url.path.startswith(path_prefix)
         ]
 
+    def wait_watching(self, path: str, timeout: float = 30.0) -> None:
+        """Wait until someone (the operator) watches the collection at `path`. Tests that count
+        reconciles create their objects after this: kmock replays, at the start of a watch, the
+        objects that exist then, and that event may arrive after the operator has already handled
+        the object from its listing (a real API server starts the watch at the listing's
+        resourceVersion). The handling is idempotent either way; it is one more reconcile."""
+        wait_for(lambda: [r for r in self.requests("GET", path) if r.url.path == path and "watch" in str(r.url.query)],
+                 timeout, f"a watch of {path}")
+
     def events(self, reason: Optional[str] = None) -> list[dict[str, Any]]:
         out = []
         for r in self.requests("POST", f"/api/v1/namespaces/{NS}/events"):

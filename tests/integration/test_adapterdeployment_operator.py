@@ -374,6 +374,35 @@ def test_adapters_loaded_live_on_every_pod_and_template_never_changes(
     assert "AdapterLoadFailed" not in r
 
 
+def test_finetunejob_success_reaches_only_the_adapterdeployments_referencing_it(
+    api: KMockThread, vllm_pods: Callable[[], FakeVllm]
+) -> None:
+    """A FineTuneJob that Succeeds gets its adapter loaded by the AdapterDeployment that names it,
+    through the in-memory index of AdapterDeployments (the timer is off here): no FineTuneJob
+    event lists AdapterDeployments (unit tests: one that nobody references reconciles none)."""
+    api.create(FTJ_PATH, ftj("support"))
+    api.create(FTJ_PATH, ftj("unrelated"))
+    api.create(AD_PATH, ad(adapters=[{"name": "support", "fineTuneJobRef": {"name": "support"}}], replicas=1))
+    pod = vllm_pods()
+
+    with Operator(interval=3600):
+        wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        start_pod(api, pod, "qwen-vllm-a")
+        deployment_ready(api, 1)
+        wait_for(lambda: cond(api, "Available").get("status") == "True", what="Available")
+        assert adapter_states(api) == {"support": "Waiting"}
+
+        api.patch(f"{FTJ_PATH}/unrelated/status", {"status": {
+            "phase": "Succeeded", "adapter": {"location": "pvc://trained/unrelated/adapter", "sha256": SHA}}})
+        api.patch(f"{FTJ_PATH}/support/status", {"status": {
+            "phase": "Succeeded", "adapter": {"location": "pvc://trained/support/adapter", "sha256": SHA}}})
+        wait_for(lambda: cond(api, "Ready").get("status") == "True", what="Ready")
+        assert pod.loaded == {"support": "/mnt/pvc/trained/support/adapter"}
+        assert adapter_states(api) == {"support": "Loaded"}
+    lists = [r for r in api.requests("GET", AD_PATH) if r.url.path == AD_PATH and "watch" not in str(r.url.query)]
+    assert len(lists) <= 1  # kopf's own listing when its watch starts; none per FineTuneJob event
+
+
 def test_restarted_pod_gets_adapters_again_and_500s_are_retried(
     api: KMockThread, vllm_pods: Callable[[], FakeVllm]
 ) -> None:

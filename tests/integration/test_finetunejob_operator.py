@@ -315,6 +315,25 @@ def test_operator_restart_midway_creates_exactly_one_training_job(api: KMockThre
     assert reasons(api).count("TrainingStarted") == 1
 
 
+def test_children_left_by_a_reconcile_that_never_wrote_the_status_are_adopted(api: KMockThread) -> None:
+    """The first reconcile of a new FineTuneJob creates its children without reading them first.
+    When one is there already (an earlier reconcile created it and died before writing any
+    status; here: an outdated news-config), its create answers 409: the reconcile then reads
+    the children and goes on from what exists (the ConfigMap is brought up to date)."""
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    configmap(api, "news-config", {"job.json": "{}"})
+    with Operator():
+        api.wait_watching(FTJ_PATH)
+        api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+        st = wait_phase(api, "Running")
+        wait_for(lambda: json.loads(api.get(f"{CMS}/news-config")["data"]["job.json"]).get("spec"), what="config updated")
+    assert st["observedGeneration"] == 1
+    assert len(job_posts(api, "news-train")) == 1
+    assert len(api.requests("GET", f"{CMS}/news-config")) >= 2  # read after the 409 (and by the test)
+    assert reasons(api) == ["DatasetValid", "TrainingStarted"]
+
+
 def test_spec_change_replaces_the_children_of_the_old_spec(api: KMockThread) -> None:
     pvc(api, "adapters")
     configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
@@ -399,13 +418,67 @@ def test_event_of_the_job_version_already_reconciled_is_skipped(api: KMockThread
         wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
         wait_phase(api, "Running")
         time.sleep(1.0)  # the Job's ADDED event has long arrived
-        # Every reconcile reads the config ConfigMap (the test's own GETs are of the FineTuneJob).
-        assert len(api.requests("GET", f"{CMS}/news-config")) == 1  # the create reconcile only
+        # Every reconcile but the first (which assumes a new object has no children) reads the
+        # config ConfigMap (the test's own GETs are of the FineTuneJob).
+        assert len(api.requests("GET", f"{CMS}/news-config")) == 0  # the create reconcile only
         assert len(api.requests("PATCH", f"{FTJ_PATH}/news/status")) == 1
 
         api.patch(f"{JOBS}/news-train/status", {"status": {"active": 1, "startTime": "2026-01-01T00:01:00Z"}})
-        wait_for(lambda: len(api.requests("GET", f"{CMS}/news-config")) == 2, what="a reconcile of the Job change")
+        wait_for(lambda: len(api.requests("GET", f"{CMS}/news-config")) == 1, what="a reconcile of the Job change")
         wait_for(lambda: "is running" in [c for c in status_of(api)["conditions"] if c["type"] == "Running"][0]["message"],
                  what="Running condition updated")
     assert len(job_posts(api)) == 1
     assert reasons(api) == ["DatasetValid", "TrainingStarted"]
+
+
+def test_happy_path_costs_the_fewest_requests_and_leaves_no_kopf_trace(api: KMockThread) -> None:
+    """From create to Running (dataset in a ConfigMap), with every handler of the operator
+    registered (AdapterDeployments too): each request is one the reconcile needs. Reading the
+    FineTuneJob and its 2 dependencies, creating 2 children (not read first: a new object has
+    none), one status patch, two Events; kopf writes nothing of its own (no annotation, no
+    finalizer) and nobody lists AdapterDeployments or reads the new job's progress yet."""
+    import time
+
+    import kopf
+    from kopf.testing import KopfRunner
+
+    from tuneop.handlers import adapterdeployment, finetunejob
+
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    registry = kopf.OperatorRegistry()
+    finetunejob.register(registry, finetunejob.OperatorConfig(image="trainer:test", progress_interval=3600))
+    adapterdeployment.register(registry, adapterdeployment.AdapterConfig(interval=3600))
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True
+    with KopfRunner(["run", "--standalone", "--namespace", NS], registry=registry, settings=settings, timeout=30):
+        api.wait_watching(FTJ_PATH)
+        api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+        wait_for(lambda: api.requests("PATCH", f"{FTJ_PATH}/news/status"), what="status written")
+        wait_for(lambda: len(api.events()) == 2, what="two Events")
+        time.sleep(1.0)  # every event the create caused (the Job's ADDED, the status') has arrived
+
+        def count(method: str, path: str) -> int:
+            return len([r for r in api.requests(method, path) if r.url.path == path])
+
+        assert count("GET", f"{FTJ_PATH}/news") == 1
+        assert count("GET", f"{CMS}/news-config") == 0 and count("GET", f"{CMS}/news-data") == 1
+        assert count("GET", f"{JOBS}/news-validate") == 0 and count("GET", f"{JOBS}/news-train") == 0
+        assert count("GET", f"{PVCS}/adapters") == 1
+        assert count("POST", CMS) == 2  # the test's own news-data + news-config
+        assert count("POST", JOBS) == 1
+        assert count("PATCH", f"{FTJ_PATH}/news/status") == 1
+        assert count("PATCH", f"{FTJ_PATH}/news") == 0  # kopf: no annotation, no finalizer
+        assert [r for r in api.requests("GET", PODS) if "finetunejob" in str(r.url.query)] == []  # no progress read
+        ads = "/apis/tuneop.dev/v1alpha1/namespaces/team-a/adapterdeployments"
+        lists = [r for r in api.requests("GET", ads) if "watch" not in str(r.url.query)]
+        assert len(lists) <= 1  # kopf's own listing when its watch starts, never one per FineTuneJob
+        body = get_ftj(api)
+        assert not body["metadata"].get("finalizers")
+        assert not [k for k in body["metadata"].get("annotations") or {} if k.startswith("tuneop.dev/")]
+        assert body["status"]["phase"] == "Running" and body["status"]["observedGeneration"] == 1
+
+        # A spec change (new generation) is still seen, and handled by the same reconcile.
+        api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
+        wait_for(lambda: status_of(api).get("observedGeneration") == 2, what="generation 2 observed")
+    assert reasons(api) == ["DatasetValid", "TrainingStarted", "Suspended"]

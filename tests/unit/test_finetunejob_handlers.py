@@ -74,3 +74,165 @@ def test_gather_waits_for_every_read_then_raises_the_first_error() -> None:
     with pytest.raises(kube.ApiError):
         asyncio.run(h.gather(fail(), ok(0.02, 3)))
     assert 3 in done  # the slower read finished before the error was raised
+
+
+# ---------------------------------------------------------------------------------- kopf bookkeeping
+
+
+def ftj_body(generation=1, observed=None, annotations=None) -> dict:
+    body: dict = {"apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob",
+                  "metadata": {"name": "news", "namespace": "ns", "annotations": annotations or {}},
+                  "spec": {"backend": "kubernetes", "baseModel": "m"}}
+    if generation is not None:
+        body["metadata"]["generation"] = generation
+    if observed is not None:
+        body["status"] = {"phase": "Running", "observedGeneration": observed}
+    return body
+
+
+def test_spec_handled_is_observed_generation_equal_to_generation() -> None:
+    assert h.spec_handled(ftj_body(1, 1)) is True
+    assert h.spec_handled(ftj_body(2, 1)) is False  # spec changed since the last reconcile
+    assert h.spec_handled(ftj_body(1, None)) is False  # never reconciled
+    assert h.spec_handled(ftj_body(None, 1)) is None  # no generation: kopf's annotation decides
+    # An event older than this process' own status write of that generation: handled too.
+    assert h.spec_handled(ftj_body(1, None), remembered=1) is True
+    assert h.spec_handled(ftj_body(2, 1), remembered=1) is False
+
+
+def test_observed_generations_by_uid() -> None:
+    seen = h.ObservedGenerations()
+    body = {"metadata": {"uid": "u1", "generation": 2}}
+    assert seen.get(body) is None
+    seen.remember(body, 2)
+    seen.remember({"metadata": {}}, 3)  # no uid: nothing to key it by
+    seen.remember({"metadata": {"uid": "u2"}}, None)
+    assert seen.get(body) == 2 and seen.get({"metadata": {"uid": "u2"}}) is None
+    seen.forget("u1")
+    assert seen.get(body) is None
+
+
+def _diffbase() -> "h.GenerationDiffBase":
+    import kopf
+
+    return h.GenerationDiffBase(kopf.AnnotationsDiffBaseStorage(prefix="tuneop.dev", key="last-handled-configuration"),
+                                kinds={"FineTuneJob"})
+
+
+def test_generation_diffbase_handled_object_has_no_diff_and_stores_nothing() -> None:
+    import kopf
+    from kopf._cogs.structs import bodies, diffs, patches
+
+    storage = _diffbase()
+    body = bodies.Body(ftj_body(1, 1))
+    stale = bodies.Body(ftj_body(1, None))  # sent before the status write this process made
+    remembering = h.GenerationDiffBase(storage.fallback, kinds={"FineTuneJob"}, remembered=lambda b: 1)
+    assert not diffs.diff(remembering.fetch(body=stale), remembering.build(body=stale))
+    assert not diffs.diff(storage.fetch(body=body), storage.build(body=body))
+    patch = patches.Patch()
+    storage.store(body=body, patch=patch, essence=storage.build(body=body))
+    assert not patch  # no annotation, no marker: no PATCH of kopf's own
+    # New (no status yet) and changed (generation ahead of the status) objects are to be handled.
+    assert storage.fetch(body=bodies.Body(ftj_body(1, None))) is None
+    assert storage.fetch(body=bodies.Body(ftj_body(2, 1))) is None
+    # ... unless an older tuneop left its annotation: kopf then diffs against it, as before.
+    legacy = ftj_body(2, 1, {"tuneop.dev/last-handled-configuration": json.dumps({"spec": {"baseModel": "old"}})})
+    assert storage.fetch(body=bodies.Body(legacy)) == {"spec": {"baseModel": "old"}}
+    assert isinstance(storage, kopf.DiffBaseStorage)
+
+
+def test_generation_diffbase_other_kinds_and_generationless_objects_keep_the_annotation() -> None:
+    from kopf._cogs.structs import bodies, patches
+
+    storage = _diffbase()
+    for raw in (dict(ftj_body(1, 1), kind="AdapterDeployment"), ftj_body(None, None)):
+        body = bodies.Body(raw)
+        assert storage.fetch(body=body) is None
+        patch = patches.Patch()
+        storage.store(body=body, patch=patch, essence=storage.build(body=body))
+        assert "tuneop.dev/last-handled-configuration" in patch["metadata"]["annotations"]
+
+
+def test_lone_marker_only_when_no_other_annotation_of_ours_stays() -> None:
+    m = "tuneop.dev/kopf-managed"
+    assert h.lone_marker("tuneop.dev", {}, {m: "yes"}) == m
+    assert h.lone_marker("tuneop.dev", {"other.io/x": "1"}, {m: "yes", "tuneop.dev/reconcile": None}) == m
+    assert h.lone_marker("tuneop.dev", {}, {m: "yes", "tuneop.dev/reconcile": "{}"}) is None  # a retry record
+    assert h.lone_marker("tuneop.dev", {"tuneop.dev/last-handled-configuration": "{}"}, {m: "yes"}) is None
+    assert h.lone_marker("tuneop.dev", {m: "yes"}, {"tuneop.dev/reconcile": None}) is None  # nothing to add
+    assert h.lone_marker("tuneop.dev", {}, {}) is None
+
+
+def test_progress_storage_leaves_no_trace_of_a_handler_done_at_once() -> None:
+    from kopf._cogs.structs import bodies, patches
+
+    storage = h.ProgressAnnotations(prefix="tuneop.dev")
+    body = bodies.Body(ftj_body(1, None))
+    patch = patches.Patch()
+    storage.store(key="reconcile", record={"started": "t", "success": True}, body=body, patch=patch)
+    assert patch["metadata"]["annotations"]  # the record (and kopf's marker)
+    storage.purge(key="reconcile", body=body, patch=patch)
+    assert not patch
+    # A handler being retried keeps its record and the marker.
+    patch = patches.Patch()
+    storage.store(key="reconcile", record={"started": "t", "retries": 1}, body=body, patch=patch)
+    storage.purge(key="other", body=body, patch=patch)
+    assert set(patch["metadata"]["annotations"]) == {"tuneop.dev/reconcile", "tuneop.dev/kopf-managed"}
+
+
+def test_progress_patch_only_when_more_than_the_time_changed() -> None:
+    old = {"step": 10, "totalSteps": 90, "updatedAt": "t1"}
+    assert h.progress_patch(old, {"step": 10, "totalSteps": 90, "updatedAt": "t2"}) is None
+    assert h.progress_patch(old, {"step": 20, "totalSteps": 90, "updatedAt": "t2"}) == {
+        "status": {"progress": {"step": 20, "updatedAt": "t2"}}}
+    assert h.progress_patch(None, {"step": 1}) == {"status": {"progress": {"step": 1}}}
+
+
+def test_progress_poller_tracks_running_kubernetes_jobs_only() -> None:
+    poller = h.ProgressPoller()
+    k8s, together = {"backend": "kubernetes"}, {"backend": "together"}
+    poller.track("ns", "a", {"phase": "Running", "progress": {"step": 3}}, k8s)
+    poller.track("ns", "b", {"phase": "Running"}, together)
+    poller.track("ns", "c", {"phase": "Pending"}, k8s)
+    assert poller.running() == [("ns", "a")]
+    poller.track("ns", "a", {"phase": "Succeeded"}, k8s)
+    assert poller.running() == []
+    poller.track("ns", "a", {"phase": "Running"}, k8s)
+    poller.forget("ns", "a")
+    assert poller.running() == []
+
+
+def test_progress_poller_polls_each_running_job_and_survives_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    polled: list[tuple[str, str, dict]] = []
+
+    async def fake_poll(namespace: str, name: str, old: dict, logger: logging.Logger) -> None:
+        polled.append((namespace, name, old))
+        if name == "bad":
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(h, "poll_progress", fake_poll)
+
+    async def main() -> None:
+        poller = h.ProgressPoller(concurrency=2)
+        poller.start(0.01)
+        for n in ("bad", "good"):
+            poller.track("ns", n, {"phase": "Running", "progress": {"step": 1}}, {})
+        for _ in range(200):
+            if sum(1 for p in polled if p[1] == "good") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        await poller.stop()
+
+    asyncio.run(main())
+    assert {p[1] for p in polled} == {"bad", "good"}
+    assert sum(1 for p in polled if p[1] == "good") >= 2  # the loop outlived "bad"'s error
+    assert ("ns", "good", {"step": 1}) in polled
+
+
+def test_first_reconcile_is_a_kubernetes_job_without_any_status() -> None:
+    assert h.first_reconcile({"spec": {"backend": "kubernetes"}})
+    assert h.first_reconcile({"spec": {}, "status": {}})
+    assert not h.first_reconcile({"spec": {"backend": "kubernetes"}, "status": {"phase": "Pending"}})
+    assert not h.first_reconcile({"spec": {"backend": "together"}})  # its children: see together.observe

@@ -20,7 +20,10 @@ the adapter is Failed in the status and the next tick tries again.
 Triggers: AdapterDeployment created / spec changed / operator resumed; a timer every
 ``interval`` seconds; any event of a pod or Deployment labelled with an AdapterDeployment; a
 FineTuneJob whose phase, adapter sha256 or output changed (e.g. it just Succeeded) reconciles the
-AdapterDeployments of its namespace that reference it.
+AdapterDeployments that reference it. Which ones do is kept in memory by a kopf index of the
+AdapterDeployments (``ad_by_finetunejob``, fed by their watch): a FineTuneJob event costs no API
+request unless an AdapterDeployment references it. An index a moment behind loses nothing: an
+AdapterDeployment's own create/update handler reads its FineTuneJobs fresh.
 
 Pod admin URL: ``http://<podIP>:8000``; ``admin_urls`` (pod name -> URL) and, only when
 ``admin_url_annotation`` is on (tests), the pod annotation ``tuneop.dev/admin-url`` override it.
@@ -398,36 +401,50 @@ async def on_child_event(body: kopf.Body, logger: logging.Logger, **_: Any) -> N
         await _reconcile_quietly(meta["namespace"], owner, logger)
 
 
+def referenced_jobs(spec: Any) -> list[str]:
+    """The FineTuneJobs an AdapterDeployment's spec (a dict) names in ``fineTuneJobRef``."""
+    return sorted({
+        str(ref["name"])
+        for a in ((spec or {}).get("adapters") or []) if isinstance(a, dict)
+        for ref in [a.get("fineTuneJobRef")] if isinstance(ref, dict) and ref.get("name")
+    })
+
+
 def references(ad: dict[str, Any], ftj_name: str) -> bool:
-    return any(
-        ((a or {}).get("fineTuneJobRef") or {}).get("name") == ftj_name
-        for a in ((ad.get("spec") or {}).get("adapters") or [])
+    return ftj_name in referenced_jobs(ad.get("spec"))
+
+
+def ad_by_finetunejob(namespace: Optional[str], name: str, spec: Any, **_: Any) -> dict[tuple[Optional[str], str], str]:
+    """kopf index: (namespace, FineTuneJob name) -> the AdapterDeployments referencing it."""
+    return {(namespace, job): name for job in referenced_jobs(spec)}
+
+
+def ftj_fingerprint(event_type: Optional[str], body: dict[str, Any]) -> Optional[tuple[Any, ...]]:
+    """What of a FineTuneJob matters to the AdapterDeployments serving it (None: deleted)."""
+    if event_type == "DELETED":
+        return None
+    st = body.get("status") or {}
+    return (
+        st.get("phase"), (st.get("adapter") or {}).get("sha256"),
+        str(((body.get("spec") or {}).get("output") or {})),
     )
 
 
 async def on_ftj_event(
-    type: Optional[str], body: kopf.Body, name: str, namespace: str, logger: logging.Logger, **_: Any
+    type: Optional[str], body: kopf.Body, name: str, namespace: str, logger: logging.Logger,
+    ad_by_finetunejob: Any = None, **_: Any,
 ) -> None:
-    """A FineTuneJob's phase, adapter or output changed: reconcile the AdapterDeployments of its
-    namespace that reference it (its adapter may now be served, or its claim mounted)."""
-    st = body.get("status") or {}
-    fingerprint = None if type == "DELETED" else (
-        st.get("phase"), (st.get("adapter") or {}).get("sha256"),
-        str(((body.get("spec") or {}).get("output") or {})),
-    )
+    """A FineTuneJob's phase, adapter or output changed: reconcile the AdapterDeployments that
+    reference it (its adapter may now be served, or its claim mounted)."""
+    fingerprint = ftj_fingerprint(type, body)
     key = (namespace, name)
     if key in _ftj_seen and _ftj_seen[key] == fingerprint:
         return
     _ftj_seen[key] = fingerprint
-    try:
-        ads = await kube.client().list(API_VERSION, KIND, namespace)
-    except kube.ApiError as e:
-        logger.warning(f"AdapterDeployments in {namespace} not listed: {e}")
+    if type == "DELETED":
         _ftj_seen.pop(key, None)
-        return
-    for ad in ads:
-        if references(ad, name):
-            await _reconcile_quietly(namespace, ad["metadata"]["name"], logger)
+    for ad_name in sorted(set((ad_by_finetunejob or {}).get(key, ()))):
+        await _reconcile_quietly(namespace, ad_name, logger)
 
 
 async def on_ad_event(type: Optional[str], name: str, namespace: str, **_: Any) -> None:
@@ -470,5 +487,6 @@ def register(
     kopf.timer(*ad, registry=reg, id="ad-adapters", interval=CONFIG.interval)(adapters_timer)
     kopf.on.event("v1", "pods", registry=reg, id="ad-pod", labels=owned)(on_child_event)
     kopf.on.event("apps", "v1", "deployments", registry=reg, id="ad-deployment", labels=owned)(on_child_event)
+    kopf.index(*ad, registry=reg, id="ad_by_finetunejob")(ad_by_finetunejob)
     kopf.on.event(GROUP, VERSION, "finetunejobs", registry=reg, id="ad-finetunejob")(on_ftj_event)
     return reg

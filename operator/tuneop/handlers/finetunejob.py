@@ -2,8 +2,9 @@
 
 Every trigger ends in :func:`reconcile_object`: under a per-object lock it reads the
 FineTuneJob fresh from the API, observes its children and dependencies (independent reads at
-once), lets the pure reducer decide, applies the decision (deletes, creates with 409 = exists,
-patches, status), then posts one Event per transition. Running it twice in a row does nothing the second time.
+once; the first reconcile of a new object assumes it has no children, see
+:func:`first_reconcile`), lets the pure reducer decide, applies the decision (deletes, creates
+with 409 = exists, patches, status), then posts one Event per transition. Running it twice in a row does nothing the second time.
 
 Triggers:
 - FineTuneJob created / spec changed / operator (re)started -> reconcile. Waiting is not an
@@ -14,9 +15,16 @@ Triggers:
 - any event of a batch/v1 Job labelled managed-by tuneop -> reconcile its owner at once, unless
   the owner's last reconcile already saw exactly that version of the Job (`SeenJobs`: the ADDED
   event of the Job a reconcile has just created would redo the same reconcile).
-- a timer, every ``progress_interval`` seconds while phase is Running: the newest
-  ``{"event": "progress"}`` line of the training pod's log -> status.progress + metrics.
+- every ``progress_interval`` seconds, for each FineTuneJob in phase Running (one task of the
+  operator, :class:`ProgressPoller`, fed by the FineTuneJob watch; not a kopf timer per object,
+  which would put a finalizer on every job): the newest ``{"event": "progress"}`` line of the
+  training pod's log -> status.progress + metrics.
 - FineTuneJob watch events -> the phase gauge; deletion -> its metric series are dropped.
+
+What kopf needs to tell a new spec from one already handled is the status' own
+``observedGeneration`` (:class:`GenerationDiffBase`), so handling a FineTuneJob writes nothing
+but its status: no last-handled-configuration annotation, no finalizer (only ``backend:
+together`` jobs with work at Together get one, for the cancel on delete).
 
 Handlers are registered explicitly with :func:`register` (tests use a fresh registry each).
 """
@@ -71,9 +79,10 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     """Our kopf settings: tuneop.dev prefixes, Events only for errors from logs (transitions
     are posted explicitly), bounded watches and requests."""
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
+    settings.persistence.progress_storage = ProgressAnnotations(prefix=PREFIX)
+    settings.persistence.diffbase_storage = GenerationDiffBase(
+        kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration"), kinds={KIND},
+        remembered=_observed.get,
     )
     settings.posting.level = logging.ERROR
     settings.posting.reporting_component = "tuneop"
@@ -85,11 +94,117 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.networking.connect_timeout = 30
 
 
+def spec_handled(body: Any, remembered: Optional[int] = None) -> Optional[bool]:
+    """Whether the current spec was reconciled: ``status.observedGeneration ==
+    metadata.generation``, or `remembered` (the generation this process last wrote into the
+    status of this object) is it, for an event older than that status write. None when the
+    object has no generation to tell (then kopf's own annotation decides)."""
+    generation = ((body or {}).get("metadata") or {}).get("generation")
+    if generation is None:
+        return None
+    return generation in (((body or {}).get("status") or {}).get("observedGeneration"), remembered)
+
+
+class ObservedGenerations:
+    """uid -> the generation this process last wrote as ``status.observedGeneration``."""
+
+    def __init__(self) -> None:
+        self._gen: dict[str, int] = {}
+
+    def remember(self, body: dict[str, Any], generation: Any) -> None:
+        uid = (body.get("metadata") or {}).get("uid")
+        if uid and isinstance(generation, int):
+            self._gen[uid] = generation
+
+    def get(self, body: Any) -> Optional[int]:
+        uid = ((body or {}).get("metadata") or {}).get("uid")
+        return self._gen.get(uid) if uid else None
+
+    def forget(self, uid: Optional[str]) -> None:
+        if uid:
+            self._gen.pop(uid, None)
+
+    def clear(self) -> None:
+        self._gen.clear()
+
+
+_observed = ObservedGenerations()
+
+
+class GenerationDiffBase(kopf.DiffBaseStorage):
+    """kopf's "last handled state" of `kinds` taken from the status instead of an annotation.
+
+    The reconcile writes ``status.observedGeneration`` (the Kubernetes convention) with every
+    status, and a spec change bumps ``metadata.generation``; so an object whose status has
+    observed its generation is "handled" (kopf sees no change), any other is new or changed
+    (kopf runs the create/update handlers, which are the same reconcile). Nothing is stored:
+    handling an object costs no PATCH of kopf's own. An event that left the API server before
+    the status write (kopf waits for its own patches, not ours) is told apart by `remembered`
+    (``ObservedGenerations.get``). Other kinds, objects without a generation, and the diff of a
+    changed object use `fallback` (the annotation of older tuneop versions).
+    """
+
+    def __init__(self, fallback: kopf.DiffBaseStorage, kinds: Any,
+                 remembered: Any = lambda body: None) -> None:
+        super().__init__()
+        self.fallback = fallback
+        self.kinds = frozenset(kinds)
+        self.remembered = remembered
+
+    def _ours(self, body: Any) -> Optional[bool]:
+        return spec_handled(body, self.remembered(body)) if body.get("kind") in self.kinds else None
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return self.fallback.build(body=body, extra_fields=extra_fields)
+
+    def fetch(self, *, body: Any) -> Any:
+        if self._ours(body):
+            return self.fallback.build(body=body)  # the current state: no change
+        return self.fallback.fetch(body=body)
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        if self._ours(body) is None:
+            self.fallback.store(body=body, patch=patch, essence=essence)
+
+
+def lone_marker(prefix: str, have: Any, patch: Any) -> Optional[str]:
+    """kopf's ``<prefix>/kopf-managed`` annotation when `patch` would add it (to the annotations
+    `have`) although no other annotation of `prefix` stays on the object: the marker is there to
+    tell other kopf operators whose annotations these are; with none, it is a PATCH for nothing."""
+    marker = f"{prefix}/kopf-managed"
+    if marker not in (patch or {}) or marker in (have or {}):
+        return None
+    merged = {**dict(have or {}), **dict(patch or {})}
+    stays = [k for k, v in merged.items() if k.startswith(f"{prefix}/") and k != marker and v is not None]
+    return None if stays else marker
+
+
+class ProgressAnnotations(kopf.AnnotationsProgressStorage):
+    """kopf's progress in annotations, as usual (retries of a failing handler are remembered), but
+    a handler that succeeded at once leaves no trace: kopf would still add its marker annotation."""
+
+    def purge(self, *, key: Any, body: Any, patch: Any) -> None:
+        super().purge(key=key, body=body, patch=patch)
+        meta = patch.get("metadata")
+        annotations = meta.get("annotations") if isinstance(meta, dict) else None
+        if not isinstance(annotations, dict):
+            return
+        marker = lone_marker(self.prefix or "", (body.get("metadata") or {}).get("annotations"), annotations)
+        if marker is not None:
+            del annotations[marker]
+            if not annotations:
+                del meta["annotations"]
+            if not meta:
+                del patch["metadata"]
+
+
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_settings(settings)
+    _poller.start(CONFIG.progress_interval)
 
 
 async def cleanup(**_: Any) -> None:
+    await _poller.stop()
     await kube.close()
 
 
@@ -242,10 +357,23 @@ class SeenJobs:
 _seen_jobs = SeenJobs()
 
 
+def first_reconcile(body: dict[str, Any]) -> bool:
+    """A FineTuneJob (backend: kubernetes) that no reconcile has written a status to yet: its
+    children are almost surely not there, so the first reconcile assumes so rather than reading
+    them (:class:`ChildExists` corrects it when one is)."""
+    return not body.get("status") and _kubernetes_backend(body.get("spec"))
+
+
+class ChildExists(Exception):
+    """A child assumed absent was there (409 on its create): observe for real and decide again."""
+
+
 async def apply(
-    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision
+    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, *, assumed_absent: bool = False
 ) -> list[dict[str, Any]]:
-    """Carry out `decision`; returns the objects created (as the API server answered)."""
+    """Carry out `decision`; returns the objects created (as the API server answered).
+    assumed_absent: the children were not read but assumed absent; a create that finds one
+    raises ChildExists before anything else (status, Events) is written."""
     ns = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
     for ref in decision.delete:
@@ -255,11 +383,14 @@ async def apply(
         out, new = await kc.create(obj, ns)
         if new:
             created.append(out)
+        elif assumed_absent:
+            raise ChildExists(f"{obj.get('kind')} {(obj.get('metadata') or {}).get('name')}")
     for p in decision.patch:
         await kc.patch(p["apiVersion"], p["kind"], p["name"], ns, p["patch"])
     diff = st.merge_patch(body.get("status") or {}, decision.status)
     if diff:
         await kc.patch(API_VERSION, KIND, name, ns, {"status": diff}, subresource="status")
+    _observed.remember(body, decision.status.get("observedGeneration"))
     for ev in decision.events:
         kopf.event(body, type=ev["type"], reason=ev["reason"], message=ev["message"])
     METRICS.set_phase(ns, name, decision.status.get("phase"))
@@ -272,14 +403,26 @@ async def apply(
     return created
 
 
+def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
+    return st.reconcile(
+        body, observed, image=CONFIG.image, now=now_iso(),
+        together_base_url=together.base_url(),
+        trainer_defaults=CONFIG.workload_defaults.get("trainer"),
+    )
+
+
 async def reconcile_object(
     namespace: str, name: str, *, logger: Optional[logging.Logger] = None,
     prefetch: bool = False, unless_seen: Optional[tuple[str, Optional[str]]] = None,
+    assume_new: bool = False,
 ) -> Optional[st.Decision]:
     """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists.
     prefetch: read the children (backend: kubernetes) together with the FineTuneJob.
     unless_seen: (Job name, resourceVersion): do nothing when the last reconcile already saw
-    that version of that Job (checked under the lock, after any reconcile in flight)."""
+    that version of that Job (checked under the lock, after any reconcile in flight).
+    assume_new: kopf has just seen it created; if the fresh object has no status either
+    (:func:`first_reconcile`), its children are assumed absent instead of read: their creates
+    tell (a 409 -> read them and decide again; no status or Event was written in between)."""
     log = logger or logging.getLogger("tuneop")
     started = time.monotonic()
     result: Optional[str] = "error"
@@ -301,13 +444,16 @@ async def reconcile_object(
                 return None
             if (body.get("spec") or {}).get("backend") == "together":
                 children = None
-            observed = await observe(kc, body, children)
-            decision = st.reconcile(
-                body, observed, image=CONFIG.image, now=now_iso(),
-                together_base_url=together.base_url(),
-                trainer_defaults=CONFIG.workload_defaults.get("trainer"),
-            )
-            created = await apply(kc, body, decision)
+            assumed = assume_new and children is None and first_reconcile(body)
+            observed = await observe(kc, body, [None, None, None] if assumed else children)
+            decision = _decide(body, observed)
+            try:
+                created = await apply(kc, body, decision, assumed_absent=assumed)
+            except ChildExists as e:
+                log.info(f"{e} exists already: reading the children")
+                observed = await observe(kc, body)
+                decision = _decide(body, observed)
+                created = await apply(kc, body, decision)
             for ev in decision.events:
                 log.info("%s: %s", ev["reason"], ev["message"])
             if decision.together:
@@ -359,12 +505,15 @@ def _kubernetes_backend(spec: Any) -> bool:
 
 
 async def on_change(
-    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, **_: Any
+    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> None:
     """create / update(spec) / resume. Waiting (a missing PVC, old Jobs being deleted, an API
     error) is not a handler failure: the status says why and the `retry` timer looks again.
     Only when the API server cannot even take the status does kopf retry the handler."""
-    if not await reconcile_or_report(namespace, name, logger, prefetch=_kubernetes_backend(spec)):
+    new = not status  # as kopf saw it: nothing reconciled it yet (children: see first_reconcile)
+    if not await reconcile_or_report(
+        namespace, name, logger, prefetch=_kubernetes_backend(spec) and not new, assume_new=new,
+    ):
         raise kopf.TemporaryError("the Kubernetes API is not reachable", delay=15)
 
 
@@ -392,18 +541,96 @@ async def on_job_event(
 
 
 async def on_ftj_event(
-    type: Optional[str], name: str, namespace: str, status: kopf.Status, **_: Any
+    type: Optional[str], name: str, namespace: str, status: kopf.Status, spec: kopf.Spec,
+    uid: Optional[str] = None, **_: Any,
 ) -> None:
     if type == "DELETED":
+        _observed.forget(uid)
         METRICS.forget(namespace, name)
         _locks.forget(namespace, name)
         _seen_jobs.forget(namespace, name)
+        _poller.forget(namespace, name)
     else:
         METRICS.set_phase(namespace, name, (status or {}).get("phase"))
+        _poller.track(namespace, name, status, spec)
 
 
 def _is_running(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
     return (status or {}).get("phase") == "Running" and (spec or {}).get("backend") != "together"
+
+
+def progress_patch(old: Optional[dict[str, Any]], progress: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The status patch for newly read progress; None when only ``updatedAt`` would change."""
+    old = dict(old or {})
+    same = {k: v for k, v in old.items() if k != "updatedAt"} == {
+        k: v for k, v in progress.items() if k != "updatedAt"
+    }
+    if same:
+        return None
+    return {"status": {"progress": st.merge_patch(old, progress) if old else progress}}
+
+
+class ProgressPoller:
+    """The FineTuneJobs in phase Running (backend: kubernetes) as the watch last showed them, and
+    one task that reads the progress of each every `interval` seconds, at most `concurrency` at
+    a time. Needs no finalizer (a kopf timer per object would add one) and reads nothing when a
+    job has just started (its pod is not there yet)."""
+
+    def __init__(self, concurrency: int = 8) -> None:
+        self.concurrency = concurrency
+        self._running: dict[tuple[str, str], dict[str, Any]] = {}  # -> status.progress
+        self._task: Optional[asyncio.Task[None]] = None
+
+    def track(self, namespace: str, name: str, status: Any, spec: Any) -> None:
+        if _is_running(status, spec):
+            self._running[(namespace, name)] = dict((status or {}).get("progress") or {})
+        else:
+            self._running.pop((namespace, name), None)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._running.pop((namespace, name), None)
+
+    def running(self) -> list[tuple[str, str]]:
+        return sorted(self._running)
+
+    def start(self, interval: float) -> None:
+        """Start polling in the running event loop (the operator's startup)."""
+        self._running.clear()
+        self._task = asyncio.get_running_loop().create_task(self._loop(interval), name="tuneop-progress")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+
+    async def _loop(self, interval: float) -> None:
+        log = logging.getLogger("tuneop")
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_all(log)
+            except Exception as e:  # noqa: BLE001  (the loop must outlive any one failure)
+                log.warning(f"progress polling failed: {e!r}")
+
+    async def poll_all(self, logger: logging.Logger) -> None:
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(namespace: str, name: str) -> None:
+            async with sem:
+                if (namespace, name) in self._running:
+                    await poll_progress(namespace, name, self._running[(namespace, name)], logger)
+
+        results = await asyncio.gather(*(one(ns, n) for ns, n in self.running()), return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                logger.warning(f"progress not read: {r!r}")
+
+
+_poller = ProgressPoller()
 
 
 def pick_progress_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -440,9 +667,10 @@ async def read_progress(namespace: str, name: str) -> Optional[dict[str, Any]]:
     return st.parse_progress(text, now=now_iso())
 
 
-async def progress_timer(
-    name: str, namespace: str, status: kopf.Status, logger: logging.Logger, **_: Any
+async def poll_progress(
+    namespace: str, name: str, old: Optional[dict[str, Any]], logger: logging.Logger
 ) -> None:
+    """Read one running job's progress: metrics, and status.progress when it changed."""
     try:
         progress = await read_progress(namespace, name)
     except kube.ApiError as e:
@@ -451,14 +679,9 @@ async def progress_timer(
     if not progress:
         return
     METRICS.set_progress(namespace, name, progress)
-    old = dict((status or {}).get("progress") or {})
-    same = {k: v for k, v in old.items() if k != "updatedAt"} == {
-        k: v for k, v in progress.items() if k != "updatedAt"
-    }
-    if same:
-        return
-    patch = {"status": {"progress": st.merge_patch(old, progress) if old else progress}}
-    await kube.client().patch(API_VERSION, KIND, name, namespace, patch, subresource="status")
+    patch = progress_patch(old, progress)
+    if patch is not None:
+        await kube.client().patch(API_VERSION, KIND, name, namespace, patch, subresource="status")
 
 
 # ---------------------------------------------------------------------------------- registration
@@ -470,6 +693,7 @@ def register(registry: Optional[kopf.OperatorRegistry] = None, config: Optional[
     if config is not None:
         CONFIG = config
     reg = registry if registry is not None else kopf.get_default_registry()
+    _observed.clear()
     ftj = (GROUP, VERSION, PLURAL)
     kopf.on.startup(registry=reg)(startup)
     kopf.on.cleanup(registry=reg)(cleanup)
@@ -486,9 +710,5 @@ def register(registry: Optional[kopf.OperatorRegistry] = None, config: Optional[
         *ftj, registry=reg, id="retry", interval=CONFIG.retry_interval,
         initial_delay=CONFIG.retry_interval, when=_is_waiting,
     )(retry_timer)
-    kopf.timer(
-        *ftj, registry=reg, id="progress", interval=CONFIG.progress_interval,
-        when=_is_running,
-    )(progress_timer)
     together.register(reg, ftj)
     return reg
