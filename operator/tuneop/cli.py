@@ -222,6 +222,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolved["paths"]["output"] = str(Path(args.output).resolve())
     if args.max_steps:
         resolved["spec"]["hyperparameters"]["maxSteps"] = args.max_steps
+    if args.max_train_seconds:
+        resolved["spec"]["hyperparameters"]["maxTrainSeconds"] = args.max_train_seconds
     name = resolved["metadata"]["name"]
     run_dir = Path(os.environ.get("TUNEOP_HOME", ".tuneop")) / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -310,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--output", help="output directory (overrides the output PVC path)")
     s.add_argument("--max-steps", type=int, help="override hyperparameters.maxSteps")
+    s.add_argument("--max-train-seconds", type=int, help="override hyperparameters.maxTrainSeconds (time budget)")
     s.add_argument("--gpus", type=int, default=0, help="processes to start with torchrun (>1)")
     s.add_argument("--json-events", action="store_true", help="print the trainer's JSON events as they come")
     s.set_defaults(func=cmd_run)

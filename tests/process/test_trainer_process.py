@@ -363,3 +363,32 @@ def test_qlora_on_gpu(tiny_model, datasets, tmp_path):
     assert manifest["adapterType"] == "qlora"
     seen = losses(run)
     assert seen[-1] < seen[0]
+
+
+def test_time_budget_ends_training_and_the_schedule(tiny_model, datasets, tmp_path):
+    """hyperparameters.maxTrainSeconds with far more epochs than fit: the budget ends training, the
+    cosine schedule runs over the budget (the last logged LR is near 0), the adapter is written, and each
+    checkpoint records the budget spent for a resumed run."""
+    out = tmp_path / "out"
+    rows = Path(datasets["pc_train"]).read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(rows * 20) + "\n")  # 960 rows x 100 epochs: far more steps than 10 s hold
+    cfg = make_config(tmp_path / "job.json", tiny_model, train, out,
+                      hyperparameters={"maxSteps": None, "epochs": 100, "maxTrainSeconds": 10,
+                                       "lrScheduler": "cosine", "warmupRatio": 0.1})
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    start = run.one("start")
+    assert start["timeBudget"]["seconds"] == 10 and start["timeBudget"]["spentBefore"] == 0
+    metrics = run.termination["metrics"]
+    assert metrics["stopped_by_time_budget"] is True and metrics["time_budget_seconds"] == 10
+    assert 0 < metrics["steps"] < start["total_steps"]  # stopped long before 100 epochs
+    progress = run.of("progress")
+    assert progress[-1]["step"] == metrics["steps"]  # the last step is logged
+    peak = max(p["learning_rate"] for p in progress)
+    assert 0 < progress[-1]["learning_rate"] < 0.2 * peak
+    assert progress[-1]["total_steps"] == metrics["steps"]
+    for ckpt in (out / "checkpoints").glob("checkpoint-*"):
+        spent = json.loads((ckpt / "tuneop-budget.json").read_text())
+        assert 0 < spent["elapsed_seconds"] <= 10 and spent["budget_seconds"] == 10
+    check_adapter_dir(out / "adapter", run.termination)

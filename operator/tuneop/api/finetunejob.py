@@ -170,6 +170,18 @@ class Hyperparameters(Model):
     max_steps: Optional[int] = Field(
         default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
+    max_train_seconds: Optional[int] = Field(
+        default=None,
+        ge=10,
+        le=30 * 24 * 3600,
+        description=(
+            "Training time budget in seconds: training stops before the training loop (steps, "
+            "checkpoint saves, validation) would run longer; model loading and the test evaluation are "
+            "not counted. The LR schedule and warmup follow the share of the budget spent instead of the "
+            "steps. Whichever of the budget, maxSteps or epochs comes first ends training; a resumed run "
+            "keeps what its checkpoint had spent."
+        ),
+    )
     learning_rate: float = Field(default=2.0e-4, gt=0, le=1, description="Peak learning rate.")
     batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(

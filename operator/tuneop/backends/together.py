@@ -182,6 +182,10 @@ def unsupported(spec: FineTuneJobSpec) -> list[str]:
     hp = spec.hyperparameters
     if hp.max_steps is not None:
         out.append("hyperparameters.maxSteps: Together trains whole epochs; remove maxSteps and set epochs")
+    if hp.max_train_seconds is not None:
+        out.append(
+            "hyperparameters.maxTrainSeconds: Together trains whole epochs; remove maxTrainSeconds and set epochs"
+        )
     if float(hp.epochs) != int(hp.epochs):
         out.append(f"hyperparameters.epochs: Together needs a whole number of epochs, got {hp.epochs:g}")
     if hp.lr_scheduler in (LrScheduler.cosine_with_restarts, LrScheduler.polynomial):

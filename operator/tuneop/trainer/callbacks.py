@@ -1,6 +1,7 @@
 """TrainerCallback turning Trainer events into tuneop's JSON-line events (and a tqdm bar)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -53,8 +54,10 @@ class EventCallback(TrainerCallback):
         start_info: dict[str, Any],
         progress_bar: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        budget: Optional["TimeBudget"] = None,
     ):
         self.emitter = emitter
+        self.budget = budget
         self.start_info = start_info
         self.progress_bar = progress_bar
         self.clock = clock
@@ -120,6 +123,8 @@ class EventCallback(TrainerCallback):
         if tps is not None:
             self.last_tokens_per_second = tps
         total = self.total_steps or int(state.max_steps or 0)
+        if self.budget is not None and self.budget.expected_steps:
+            total = self.budget.expected_steps  # the step the time budget will end at
         event = {
             "event": "progress",
             "step": step,
@@ -172,3 +177,115 @@ class EventCallback(TrainerCallback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+BUDGET_FILE = "tuneop-budget.json"  # in each checkpoint: the budget spent up to it, for a resumed run
+
+
+def spent_before(checkpoint: Optional[str]) -> float:
+    """Budget seconds spent before `checkpoint` (0 for a fresh run or a checkpoint without the file)."""
+    if not checkpoint:
+        return 0.0
+    try:
+        with open(os.path.join(checkpoint, BUDGET_FILE), encoding="utf-8") as f:
+            return max(0.0, float(json.load(f).get("elapsed_seconds", 0.0)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
+class TimeBudget(TrainerCallback):
+    """hyperparameters.maxTrainSeconds: stops training before a step would overrun the budget and keeps
+    the fraction of the budget spent (`progress`) for the LR schedule on time (config.budget_lr_factor).
+    The time counts the whole training loop (steps, checkpoint saves, validation), from train begin;
+    a resumed run starts from what its checkpoint had spent. Under DDP rank 0's clock decides for all
+    ranks (one broadcast a step), so every rank stops at the same step with the same LR."""
+
+    def __init__(
+        self,
+        budget_seconds: float,
+        scheduler: str,
+        warmup: float,
+        spent: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        sync: Any = "auto",
+    ):
+        """sync: "auto" (torch.distributed when it is initialized at train begin), None, or a function
+        taking [elapsed, stop] and returning rank 0's values."""
+        from . import config as C
+
+        self.C = C
+        self.budget = float(budget_seconds)
+        self.scheduler = scheduler
+        self.warmup = float(warmup)
+        self.spent0 = float(spent)
+        self.clock = clock
+        self.sync = sync
+        self.t0: Optional[float] = None
+        self.step0 = 0
+        self.max_steps = 0
+        self.elapsed = float(spent)
+        self.progress = 0.0
+        self.stopped = False
+        self.expected_steps: Optional[int] = None
+
+    def lr_factor(self, _step: int = 0) -> float:
+        """LambdaLR's lr_lambda: the step count is ignored, the budget spent decides."""
+        return self.C.budget_lr_factor(self.scheduler, self.progress, self.warmup)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.sync == "auto":  # the process group exists once Trainer set up its devices
+            self.sync = distributed_sync()
+        self.t0 = self.clock()
+        self.step0 = int(state.global_step or 0)
+        self.max_steps = int(state.max_steps or 0)
+        self.progress = self.C.budget_progress(self.elapsed, self.budget, self.step0, self.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        C = self.C
+        step = int(state.global_step)
+        run_seconds = self.clock() - (self.t0 if self.t0 is not None else self.clock())
+        elapsed = self.spent0 + run_seconds  # a resumed run's earlier time is spent, not part of the pace
+        pace = C.budget_pace(run_seconds, step - self.step0)
+        stop = C.budget_should_stop(elapsed, self.budget, pace)
+        if self.sync is not None:
+            elapsed, flag = self.sync([elapsed, 1.0 if stop else 0.0])
+            stop = flag > 0.5
+        self.elapsed = elapsed
+        self.progress = C.budget_progress(elapsed, self.budget, step, self.max_steps)
+        self.expected_steps = step if stop else C.budget_expected_steps(step, elapsed, self.budget, pace, self.max_steps)
+        if stop and not control.should_training_stop:
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_log = True  # the last loss of a run the budget ended
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        path = os.path.join(args.output_dir, f"checkpoint-{int(state.global_step)}")
+        try:
+            with open(os.path.join(path, BUDGET_FILE), "w", encoding="utf-8") as f:
+                json.dump({"elapsed_seconds": round(self.elapsed, 3), "budget_seconds": self.budget}, f)
+        except OSError:
+            pass  # a checkpoint without it resumes with the whole budget: never fail a save for it
+
+
+def distributed_sync() -> Optional[Callable[[list[float]], list[float]]]:
+    """Under torch.distributed: a function broadcasting rank 0's values to every rank; else None."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+        if torch.distributed.get_world_size() <= 1:
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    dist = torch.distributed
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+    def sync(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.broadcast(t, src=0)
+        return [float(x) for x in t.tolist()]
+
+    return sync

@@ -192,6 +192,66 @@ def total_steps(hp: Hyperparameters, rows: int, world_size: int = 1) -> int:
     return max(1, math.ceil(hp.epochs * steps_per_epoch(rows, hp.batch_size, hp.gradient_accumulation_steps, world_size)))
 
 
+# ---------------------------------------------------------------- time budget (maxTrainSeconds)
+#
+# With a budget the LR schedule runs on the fraction of the budget spent, not of the steps: the
+# schedule ends (cosine at 0) when the budget does, however fast the machine turns out to be. Training
+# stops before a step that would overrun the budget, judged by the mean time of the steps so far.
+
+BUDGET_SCHEDULES = {
+    "linear": "linear", "polynomial": "linear",  # HF's polynomial defaults to power 1: linear
+    "cosine": "cosine", "cosine_with_restarts": "cosine",  # one cycle by default: cosine
+    "constant": "constant", "constant_with_warmup": "constant",
+}
+
+
+def budget_progress(elapsed: float, budget: float, step: int, max_steps: int) -> float:
+    """Fraction of training done: of the time budget or of the steps, whichever is further."""
+    by_time = elapsed / budget if budget > 0 else 0.0
+    by_steps = step / max_steps if max_steps and max_steps > 0 else 0.0
+    return min(1.0, max(0.0, by_time, by_steps))
+
+
+def budget_lr_factor(scheduler: str, progress: float, warmup: float) -> float:
+    """LR multiplier at `progress` (0..1) of the budget, warming up over the first `warmup` of it. The
+    same shapes as transformers' step schedules, on time instead of steps."""
+    p = min(1.0, max(0.0, float(progress)))
+    shape = BUDGET_SCHEDULES.get(scheduler, "linear")
+    w = min(1.0, max(0.0, float(warmup)))
+    if shape == "constant" and scheduler == "constant":
+        return 1.0
+    if w > 0 and p < w:
+        return p / w
+    if shape == "constant":
+        return 1.0
+    rest = (p - w) / (1.0 - w) if w < 1 else 1.0
+    if shape == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * rest)))
+    return max(0.0, 1.0 - rest)
+
+
+def budget_pace(run_seconds: float, run_steps: int) -> Optional[float]:
+    """Mean seconds a step of this run (saves and validation included); None before the first step."""
+    return run_seconds / run_steps if run_steps > 0 and run_seconds > 0 else None
+
+
+def budget_should_stop(elapsed: float, budget: float, pace: Optional[float]) -> bool:
+    """Stop now if the budget is spent or one more step at the mean pace would end past it."""
+    if elapsed >= budget:
+        return True
+    return pace is not None and elapsed + pace > budget
+
+
+def budget_expected_steps(step: int, elapsed: float, budget: float, pace: Optional[float], max_steps: int) -> Optional[int]:
+    """The step the run will end at, for progress and ETA: what the budget leaves at the mean pace,
+    capped by the step limit (epochs or maxSteps)."""
+    cap = max_steps if max_steps and max_steps > 0 else None
+    if pace is None:
+        return cap
+    fit = step + int(max(0.0, budget - elapsed) // pace)
+    return min(fit, cap) if cap is not None else fit
+
+
 def logging_steps(total: int) -> int:
     return max(1, total // LOG_POINTS)
 
@@ -227,6 +287,7 @@ def training_arguments(
         "lr_scheduler_type": hp.lr_scheduler.value,
         # transformers 5: a float < 1 is a ratio of the total steps (warmup_ratio is gone)
         "warmup_steps": float(hp.warmup_ratio) if hp.warmup_ratio < 1 else int(total),
+        # with a time budget the trainer replaces the schedule by one on time (budget_lr_factor)
         "weight_decay": float(hp.weight_decay),
         "max_length": int(hp.max_seq_length),
         "seed": int(hp.seed),

@@ -178,7 +178,15 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         "worldSize": world,
         "resumed_from": resume,
     }
-    callback = EventCallback(emitter, start_info, progress_bar=bar and rank == 0)
+    budget = None
+    if hp.max_train_seconds:
+        from .callbacks import TimeBudget, spent_before
+
+        budget = TimeBudget(hp.max_train_seconds, hp.lr_scheduler.value, hp.warmup_ratio,
+                            spent=spent_before(resume))
+        start_info["timeBudget"] = {"seconds": int(hp.max_train_seconds), "spentBefore": round(budget.spent0, 1),
+                                    "schedule": f"{hp.lr_scheduler.value} over the budget"}
+    callback = EventCallback(emitter, start_info, progress_bar=bar and rank == 0, budget=budget)
 
     trainer_inputs = dict(
         model=model,
@@ -186,7 +194,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
+        callbacks=[callback] if budget is None else [budget, callback],
     )
     if method == Method.dpo:
         from trl import DPOConfig, DPOTrainer
@@ -212,6 +220,8 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
                 trainer.eval_dataset = M.truncate_prepared(trainer.eval_dataset, hp.max_seq_length)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    if budget is not None:
+        use_time_schedule(trainer, budget)
 
     do_eval = bool(splits.test) and spec.evaluation.enabled
     pairs: list = []
@@ -260,6 +270,9 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         metrics["eval_loss"] = callback.last_eval["eval_loss"]
     if resume:
         metrics["resumed_from"] = resume
+    if budget is not None:
+        metrics["time_budget_seconds"] = int(hp.max_train_seconds)
+        metrics["stopped_by_time_budget"] = budget.stopped
 
     evaluation = None
     unwrapped = M.unwrap(trainer.model)
@@ -304,6 +317,18 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     )
     emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
     return 0
+
+
+def use_time_schedule(trainer, budget) -> None:
+    """Replace the step-based LR schedule Trainer would build by one on the budget spent."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def create_scheduler(num_training_steps: int, optimizer=None):
+        if trainer.lr_scheduler is None:
+            trainer.lr_scheduler = LambdaLR(optimizer if optimizer is not None else trainer.optimizer, budget.lr_factor)
+        return trainer.lr_scheduler
+
+    trainer.create_scheduler = create_scheduler
 
 
 def plan_speed(cfg: C.JobConfig, splits: D.Splits, tokenizer, model, text_config, cuda: bool, total: int) -> dict[str, Any]:
