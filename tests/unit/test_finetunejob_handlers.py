@@ -236,3 +236,20 @@ def test_first_reconcile_is_a_kubernetes_job_without_any_status() -> None:
     assert h.first_reconcile({"spec": {}, "status": {}})
     assert not h.first_reconcile({"spec": {"backend": "kubernetes"}, "status": {"phase": "Pending"}})
     assert not h.first_reconcile({"spec": {"backend": "together"}})  # its children: see together.observe
+
+
+def test_use_given_only_for_an_untouched_new_object() -> None:
+    new = {"metadata": {"name": "a", "uid": "u1", "generation": 1}, "spec": {"backend": "kubernetes"}}
+    assert h.use_given(new, None)
+    assert not h.use_given(new, 1)  # this process already wrote a status: the event's body is stale
+    assert not h.use_given({**new, "status": {"phase": "Running"}}, None)
+    assert not h.use_given({**new, "metadata": {**new["metadata"], "deletionTimestamp": "2026-11-26T00:00:00Z"}}, None)
+    assert not h.use_given({**new, "spec": {"backend": "together"}}, None)
+    assert not h.use_given(None, None)
+
+
+def test_plain_copies_the_body() -> None:
+    src = {"metadata": {"name": "a"}, "spec": {"x": [1]}}
+    out = h._plain(src)
+    assert out == src and out is not src and out["spec"] is not src["spec"]
+    assert h._plain(object()) is None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -364,6 +365,18 @@ def first_reconcile(body: dict[str, Any]) -> bool:
     return not body.get("status") and _kubernetes_backend(body.get("spec"))
 
 
+def use_given(given: Any, written_generation: Optional[int]) -> bool:
+    """Can the first reconcile take the object from kopf's create event instead of reading it? Only
+    when that body has no status, is not being deleted, and this process has not written a status
+    to it since (`written_generation`, from ObservedGenerations): then nothing a reconcile decides
+    from can be newer on the server than a spec change, which kopf delivers as its own event."""
+    if not isinstance(given, dict) or written_generation is not None:
+        return False
+    if (given.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return first_reconcile(given)
+
+
 class ChildExists(Exception):
     """A child assumed absent was there (409 on its create): observe for real and decide again."""
 
@@ -414,7 +427,7 @@ def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
 async def reconcile_object(
     namespace: str, name: str, *, logger: Optional[logging.Logger] = None,
     prefetch: bool = False, unless_seen: Optional[tuple[str, Optional[str]]] = None,
-    assume_new: bool = False,
+    assume_new: bool = False, given: Optional[dict[str, Any]] = None,
 ) -> Optional[st.Decision]:
     """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists.
     prefetch: read the children (backend: kubernetes) together with the FineTuneJob.
@@ -422,7 +435,9 @@ async def reconcile_object(
     that version of that Job (checked under the lock, after any reconcile in flight).
     assume_new: kopf has just seen it created; if the fresh object has no status either
     (:func:`first_reconcile`), its children are assumed absent instead of read: their creates
-    tell (a 409 -> read them and decide again; no status or Event was written in between)."""
+    tell (a 409 -> read them and decide again; no status or Event was written in between).
+    given: with assume_new, the object as kopf's create event had it; used instead of a fresh
+    read when :func:`use_given` says it cannot be stale in a way that matters."""
     log = logger or logging.getLogger("tuneop")
     started = time.monotonic()
     result: Optional[str] = "error"
@@ -433,7 +448,11 @@ async def reconcile_object(
                 return None
             kc = kube.client()
             children = None
-            if prefetch:
+            if assume_new and use_given(given, _observed.get(given)):
+                body = dict(given)  # already a copy of its own (_plain)
+                body.setdefault("apiVersion", API_VERSION)
+                body.setdefault("kind", KIND)
+            elif prefetch:
                 body, children = await gather(
                     get_live(kc, API_VERSION, KIND, name, namespace), read_children(kc, namespace, name)
                 )
@@ -450,7 +469,11 @@ async def reconcile_object(
             try:
                 created = await apply(kc, body, decision, assumed_absent=assumed)
             except ChildExists as e:
-                log.info(f"{e} exists already: reading the children")
+                log.info(f"{e} exists already: reading the object and its children")
+                body = await get_live(kc, API_VERSION, KIND, name, namespace)
+                if body is None:
+                    result = "success"
+                    return None
                 observed = await observe(kc, body)
                 decision = _decide(body, observed)
                 created = await apply(kc, body, decision)
@@ -504,8 +527,17 @@ def _kubernetes_backend(spec: Any) -> bool:
     return (spec or {}).get("backend") != "together"
 
 
+def _plain(body: Any) -> Optional[dict[str, Any]]:
+    """kopf's Body as a plain, independent dict (None if it cannot be one)."""
+    try:
+        return json.loads(json.dumps(dict(body)))
+    except (TypeError, ValueError):
+        return None
+
+
 async def on_change(
-    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, status: kopf.Status, **_: Any
+    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, status: kopf.Status,
+    body: kopf.Body, **_: Any,
 ) -> None:
     """create / update(spec) / resume. Waiting (a missing PVC, old Jobs being deleted, an API
     error) is not a handler failure: the status says why and the `retry` timer looks again.
@@ -513,6 +545,7 @@ async def on_change(
     new = not status  # as kopf saw it: nothing reconciled it yet (children: see first_reconcile)
     if not await reconcile_or_report(
         namespace, name, logger, prefetch=_kubernetes_backend(spec) and not new, assume_new=new,
+        given=_plain(body) if new else None,
     ):
         raise kopf.TemporaryError("the Kubernetes API is not reachable", delay=15)
 
