@@ -57,7 +57,7 @@ def status_of(api: KMockThread, name: str = "news") -> dict[str, Any]:
     return get_ftj(api, name).get("status") or {}
 
 
-def wait_phase(api: KMockThread, phase: str, name: str = "news", timeout: float = 10) -> dict[str, Any]:
+def wait_phase(api: KMockThread, phase: str, name: str = "news", timeout: float = 30) -> dict[str, Any]:
     wait_for(lambda: status_of(api, name).get("phase") == phase, timeout, f"phase {phase}")
     return status_of(api, name)
 
