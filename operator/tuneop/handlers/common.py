@@ -39,6 +39,11 @@ async def get_live(
     body = await kc.get(api_version, kind, name, namespace)
     if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         return None
+    return typed(body, api_version, kind)
+
+
+def typed(body: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
+    """`body` with apiVersion and kind set (a GET or a watch event may leave them out)."""
     body.setdefault("apiVersion", api_version)
     body.setdefault("kind", kind)
     return body

@@ -45,7 +45,7 @@ from .. import status as st
 from ..builders import finetunejob as b
 from ..metrics import METRICS
 from . import together
-from .common import ObjectLocks, get_live, now_iso
+from .common import ObjectLocks, get_live, now_iso, typed
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -449,9 +449,7 @@ async def reconcile_object(
             kc = kube.client()
             children = None
             if assume_new and use_given(given, _observed.get(given)):
-                body = dict(given)  # already a copy of its own (_plain)
-                body.setdefault("apiVersion", API_VERSION)
-                body.setdefault("kind", KIND)
+                body = typed(dict(given), API_VERSION, KIND)  # given: already a copy of its own (_plain)
             elif prefetch:
                 body, children = await gather(
                     get_live(kc, API_VERSION, KIND, name, namespace), read_children(kc, namespace, name)

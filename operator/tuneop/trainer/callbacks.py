@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from transformers import TrainerCallback
 
+from . import config as C
 from .events import Emitter
 
 
@@ -34,6 +35,11 @@ def eta_seconds(done_steps: int, elapsed: float, remaining_steps: int) -> Option
 
 def _round(x: Any, digits: int = 6) -> Any:
     return round(float(x), digits) if isinstance(x, (int, float)) else x
+
+
+def checkpoint_dir(args, state) -> str:
+    """The directory Trainer has just saved the checkpoint of this step to."""
+    return os.path.join(args.output_dir, f"checkpoint-{int(state.global_step)}")
 
 
 def gpu_peak_bytes() -> Optional[int]:
@@ -170,8 +176,7 @@ class EventCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not self._main(state):
             return
-        path = os.path.join(args.output_dir, f"checkpoint-{int(state.global_step)}")
-        self.emitter.emit({"event": "checkpoint", "step": int(state.global_step), "path": path})
+        self.emitter.emit({"event": "checkpoint", "step": int(state.global_step), "path": checkpoint_dir(args, state)})
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._bar is not None:
@@ -211,9 +216,6 @@ class TimeBudget(TrainerCallback):
     ):
         """sync: "auto" (torch.distributed when it is initialized at train begin), None, or a function
         taking [elapsed, stop] and returning rank 0's values."""
-        from . import config as C
-
-        self.C = C
         self.budget = float(budget_seconds)
         self.scheduler = scheduler
         self.warmup = float(warmup)
@@ -230,7 +232,7 @@ class TimeBudget(TrainerCallback):
 
     def lr_factor(self, _step: int = 0) -> float:
         """LambdaLR's lr_lambda: the step count is ignored, the budget spent decides."""
-        return self.C.budget_lr_factor(self.scheduler, self.progress, self.warmup)
+        return C.budget_lr_factor(self.scheduler, self.progress, self.warmup)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.sync == "auto":  # the process group exists once Trainer set up its devices
@@ -238,12 +240,11 @@ class TimeBudget(TrainerCallback):
         self.t0 = self.clock()
         self.step0 = int(state.global_step or 0)
         self.max_steps = int(state.max_steps or 0)
-        self.progress = self.C.budget_progress(self.elapsed, self.budget, self.step0, self.max_steps)
+        self.progress = C.budget_progress(self.elapsed, self.budget, self.step0, self.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        C = self.C
         step = int(state.global_step)
-        run_seconds = self.clock() - (self.t0 if self.t0 is not None else self.clock())
+        run_seconds = self.clock() - self.t0
         elapsed = self.spent0 + run_seconds  # a resumed run's earlier time is spent, not part of the pace
         pace = C.budget_pace(run_seconds, step - self.step0)
         stop = C.budget_should_stop(elapsed, self.budget, pace)
@@ -262,9 +263,8 @@ class TimeBudget(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        path = os.path.join(args.output_dir, f"checkpoint-{int(state.global_step)}")
         try:
-            with open(os.path.join(path, BUDGET_FILE), "w", encoding="utf-8") as f:
+            with open(os.path.join(checkpoint_dir(args, state), BUDGET_FILE), "w", encoding="utf-8") as f:
                 json.dump({"elapsed_seconds": round(self.elapsed, 3), "budget_seconds": self.budget}, f)
         except OSError:
             pass  # a checkpoint without it resumes with the whole budget: never fail a save for it
