@@ -20,6 +20,7 @@ Variants (--variants, comma separated):
   plain-packing   plain + packing=True (bfd; changes how many rows a step holds)
   tuneop          python -m tuneop.trainer, deciding everything itself
   tuneop-padded   tuneop with TUNEOP_BATCHING=padded (its other choices only)
+  tuneop-noprefix tuneop with TUNEOP_SHARED_PREFIX=0 (rows' common prompt prefix computed per row)
 
 Results: a table on stdout and JSON in benchmarks/results/.
 """
@@ -272,6 +273,8 @@ def variant_command(name: str, a: argparse.Namespace, rows_file: Path, scratch: 
         cfg = tuneop_config(scratch / f"{name}.json", a.model, str(rows_file), out, a)
         if name == "tuneop-padded":
             env["TUNEOP_BATCHING"] = "padded"
+        if name == "tuneop-noprefix":
+            env["TUNEOP_SHARED_PREFIX"] = "0"
         return [sys.executable, "-m", "tuneop.trainer", "--config", str(cfg)], env
     cmd = [sys.executable, str(Path(__file__).resolve()), "plain", "--model", a.model, "--train", str(rows_file),
            "--rows", str(a.rows), "--steps", str(a.steps), "--batch", str(a.batch), "--max-length",
@@ -384,6 +387,8 @@ def describe(plan: dict[str, Any]) -> str:
             bits.append("liger")
         if s.get("torchCompile"):
             bits.append("compile")
+        if s.get("sharedPrefix"):
+            bits.append(f"prefix={s.get('sharedPrefixTokens')}")
         return " ".join(b for b in bits if b)
     return f"{'bf16' if plan.get('bf16') else 'fp32'} ckpt={'on' if plan.get('gradient_checkpointing') else 'off'}"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from pydantic import ValidationError
 
@@ -518,3 +518,76 @@ def parse_switch(value: Optional[str]) -> Optional[bool]:
     if v in ("0", "false", "off", "no"):
         return False
     return None
+
+
+# ---------------------------------------------------------------- shared prompt prefix
+
+SHARED_PREFIX_MIN_TOKENS = 16
+SHARED_PREFIX_MIN_SAVING = 0.10
+
+
+def shared_prefix_length(input_ids: Iterable[Sequence[int]], labels: Iterable[Sequence[int]]) -> int:
+    """How many leading tokens every row has in common and may be computed once per batch.
+
+    The longest common prefix of the token rows, cut so that, in every row, no token up to and including
+    the one right after the prefix carries a label (-100 is "no label"): the prediction of that token
+    comes from the prefix's last position, which the shortened rows no longer hold. Every row keeps at
+    least two tokens of its own. 0 when nothing qualifies."""
+    prefix: Optional[list[int]] = None
+    limit: Optional[int] = None
+    for ids, labs in zip(input_ids, labels):
+        ids = list(ids)
+        first_label = next((i for i, x in enumerate(labs) if int(x) != -100), len(ids))
+        row_limit = min(first_label - 1, len(ids) - 2)
+        limit = row_limit if limit is None else min(limit, row_limit)
+        if prefix is None:
+            prefix = ids
+        else:
+            n, top = 0, min(len(prefix), len(ids))
+            while n < top and prefix[n] == ids[n]:
+                n += 1
+            del prefix[n:]
+        if not prefix or limit <= 0:
+            return 0
+    if prefix is None or limit is None:
+        return 0
+    return min(len(prefix), limit)
+
+
+def decide_shared_prefix(
+    setting: Optional[bool],
+    method: str,
+    batching: str,
+    gradient_checkpointing: bool,
+    torch_compile: bool,
+    prefix_tokens: int,
+    mean_length: float,
+    batch_size: int,
+) -> tuple[bool, str]:
+    """Whether to compute the rows' common prefix once per batch (its keys and values shared by every
+    row) instead of once per row. It changes no value: the suffixes attend to the same keys and values
+    at the same positions. What it saves is (batch - 1) x prefix tokens per batch.
+
+    Not with packing or padding-free batches (one flattened row has no per-row prefix), nor with
+    gradient checkpointing (re-running a layer would append its keys to the shared cache a second time),
+    nor under torch.compile (a cache grown inside the graph is untested there), nor for DPO."""
+    if method != "sft":
+        return False, f"method {method}"
+    if batching in ("packing", "padding_free"):
+        return False, f"{batching} batches have no per-row prefix"
+    if gradient_checkpointing:
+        return False, "gradient checkpointing recomputes layers"
+    if torch_compile:
+        return False, "torch.compile"
+    if batch_size < 2:
+        return False, "batch of one row"
+    if prefix_tokens <= 0:
+        return False, "rows share no prompt prefix"
+    saving = (batch_size - 1) * prefix_tokens / (batch_size * max(1.0, float(mean_length)))
+    if setting is not None:
+        return bool(setting), f"set explicitly ({prefix_tokens} shared tokens, ~{saving:.0%} of tokens)"
+    if prefix_tokens < SHARED_PREFIX_MIN_TOKENS:
+        return False, f"shared prefix of {prefix_tokens} tokens < {SHARED_PREFIX_MIN_TOKENS}"
+    if saving < SHARED_PREFIX_MIN_SAVING:
+        return False, f"{prefix_tokens} shared tokens save ~{saving:.0%} < {SHARED_PREFIX_MIN_SAVING:.0%}"
+    return True, f"{prefix_tokens} shared tokens of {mean_length:.0f} on average: ~{saving:.0%} fewer tokens"

@@ -218,6 +218,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
             trainer.train_dataset = M.truncate_prepared(trainer.train_dataset, hp.max_seq_length)
             if trainer.eval_dataset is not None:
                 trainer.eval_dataset = M.truncate_prepared(trainer.eval_dataset, hp.max_seq_length)
+        speed["report"].update(share_prefix(trainer, speed["report"], hp.batch_size, grad_ckpt, precision))
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     if budget is not None:
@@ -387,6 +388,35 @@ def plan_speed(cfg: C.JobConfig, splits: D.Splits, tokenizer, model, text_config
         "compactLmHead": compact,
         "report": report,
     }
+
+
+def share_prefix(trainer, report: dict[str, Any], batch_size: int, grad_ckpt: bool, precision: str) -> dict[str, Any]:
+    """Compute the prompt prefix every row shares once per batch when it pays (config.decide_shared_prefix;
+    TUNEOP_SHARED_PREFIX=0|1 overrides); prefix.apply checks one batch against the whole rows first."""
+    from . import prefix as PF
+
+    setting = C.parse_switch(os.environ.get("TUNEOP_SHARED_PREFIX"))
+    mode = str(report.get("batching"))
+    tokens, mean_length, prefix_ids = 0, 0.0, []
+    if setting is not False and mode not in ("packing", "padding_free") and not grad_ckpt:
+        datasets = [d for d in (trainer.train_dataset, trainer.eval_dataset) if d is not None]
+        ids = [row for d in datasets for row in d["input_ids"]]
+        labels = [row for d in datasets for row in PF.labels_of(d)]
+        tokens = C.shared_prefix_length(ids, labels)
+        mean_length = sum(len(x) for x in ids) / max(1, len(ids))
+        prefix_ids = list(ids[0][:tokens]) if tokens else []
+    use, reason = C.decide_shared_prefix(
+        setting, "sft", mode, grad_ckpt, bool(report.get("torchCompile")), tokens, mean_length, batch_size
+    )
+    if setting is False:
+        reason = "TUNEOP_SHARED_PREFIX=0"
+    if use:
+        shared, account = PF.apply(trainer, precision, prefix_ids, verify_rows=batch_size)
+        if shared is None:
+            use, reason = False, account
+        else:
+            print(f"tuneop: shared prompt prefix of {tokens} tokens: {account}", file=sys.stderr)
+    return {"sharedPrefix": use, "sharedPrefixTokens": tokens if use else 0, "sharedPrefixReason": reason}
 
 
 def _torch_version() -> str:
