@@ -17,7 +17,18 @@ N = -100
 def test_prefix_is_the_longest_common_start_before_any_label():
     ids = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 9, 8, 7, 6], [1, 2, 3, 4, 5, 5]]
     labels = [[N] * 5 + [6, 7], [N] * 6 + [7, 6], [N] * 5 + [5]]
-    assert C.shared_prefix_length(ids, labels) == 4
+    assert C.shared_prefix_length(zip(ids, labels)) == 4
+
+
+def test_reading_stops_at_the_first_row_without_the_prefix():
+    read = []
+
+    def rows():
+        for pair in [([1, 2, 3, 4], [N] * 4), ([9, 2, 3, 4], [N] * 4), ([1, 2, 3, 4], [N] * 4)]:
+            read.append(pair)
+            yield pair
+
+    assert C.shared_prefix_length(rows()) == 0 and len(read) == 2
 
 
 def test_prefix_stops_one_token_before_the_first_label():
@@ -25,13 +36,13 @@ def test_prefix_stops_one_token_before_the_first_label():
     # shortened rows no longer hold: it must carry no label
     ids = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]]
     labels = [[N, N, N, 4, 5, 6], [N] * 5 + [7]]
-    assert C.shared_prefix_length(ids, labels) == 2
+    assert C.shared_prefix_length(zip(ids, labels)) == 2
 
 
 def test_prefix_leaves_every_row_two_tokens():
     ids = [[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]]
     labels = [[N, N, N, N], [N] * 6]
-    assert C.shared_prefix_length(ids, labels) == 2
+    assert C.shared_prefix_length(zip(ids, labels)) == 2
 
 
 @pytest.mark.parametrize("ids,labels", [
@@ -40,11 +51,11 @@ def test_prefix_leaves_every_row_two_tokens():
     ([], []),
 ])
 def test_no_prefix(ids, labels):
-    assert C.shared_prefix_length(ids, labels) == 0
+    assert C.shared_prefix_length(zip(ids, labels)) == 0
 
 
 def test_one_row_shares_everything_up_to_its_label():
-    assert C.shared_prefix_length([[5, 6, 7, 8, 9]], [[N, N, N, N, 9]]) == 3
+    assert C.shared_prefix_length([([5, 6, 7, 8, 9], [N, N, N, N, 9])]) == 3
 
 
 def decide(**kw):
@@ -137,11 +148,13 @@ def lora_grads(peft) -> torch.Tensor:
 
 
 def test_shared_prefix_gives_the_loss_and_gradients_of_the_whole_rows():
+    from datasets import Dataset
+
     peft = lora_llama()
     base = peft.get_base_model()
     data = rows()
     whole = collator()(data)
-    assert C.shared_prefix_length([r["input_ids"] for r in data], [r["labels"] for r in data]) == len(PREFIX)
+    assert C.shared_prefix_length(PF.iter_rows(Dataset.from_list(data), batch_size=3)) == len(PREFIX)
 
     peft.train()
     out = peft(**whole, fused_lm_head=True)

@@ -526,16 +526,17 @@ SHARED_PREFIX_MIN_TOKENS = 16
 SHARED_PREFIX_MIN_SAVING = 0.10
 
 
-def shared_prefix_length(input_ids: Iterable[Sequence[int]], labels: Iterable[Sequence[int]]) -> int:
+def shared_prefix_length(rows: Iterable[tuple[Sequence[int], Sequence[int]]]) -> int:
     """How many leading tokens every row has in common and may be computed once per batch.
 
     The longest common prefix of the token rows, cut so that, in every row, no token up to and including
     the one right after the prefix carries a label (-100 is "no label"): the prediction of that token
     comes from the prefix's last position, which the shortened rows no longer hold. Every row keeps at
-    least two tokens of its own. 0 when nothing qualifies."""
+    least two tokens of its own. `rows`: (input_ids, labels) pairs, read once, in order; the reading
+    stops at the first row that leaves no prefix. 0 when nothing qualifies."""
     prefix: Optional[list[int]] = None
     limit: Optional[int] = None
-    for ids, labs in zip(input_ids, labels):
+    for ids, labs in rows:
         ids = list(ids)
         first_label = next((i for i, x in enumerate(labs) if int(x) != -100), len(ids))
         row_limit = min(first_label - 1, len(ids) - 2)

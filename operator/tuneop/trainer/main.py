@@ -399,12 +399,23 @@ def share_prefix(trainer, report: dict[str, Any], batch_size: int, grad_ckpt: bo
     mode = str(report.get("batching"))
     tokens, mean_length, prefix_ids = 0, 0.0, []
     if setting is not False and mode not in ("packing", "padding_free") and not grad_ckpt:
-        datasets = [d for d in (trainer.train_dataset, trainer.eval_dataset) if d is not None]
-        ids = [row for d in datasets for row in d["input_ids"]]
-        labels = [row for d in datasets for row in PF.labels_of(d)]
-        tokens = C.shared_prefix_length(ids, labels)
-        mean_length = sum(len(x) for x in ids) / max(1, len(ids))
-        prefix_ids = list(ids[0][:tokens]) if tokens else []
+        seen = {"rows": 0, "tokens": 0}
+        first: list[int] = []
+
+        def rows():
+            for d in (trainer.train_dataset, trainer.eval_dataset):
+                if d is None:
+                    continue
+                for ids, labels in PF.iter_rows(d):
+                    if not first:
+                        first.extend(ids)
+                    seen["rows"] += 1
+                    seen["tokens"] += len(ids)
+                    yield ids, labels
+
+        tokens = C.shared_prefix_length(rows())
+        mean_length = seen["tokens"] / max(1, seen["rows"])
+        prefix_ids = first[:tokens]
     use, reason = C.decide_shared_prefix(
         setting, "sft", mode, grad_ckpt, bool(report.get("torchCompile")), tokens, mean_length, batch_size
     )

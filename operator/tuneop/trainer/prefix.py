@@ -40,10 +40,15 @@ def strip(dataset, tokens: int):
     return dataset.map(cut, desc=None)
 
 
-def labels_of(dataset) -> list:
-    """Each prepared row's labels; the input ids themselves where TRL leaves labels to the collator."""
+def iter_rows(dataset, batch_size: int = 1024):
+    """(input_ids, labels) of each prepared row, read in batches (a large dataset is never held in Python
+    lists at once); the input ids stand in for labels where TRL leaves labels to the collator."""
     columns = dataset.column_names or []
-    return dataset["labels"] if "labels" in columns else dataset["input_ids"]
+    wanted = ["input_ids"] + (["labels"] if "labels" in columns else [])
+    for batch in dataset.select_columns(wanted).iter(batch_size=batch_size):
+        ids = batch["input_ids"]
+        labels = batch.get("labels", ids)
+        yield from zip(ids, labels)
 
 
 class PrefixCollator:
