@@ -215,6 +215,10 @@ def test_apply_shortens_the_rows_and_checks_one_batch():
     assert trainer.eval_dataset[1]["labels"] == rows()[1]["labels"][len(PREFIX):]
     assert isinstance(trainer.data_collator, PF.PrefixCollator)
     assert trainer.data_collator.pad_token_id == 0  # the inner collator's settings show through
+    import pickle
+
+    again = pickle.loads(pickle.dumps(trainer.data_collator))  # dataloader workers get a copy
+    assert again.tokens == len(PREFIX) and again.pad_token_id == 0
 
 
 def test_apply_puts_everything_back_when_the_check_fails():

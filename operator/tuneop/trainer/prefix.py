@@ -70,6 +70,8 @@ class PrefixCollator:
         return batch
 
     def __getattr__(self, name: str) -> Any:  # the inner collator's settings (pad id, padding-free flag)
+        if name == "inner":  # not set yet (unpickling in a dataloader worker): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
