@@ -88,7 +88,7 @@ def test_decide_refuses(kw, why):
 
 def test_decide_override_still_needs_a_prefix_and_a_fitting_batch():
     assert decide(setting=True, prefix_tokens=3)[0] is True
-    assert decide(setting=False)[0] is False
+    assert decide(setting=False) == (False, "switched off (TUNEOP_SHARED_PREFIX=0)")
     assert decide(setting=True, prefix_tokens=0)[0] is False
     assert decide(setting=True, gradient_checkpointing=True)[0] is False
 

@@ -555,6 +555,27 @@ def shared_prefix_length(rows: Iterable[tuple[Sequence[int], Sequence[int]]]) ->
     return min(len(prefix), limit)
 
 
+def shared_prefix_blocked(
+    setting: Optional[bool], method: str, batching: str, gradient_checkpointing: bool, torch_compile: bool,
+    batch_size: int,
+) -> Optional[str]:
+    """Why the shared prefix cannot be used whatever the rows hold (None: it may be), so the rows need
+    not be read for it."""
+    if setting is False:
+        return "switched off (TUNEOP_SHARED_PREFIX=0)"
+    if method != "sft":
+        return f"method {method}"
+    if batching in ("packing", "padding_free"):
+        return f"{batching} batches have no per-row prefix"
+    if gradient_checkpointing:
+        return "gradient checkpointing recomputes layers"
+    if torch_compile:
+        return "torch.compile"
+    if batch_size < 2:
+        return "batch of one row"
+    return None
+
+
 def decide_shared_prefix(
     setting: Optional[bool],
     method: str,
@@ -572,16 +593,9 @@ def decide_shared_prefix(
     Not with packing or padding-free batches (one flattened row has no per-row prefix), nor with
     gradient checkpointing (re-running a layer would append its keys to the shared cache a second time),
     nor under torch.compile (a cache grown inside the graph is untested there), nor for DPO."""
-    if method != "sft":
-        return False, f"method {method}"
-    if batching in ("packing", "padding_free"):
-        return False, f"{batching} batches have no per-row prefix"
-    if gradient_checkpointing:
-        return False, "gradient checkpointing recomputes layers"
-    if torch_compile:
-        return False, "torch.compile"
-    if batch_size < 2:
-        return False, "batch of one row"
+    blocked = shared_prefix_blocked(setting, method, batching, gradient_checkpointing, torch_compile, batch_size)
+    if blocked:
+        return False, blocked
     if prefix_tokens <= 0:
         return False, "rows share no prompt prefix"
     saving = (batch_size - 1) * prefix_tokens / (batch_size * max(1.0, float(mean_length)))

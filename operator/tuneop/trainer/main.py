@@ -397,8 +397,9 @@ def share_prefix(trainer, report: dict[str, Any], batch_size: int, grad_ckpt: bo
 
     setting = C.parse_switch(os.environ.get("TUNEOP_SHARED_PREFIX"))
     mode = str(report.get("batching"))
+    compile_ = bool(report.get("torchCompile"))
     tokens, mean_length, prefix_ids = 0, 0.0, []
-    if setting is not False and mode not in ("packing", "padding_free") and not grad_ckpt:
+    if not C.shared_prefix_blocked(setting, "sft", mode, grad_ckpt, compile_, batch_size):
         seen = {"rows": 0, "tokens": 0}
         first: list[int] = []
 
@@ -416,11 +417,7 @@ def share_prefix(trainer, report: dict[str, Any], batch_size: int, grad_ckpt: bo
         tokens = C.shared_prefix_length(rows())
         mean_length = seen["tokens"] / max(1, seen["rows"])
         prefix_ids = first[:tokens]
-    use, reason = C.decide_shared_prefix(
-        setting, "sft", mode, grad_ckpt, bool(report.get("torchCompile")), tokens, mean_length, batch_size
-    )
-    if setting is False:
-        reason = "TUNEOP_SHARED_PREFIX=0"
+    use, reason = C.decide_shared_prefix(setting, "sft", mode, grad_ckpt, compile_, tokens, mean_length, batch_size)
     if use:
         shared, account = PF.apply(trainer, precision, prefix_ids, verify_rows=batch_size)
         if shared is None:

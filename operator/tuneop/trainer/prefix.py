@@ -84,8 +84,7 @@ class SharedPrefix:
         self.model = model
         self.prefix_ids = list(prefix_ids)
         self.enabled = True
-        self._inner = model.forward
-        inner = self._inner
+        inner = model.forward
         shared = self
 
         @functools.wraps(inner)
