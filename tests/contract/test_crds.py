@@ -81,6 +81,8 @@ BAD = {
     "unknown field": [("adapter", {"rank": 8})],
     "non-http url": [("dataset.train", {"url": "file:///etc/passwd"})],
     "split too large": [("dataset.validationSplit", 0.9)],
+    "layers with full": [("adapter", {"type": "full", "layers": [0]})],
+    "layer index out of range": [("adapter", {"layers": [5000]})],
 }
 
 

@@ -155,6 +155,33 @@ def test_shared_prompt_prefix_trains_the_completion(tiny_model, datasets, tmp_pa
     assert ev["adapter"] > ev["base"] and ev["adapter"] >= 0.8
 
 
+def test_lora_on_chosen_layers_only(tiny_model, datasets, tmp_path):
+    """adapter.layers: [-1] trains LoRA on the top decoder layer alone (the tiny model has 2) and the
+    adapter holds that layer's weights only; a layer the model lacks is a user error naming the field."""
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                      adapter={"layers": [-1]}, hyperparameters={"maxSteps": 30})
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    seen = losses(run)
+    assert seen[-1] < seen[0] * 0.5
+    ev = next(e for e in run.of("eval") if e.get("metric") == "exact_match")
+    assert ev["adapter"] > ev["base"]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".layers.1." in k for k in keys), keys
+
+    bad = make_config(tmp_path / "bad.json", tiny_model, datasets["pc_train"], tmp_path / "bad-out",
+                      adapter={"layers": [2]}, hyperparameters={"maxSteps": 30})
+    run = run_trainer(bad)
+    assert run.rc == 2 and run.termination["reason"] == "ConfigInvalid"
+    assert "adapter.layers: the model has no layer 2: it has 2 decoder layers" in run.termination["message"]
+    assert not (tmp_path / "bad-out" / "adapter").exists()
+
+
 def test_sft_messages_assistant_only(tiny_model, datasets, tmp_path):
     # A copy of the base whose chat template lacks {% generation %} markers: the trainer installs its own.
     plain = tmp_path / "plain-template-model"

@@ -62,6 +62,7 @@ def test_unsupported_empty_for_a_plain_spec():
         ({"hyperparameters": {"lrScheduler": "polynomial"}}, "hyperparameters.lrScheduler"),
         ({"hyperparameters": {"lrScheduler": "cosine_with_restarts"}}, "hyperparameters.lrScheduler"),
         ({"together": {"nEvals": 3}}, "together.nEvals"),
+        ({"adapter": {"layers": [-2, -1]}}, "adapter.layers"),
     ],
 )
 def test_unsupported_names_the_field(over, field):

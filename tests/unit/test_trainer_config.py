@@ -161,3 +161,16 @@ def test_training_arguments_mapping():
     assert b["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
     c = C.training_arguments(Hyperparameters(), "/o", 50, "fp32", False, False, cuda=False, world_size=2)
     assert c["ddp_backend"] == "gloo"
+
+
+def test_resolve_layers():
+    assert C.resolve_layers([-2, -1], 30) == [28, 29]
+    assert C.resolve_layers([29, 0, -30 + 5], 30) == [0, 5, 29]
+    assert C.resolve_layers([], 30) == []
+    for layers, num, msg in [([30], 30, "no layer 30: it has 30 decoder layers (0 to 29, or -30 to -1)"),
+                             ([-31], 30, "no layer -31"),
+                             ([29, -1], 30, "layer 29 is listed twice (as 29 and -1)"),
+                             ([0], 0, "does not say how many decoder layers")]:
+        with pytest.raises(TrainerError) as e:
+            C.resolve_layers(layers, num)
+        assert e.value.reason == "ConfigInvalid" and msg in str(e.value), str(e.value)

@@ -69,6 +69,42 @@ def test_lora_config():
     assert set(c.target_modules) == {"q_proj", "v_proj"}
 
 
+def tiny_llama(layers: int = 3):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def lora_modules(model) -> set[str]:
+    return {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+
+
+def test_lora_config_on_chosen_layers():
+    """adapter.layers: only those decoder layers get LoRA, 'all-linear' there meaning every linear layer
+    but the head (PEFT refuses the string with layers_to_transform), negative indices from the top."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(3)
+    c = M.lora_config(AdapterSpec(r=4, alpha=8, layers=[-1, 0]), model)
+    assert c.layers_to_transform == [0, 2]
+    assert c.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    adapted = lora_modules(peft.get_peft_model(model, c))
+    assert len(adapted) == 14 and all(".layers.0." in n or ".layers.2." in n for n in adapted), adapted
+
+    model = tiny_llama(3)
+    c = M.lora_config(AdapterSpec(target_modules=["q_proj", "v_proj"], layers=[1]), model)
+    adapted = lora_modules(peft.get_peft_model(model, c))
+    assert {n.split(".layers.")[1] for n in adapted} == {"1.self_attn.q_proj", "1.self_attn.v_proj"}
+
+
+def test_lora_config_names_bad_layers():
+    pytest.importorskip("peft")
+    with pytest.raises(TrainerError, match=r"adapter.layers: the model has no layer 3: it has 3 decoder layers"):
+        M.lora_config(AdapterSpec(layers=[3]), tiny_llama(3))
+    with pytest.raises(TrainerError, match=r"adapter.layers: layer 2 is listed twice \(as 2 and -1\)"):
+        M.lora_config(AdapterSpec(layers=[2, -1]), tiny_llama(3))
+
+
 def test_qlora_gate_without_gpu(monkeypatch):
     monkeypatch.setattr(M, "nvidia_device_present", lambda: False)
     M.check_qlora_hardware("lora", gguf=False)  # nothing to check

@@ -7,7 +7,7 @@ resolved spec with them.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, ClassVar, Optional
+from typing import Annotated, Any, ClassVar, Optional
 
 from pydantic import Field, model_validator
 
@@ -161,6 +161,31 @@ class AdapterSpec(Model):
         max_length=64,
         description="Module names to adapt; 'all-linear' adapts every linear layer.",
     )
+    layers: list[Annotated[int, Field(ge=-1024, le=1023)]] = Field(
+        default_factory=list,
+        max_length=1024,
+        description=(
+            "Decoder layers to adapt, by index: 0 is the first, -1 the last (so [-4, -3, -2, -1] is the "
+            "top four of any model). Empty adapts every layer. Layers below the lowest one adapted need "
+            "no backward pass: training the top layers only is much faster. lora and qlora only."
+        ),
+    )
+
+    cel_rules: ClassVar[list[tuple[str, str]]] = [
+        (
+            "self.type != 'full' || !has(self.layers) || size(self.layers) == 0",
+            "layers: full fine-tuning trains every layer; layers is for lora and qlora",
+        )
+    ]
+
+    @model_validator(mode="after")
+    def _layers(self) -> "AdapterSpec":
+        if self.layers and self.type == AdapterType.full:
+            raise ValueError("layers: full fine-tuning trains every layer; layers is for lora and qlora")
+        seen = [i for n, i in enumerate(self.layers) if i in self.layers[:n]]
+        if seen:
+            raise ValueError(f"layers: {seen[0]} is listed twice")
+        return self
 
 
 class Hyperparameters(Model):

@@ -165,6 +165,8 @@ def unsupported(spec: FineTuneJobSpec) -> list[str]:
         out.append("together: backend together requires the together block (apiKeySecretRef)")
     if spec.adapter.type == AdapterType.qlora:
         out.append("adapter.type: qlora is not offered by Together; use lora or full")
+    if spec.adapter.layers:
+        out.append("adapter.layers: Together adapts every layer; remove adapter.layers")
     from_checkpoint = spec.together.from_checkpoint if spec.together else None
     if not from_checkpoint and together_model(spec) is None:
         if _is_local_model(spec.base_model):

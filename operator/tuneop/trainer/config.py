@@ -178,6 +178,28 @@ def decide_gradient_checkpointing(
     return need_bytes > 0.85 * device_bytes
 
 
+# ---------------------------------------------------------------- adapter layers
+
+def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """adapter.layers as sorted absolute indices of a model with `num_layers` decoder layers (negative
+    indices count from the top: -1 is the last). A layer the model lacks, or one named twice (e.g. 29
+    and -1 of 30), is a TrainerError naming the field."""
+    if num_layers <= 0:
+        raise TrainerError(CONFIG_INVALID, "adapter.layers: the model's config does not say how many decoder "
+                           "layers it has (no num_hidden_layers); remove adapter.layers")
+    out: list[int] = []
+    for i in layers:
+        if not -num_layers <= i < num_layers:
+            raise TrainerError(CONFIG_INVALID, f"adapter.layers: the model has no layer {i}: it has {num_layers} "
+                               f"decoder layers (0 to {num_layers - 1}, or -{num_layers} to -1)")
+        j = i % num_layers
+        if j in out:
+            raise TrainerError(CONFIG_INVALID, f"adapter.layers: layer {j} is listed twice "
+                               f"(as {j} and {j - num_layers})")
+        out.append(j)
+    return sorted(out)
+
+
 # ---------------------------------------------------------------- steps
 
 def steps_per_epoch(rows: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:

@@ -158,7 +158,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
 
     train_ds = Dataset.from_list(D.trl_rows(splits.train, fmt))
     eval_ds = Dataset.from_list(D.trl_rows(splits.validation, fmt)) if splits.validation else None
-    peft_config = None if adapter_type == AdapterType.full else M.lora_config(spec.adapter)
+    peft_config = None if adapter_type == AdapterType.full else M.lora_config(spec.adapter, model)
 
     bar = progress_bar_wanted()
     start_info = {

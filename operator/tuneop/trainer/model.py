@@ -8,6 +8,7 @@ import sys
 from typing import Any, Optional
 
 from ..api.finetunejob import AdapterSpec, AdapterType
+from . import config as C
 from .errors import CONFIG_INVALID, TRAINING_ERROR, UNSUPPORTED_HARDWARE, TrainerError
 from .paths import ModelSource
 
@@ -167,17 +168,49 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
-def lora_config(adapter: AdapterSpec):
+def linear_module_names(model) -> list[str]:
+    """What 'all-linear' means for `model`, as PEFT reads it: the last name part of every linear
+    layer but the output head (PEFT refuses the string 'all-linear' together with layers_to_transform)."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and module is not head
+        and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
+    }
+    return sorted(names)
+
+
+def num_decoder_layers(model) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+def lora_config(adapter: AdapterSpec, model=None):
+    """PEFT's LoraConfig for `adapter`; `model` is needed only for adapter.layers (its depth, and
+    what 'all-linear' names in it)."""
     from peft import LoraConfig
 
     targets: Any = list(adapter.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"
+    layers = None
+    if adapter.layers:
+        if model is None:
+            raise TypeError("lora_config: adapter.layers needs the model")
+        layers = C.resolve_layers(adapter.layers, num_decoder_layers(model))
+        if targets == "all-linear":
+            targets = linear_module_names(model)
+        elif "all-linear" in targets:
+            targets = sorted(set(linear_module_names(model)) | (set(targets) - {"all-linear"}))
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=targets,
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
