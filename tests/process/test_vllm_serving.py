@@ -36,6 +36,7 @@ pytestmark = [
 
 BASE_NAME = "tiny-llama"
 A, B = "rotate-one", "rotate-two"  # mapping B (labels +1) and labels +2
+TOP = "top-layer"  # labels +1 again, with LoRA on the top decoder layer only (adapter.layers: [-1])
 SPEC = AdapterDeploymentSpec.model_validate(
     {
         "baseModel": f"/mnt/models/{BASE_NAME}",
@@ -79,12 +80,12 @@ def adapters(servable_model, adapter_root) -> dict[str, Path]:
     d = adapter_root
     train_words = tinymodel.make_words(48, seed=5)
     out: dict[str, Path] = {}
-    for name, by in ((A, 1), (B, 2)):
+    for name, by, adapter in ((A, 1, {}), (B, 2, {}), (TOP, 1, {"layers": [-1]})):
         data = tinymodel.write_jsonl(
             d / f"{name}.jsonl",
             [{"prompt": tinymodel.prompt(w), "completion": " " + rotated(w, by)} for w in train_words],
         )
-        cfg = make_config(d / f"{name}.json", servable_model, data, d / name)
+        cfg = make_config(d / f"{name}.json", servable_model, data, d / name, adapter=adapter)
         run = run_trainer(cfg)
         assert run.rc == 0, run.stderr[-3000:]
         out[name] = d / name / "adapter"
@@ -165,6 +166,37 @@ def test_adapters_added_and_removed_live(client, adapters, server) -> None:
         client.unload_adapter(name)
     assert client.loaded_adapters() == {}
     assert server.proc.pid == pid and server.proc.poll() is None  # no restart, ever
+
+
+def test_adapter_on_chosen_layers_answers_as_with_peft(client, adapters, servable_model) -> None:
+    """An adapter trained with adapter.layers holds the top layer's LoRA weights only: vLLM loads it
+    and answers as transformers + PEFT do with it, not as the base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = json.loads((adapters[TOP] / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1]
+    tok = AutoTokenizer.from_pretrained(servable_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(servable_model, dtype=torch.float32),
+                                      adapters[TOP]).eval()
+    expected = []
+    for w in WORDS:
+        enc = tok(tinymodel.prompt(w), return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        expected.append(text.split()[0] if text else "")
+
+    base = answers(client, BASE_NAME)
+    assert client.load_adapter(TOP, str(adapters[TOP])).outcome is Outcome.LOADED
+    try:
+        got = answers(client, TOP)
+    finally:
+        client.unload_adapter(TOP)
+    print("base", base, "\nPEFT", expected, "\nvLLM", got)
+    assert expected != base, "the top-layer adapter changed nothing: the test cannot tell"
+    assert sum(g == e for g, e in zip(got, expected)) >= len(WORDS) - 1, (got, expected)
 
 
 def test_metrics_show_lora_requests(client, adapters) -> None:
