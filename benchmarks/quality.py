@@ -86,6 +86,30 @@ def news_text(prompt: str) -> str:
     return re.sub(r"\s*Answer:\s*$", "", text).replace("Description:", " ")
 
 
+def compare_errors(predictions: dict[str, list[str]], labels: list[str]) -> dict[str, Any]:
+    """Which validation rows several runs get wrong: per run, in all of them, in any; the confusions
+    (label -> answer of the first run) of the rows all get wrong; and a majority vote's accuracy."""
+    wrong = {name: {i for i, (p, y) in enumerate(zip(preds, labels)) if not is_correct(p, y)}
+             for name, preds in predictions.items()}
+    in_all = sorted(set.intersection(*wrong.values())) if wrong else []
+    first = next(iter(predictions.values()), [])
+    confusions: dict[tuple[str, str], int] = {}
+    for i in in_all:
+        key = (labels[i].strip(), ((first[i] or "").strip().split() or [""])[0])
+        confusions[key] = confusions.get(key, 0) + 1
+    votes = []
+    for i in range(len(labels)):
+        answers = [normalize_answer(p[i]) for p in predictions.values()]
+        votes.append(max(answers, key=answers.count) if answers else "")
+    return {
+        "errors": {name: len(w) for name, w in wrong.items()},
+        "wrong_in_all": in_all,
+        "wrong_in_any": len(set.union(*wrong.values())) if wrong else 0,
+        "confusions_in_all": sorted(([y, p, n] for (y, p), n in confusions.items()), key=lambda c: -c[2]),
+        "majority_vote_accuracy": accuracy(votes, labels) if labels else 0.0,
+    }
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -184,6 +208,7 @@ class Evaluator:
             "eval_seconds": round(time.perf_counter() - t0, 1),
             "samples": len(rows),
             "examples": [{"label": labels[i].strip(), "prediction": preds[i]} for i in range(min(8, len(rows)))],
+            "predictions": preds,  # every row, in val.jsonl order (quality.py --compare reads them)
         }
 
 
@@ -381,13 +406,42 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lock", default=os.environ.get("TUNEOP_CPU_LOCK", ""),
                    help="flock this file around each training run (e.g. /tmp/tuneop-cpu.lock on shared machines)")
     p.add_argument("--tag", default="", help="label of this run in the JSON and file names")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
+                   help="no run: compare the fine-tunes' per-row predictions in these result files (their errors, "
+                        "the rows all get wrong)")
     return p.parse_args(argv)
+
+
+def compare_main(files: list[Path], val_path: Path) -> int:
+    val = read_jsonl(val_path)
+    labels = [r["completion"] for r in val]
+    preds: dict[str, list[str]] = {}
+    for f in files:
+        tuned = json.loads(f.read_text())["results"].get("tuneop_lora") or {}
+        if len(tuned.get("predictions") or []) != len(labels):
+            raise SystemExit(f"{f}: no per-row predictions of all {len(labels)} validation rows "
+                             "(result files written before they were kept have none)")
+        preds[f.stem] = tuned["predictions"]
+    out = compare_errors(preds, labels)
+    for name, n in out["errors"].items():
+        print(f"{name}: {n} wrong of {len(labels)} ({1 - n / len(labels):.3f})")
+    print(f"wrong in all {len(files)}: {len(out['wrong_in_all'])}; in any: {out['wrong_in_any']}; "
+          f"majority vote: {out['majority_vote_accuracy']:.3f}")
+    print("confusions of the rows all get wrong (label -> answer): "
+          + ", ".join(f"{y} -> {p} x{n}" for y, p, n in out["confusions_in_all"]))
+    for i in out["wrong_in_all"]:
+        title = news_text(val[i]["prompt"]).splitlines()[0][:100]
+        answer = (preds[next(iter(preds))][i] or "").strip()
+        print(f"  row {i}: {labels[i].strip()} -> {answer}: {title.strip()}")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     data = args.data.resolve()
     train_path, val_path = data / "train.jsonl", data / "val.jsonl"
+    if args.compare:
+        return compare_main(args.compare, val_path)
     for f in (train_path, val_path):
         if not f.is_file():
             raise SystemExit(f"missing {f} (see --data)")

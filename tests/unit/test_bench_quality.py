@@ -36,3 +36,15 @@ def test_news_text_drops_the_instruction():
     prompt = 'Classify the topic.\nReturn just...\n\nTitle: "A"\nDescription: "B"\nAnswer:'
     text = q.news_text(prompt)
     assert "Classify" not in text and "Answer" not in text and '"A"' in text and '"B"' in text
+
+
+def test_compare_errors_finds_the_rows_every_run_gets_wrong():
+    labels = [" World", " Sports", " Business", " Sci/Tech"]
+    runs = {"a": [" World", " World", " Business\n", " Business"],
+            "b": [" World", " World", " Sci/Tech", " Business"],
+            "c": [" Sports", " World", " Business", " Business"]}
+    out = q.compare_errors(runs, labels)
+    assert out["errors"] == {"a": 2, "b": 3, "c": 3}
+    assert out["wrong_in_all"] == [1, 3] and out["wrong_in_any"] == 4
+    assert out["confusions_in_all"] == [["Sports", "World", 1], ["Sci/Tech", "Business", 1]]
+    assert out["majority_vote_accuracy"] == 0.5  # rows 0 and 2 by 2 votes to 1
