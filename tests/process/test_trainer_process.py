@@ -68,7 +68,7 @@ def test_sft_prompt_completion(tiny_model, datasets, tmp_path):
     assert run.rc == 0, run.stderr[-3000:]
     start = run.one("start")
     assert start["format"] == "prompt-completion" and start["lossOn"] == "completion"
-    assert start["resumed_from"] is None and start["total_steps"] == 30
+    assert start["resumed_from"] is None and start["total_steps"] == 30 and start["adapterLayers"] is None
     # "Word:" is too short a shared prefix to pay for its own pass
     assert start["speed"]["sharedPrefix"] is False and "< 16" in start["speed"]["sharedPrefixReason"]
     if cuda_available():
@@ -165,6 +165,7 @@ def test_lora_on_chosen_layers_only(tiny_model, datasets, tmp_path):
                       adapter={"layers": [-1]}, hyperparameters={"maxSteps": 30})
     run = run_trainer(cfg)
     assert run.rc == 0, run.stderr[-3000:]
+    assert run.one("start")["adapterLayers"] == [1]
     seen = losses(run)
     assert seen[-1] < seen[0] * 0.5
     ev = next(e for e in run.of("eval") if e.get("metric") == "exact_match")

@@ -159,6 +159,8 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     train_ds = Dataset.from_list(D.trl_rows(splits.train, fmt))
     eval_ds = Dataset.from_list(D.trl_rows(splits.validation, fmt)) if splits.validation else None
     peft_config = None if adapter_type == AdapterType.full else M.lora_config(spec.adapter, model)
+    # adapter.layers resolved for this model (absolute, ascending); None: every layer
+    adapter_layers = list(peft_config.layers_to_transform or []) or None if peft_config is not None else None
 
     bar = progress_bar_wanted()
     start_info = {
@@ -171,6 +173,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         "testRows": len(splits.test),
         "lossOn": loss_scope(method, fmt, hp.train_on_inputs),
         "chatTemplate": note,
+        "adapterLayers": adapter_layers,
         "precision": precision,
         "gradientCheckpointing": grad_ckpt,
         "speed": speed["report"],
