@@ -160,7 +160,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     eval_ds = Dataset.from_list(D.trl_rows(splits.validation, fmt)) if splits.validation else None
     peft_config = None if adapter_type == AdapterType.full else M.lora_config(spec.adapter, model)
     # adapter.layers resolved for this model (absolute, ascending); None: every layer
-    adapter_layers = list(peft_config.layers_to_transform or []) or None if peft_config is not None else None
+    adapter_layers = getattr(peft_config, "layers_to_transform", None) or None
 
     bar = progress_bar_wanted()
     start_info = {
