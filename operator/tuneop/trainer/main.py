@@ -132,7 +132,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     need = C.estimate_training_bytes(
         n_params=model.num_parameters(),
         hidden_size=int(getattr(text_config, "hidden_size", 0) or 0),
-        num_layers=int(getattr(text_config, "num_hidden_layers", 0) or 0),
+        num_layers=M.num_decoder_layers(model),
         batch_size=hp.batch_size,
         seq_len=hp.max_seq_length,
         adapter_type=adapter_type,
@@ -348,7 +348,7 @@ def plan_speed(cfg: C.JobConfig, splits: D.Splits, tokenizer, model, text_config
     batching = C.decide_batching(
         hp.packing, method, lengths, hp.batch_size,
         hidden_size=int(getattr(text_config, "hidden_size", 0) or 0),
-        num_layers=int(getattr(text_config, "num_hidden_layers", 0) or 0),
+        num_layers=M.num_decoder_layers(model),
         n_params=model.num_parameters(),
         attn_implementation=getattr(model.config, "_attn_implementation", None),
     )
