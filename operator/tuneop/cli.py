@@ -53,19 +53,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         spec = job["spec"]
         name = job["doc"]["metadata"]["name"]
         print(f"FineTuneJob {name}: spec valid")
+        if args.spec_only:
+            return 0
         resolved = _resolve_local(job, path, args.volume or [])
         declared = spec.dataset.format.value
         failed = False
+        for problem in local_problems(spec, resolved["paths"]):
+            print(f"  {problem}")
+            failed = True
         for split in ("train", "validation", "test"):
             p = resolved["paths"].get(split)
-            if not p or p.startswith(("http://", "https://")):
-                continue
-            if not Path(p).exists():
-                print(f"  {split}: {p} not found locally (skipped)")
+            if not p or p.startswith(("http://", "https://")) or not Path(p).exists():
                 continue
             report = check_file(p, declared)
             print(f"  {split}: {report.summary()}")
             failed |= not report.ok
+        if failed:
+            print(f"FineTuneJob {name}: `tuneop run` would refuse it (--spec-only checks the spec alone)")
         return 1 if failed else 0
     report = check_file(path, args.format)
     if args.json:
@@ -73,6 +77,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         print(f"{path}: {report.format or 'unknown format'}: {report.summary()}")
     return 0 if report.ok else 1
+
+
+def local_problems(spec: Any, paths: dict[str, Any]) -> list[str]:
+    """What `tuneop run` would refuse in a FineTuneJob's local files, each naming the field: the base
+    model (a .gguf file, a directory, pkg://) and the dataset files, as resolved for this machine."""
+    from .trainer.errors import TrainerError
+    from .trainer.paths import resolve_model
+
+    out = []
+    try:
+        resolve_model(str(paths.get("model") or spec.base_model))
+    except TrainerError as e:
+        out.append(f"baseModel: {e.message}")
+    for split in ("train", "validation", "test"):
+        source = getattr(spec.dataset, split)
+        p = paths.get(split)
+        if source is None or not p or str(p).startswith(("http://", "https://")):
+            continue
+        if not Path(p).is_file():
+            where = ""
+            if source.pvc is not None:
+                where = f" (claim {source.pvc.claim_name}; map it with --volume {source.pvc.claim_name}=DIR)"
+            elif source.config_map is not None:
+                where = f" (configMap {source.config_map.name}; locally a file under $TUNEOP_HOME/configmaps/)"
+            out.append(f"dataset.{split}: {p} does not exist{where}")
+    return out
 
 
 # ---------------------------------------------------------------- render
@@ -322,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="auto", help="declared dataset format (JSONL only)")
     s.add_argument("--volume", action="append", metavar="CLAIM=DIR")
     s.add_argument("--json", action="store_true", help="print the report as JSON (JSONL only)")
+    s.add_argument("--spec-only", action="store_true",
+                   help="FineTuneJob YAML: check the spec alone, not the local base model and data files")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("render", help="print the manifests the operator would create for a FineTuneJob or AdapterDeployment")

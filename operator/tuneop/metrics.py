@@ -24,7 +24,7 @@ from prometheus_client import start_http_server as _start_http_server
 
 from .backends.together_metrics import TogetherRequestMetrics
 
-PHASES = ("Pending", "Validating", "Running", "Succeeded", "Failed", "Suspended")
+PHASES = ("Pending", "Validating", "Running", "Evaluating", "Succeeded", "Failed", "Suspended")
 
 
 class Metrics:

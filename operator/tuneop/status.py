@@ -11,9 +11,17 @@ Events; its own children and Together calls). For backend kubernetes:
 State machine of one spec (``status.specHash`` = hash of the spec without ``suspend``)::
 
     Pending(DependencyMissing | SpecChanged)
-      -> Validating (Job <name>-validate; only for PVC/URL datasets)
-      -> Running (Job <name>-train) <-> Suspended
+      -> Pending(ValidationPending) -> Validating   (Job <name>-validate; only for PVC/URL datasets;
+                                                     Validating once its pod runs)
+      -> Pending(TrainingPending | Resuming) -> Running   (Job <name>-train; Running once a
+                                                     training pod runs) <-> Suspended
+      -> Evaluating (the trainer scores base and adapter on the test split; set from its log by
+                     the progress poller, see :func:`progress_update`)
       -> Succeeded | Failed
+
+While a Job's pods have not started, the phase stays Pending and the reason names what they
+wait for; when the pods report why they cannot start (unschedulable, image not pullable, ...)
+that cause is the reason (:func:`pending_cause`).
 
 Rules:
 
@@ -43,6 +51,7 @@ from .builders import finetunejob as b
 PENDING = "Pending"
 VALIDATING = "Validating"
 RUNNING = "Running"
+EVALUATING = "Evaluating"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
@@ -77,6 +86,11 @@ VALIDATING_REASON = "Validating"
 DATASET_VALID = "DatasetValid"
 TRAINING_STARTED = "TrainingStarted"
 RESUMED = "Resumed"
+VALIDATION_PENDING = "ValidationPending"
+TRAINING_PENDING = "TrainingPending"
+RESUMING = "Resuming"
+EVALUATING_REASON = "Evaluating"
+ADAPTER_REUSED = "AdapterReused"
 SUSPENDED_REASON = "Suspended"
 SUCCEEDED_REASON = "Succeeded"
 
@@ -271,6 +285,103 @@ def parse_progress(log_text: str, *, now: Optional[str] = None) -> Optional[dict
     return None
 
 
+def newest_events(log_text: str, kinds: Iterable[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+    """The newest JSON event of each kind in a log tail: kind -> (line index, event)."""
+    wanted = set(kinds)
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    lines = (log_text or "").splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        kind = event.get("event") if isinstance(event, dict) else None
+        if kind in wanted and kind not in out:
+            out[kind] = (i, event)
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def evaluation_progress(event: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's ``{"event": "evaluating", "stage", "done", "total", "eta_seconds"}`` ->
+    status.progress.evaluation."""
+    out: dict[str, Any] = {}
+    if event.get("stage") in ("base", "adapter"):
+        out["stage"] = event["stage"]
+    for key, alias in (("done", "done"), ("total", "total"), ("eta_seconds", "etaSeconds")):
+        value = _int_or_none(event.get(key))
+        if value is not None:
+            out[alias] = value
+    return out
+
+
+def describe_evaluation(ev: dict[str, Any]) -> str:
+    what = "the adapter" if ev.get("stage") == "adapter" else "the base model"
+    msg = f"scoring {what} on the test split"
+    if ev.get("total"):
+        msg += f" ({ev.get('done', 0)}/{ev['total']} rows)"
+    return msg
+
+
+def progress_update(
+    status: Optional[dict[str, Any]], log_text: str, *, now: str, generation: Optional[int] = None
+) -> tuple[Optional[dict[str, Any]], list[dict[str, str]]]:
+    """What the training pod's log tail changes in the status of a Running (or Evaluating) job:
+    (status merge patch or None, Events). The newest ``progress`` line gives status.progress, the
+    newest ``checkpoint`` line ``lastCheckpointStep``; an ``evaluating`` line after the last
+    progress line moves the phase to Evaluating (one Event) with ``progress.evaluation``."""
+    old = dict(status or {})
+    if old.get("phase") not in (RUNNING, EVALUATING):
+        return None, []
+    found = newest_events(log_text, ("progress", "evaluating", "checkpoint"))
+    old_progress = dict(old.get("progress") or {})
+    progress = dict(old_progress)
+    if "progress" in found:
+        fresh = progress_from_event(found["progress"][1])
+        if "step" in fresh:
+            progress.update(fresh)
+    if "checkpoint" in found:
+        step = _int_or_none(found["checkpoint"][1].get("step"))
+        if step is not None:
+            progress["lastCheckpointStep"] = step
+    evaluating = "evaluating" in found and found["evaluating"][0] > found.get("progress", (-1, {}))[0]
+    new = copy.deepcopy(old)
+    events: list[dict[str, str]] = []
+    if evaluating:
+        ev = evaluation_progress(found["evaluating"][1])
+        progress["evaluation"] = ev
+        message = describe_evaluation(ev)
+        new["phase"], new["reason"], new["message"] = EVALUATING, EVALUATING_REASON, message
+        new["conditions"] = set_condition(
+            list(old.get("conditions") or []), RUNNING_COND, True, EVALUATING_REASON, message,
+            now=now, generation=generation,
+        )
+        if old.get("phase") != EVALUATING:
+            events.append({"type": "Normal", "reason": EVALUATING_REASON,
+                           "message": "training done: " + message})
+    stripped = {k: v for k, v in progress.items() if k != "updatedAt"}
+    if stripped == {k: v for k, v in old_progress.items() if k != "updatedAt"} and not events \
+            and new.get("message") == old.get("message"):
+        return None, []
+    progress["updatedAt"] = now
+    new["progress"] = progress
+    patch = merge_patch(old, new)
+    return ({"status": patch} if patch else None), events
+
+
 # ---------------------------------------------------------------------------------- jobs & pods
 
 
@@ -396,6 +507,53 @@ def success_message(pods: Iterable[dict[str, Any]], container: str) -> dict[str,
         if p.get("event") in ("done", "validated"):
             return p
     return parsed[0] if parsed else {}
+
+
+def pod_running(pod: dict[str, Any]) -> bool:
+    """A container of the pod has started (phase Running, or a container state running)."""
+    st = pod.get("status") or {}
+    if st.get("phase") == "Running":
+        return True
+    return any((cs.get("state") or {}).get("running") for cs in st.get("containerStatuses") or ())
+
+
+def active_pods(pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods neither finished nor being deleted."""
+    return [
+        p for p in pods or ()
+        if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and not is_terminating(p)
+    ]
+
+
+def pods_started(job: dict[str, Any], pods: Iterable[dict[str, Any]], *, was_started: bool) -> bool:
+    """Whether an active Job's pods have started: one of them runs (or the Job counts a ready
+    pod). With no active pod at all (none created yet, or between a failed pod and its
+    replacement) it is what the status said before: `was_started`."""
+    if int(((job.get("status") or {}).get("ready")) or 0) > 0:
+        return True
+    active = active_pods(pods)
+    if any(pod_running(p) for p in active):
+        return True
+    return False if active else was_started
+
+
+def pending_cause(pods: Iterable[dict[str, Any]]) -> Optional[dict[str, str]]:
+    """Why the Job's pods do not start ({"reason", "message"}), when they say; None while they are
+    simply starting."""
+    return None
+
+
+def waiting_for_pods(status: Optional[dict[str, Any]]) -> bool:
+    """Pending on a Job whose pods have not started: the operator looks again every retry
+    interval (the pods' own changes do not reach it as events)."""
+    st = status or {}
+    if st.get("phase") != PENDING:
+        return False
+    return any(
+        c.get("reason") in (VALIDATION_PENDING, TRAINING_PENDING, RESUMING)
+        for c in st.get("conditions") or ()
+        if c.get("type") in (VALIDATED, RUNNING_COND)
+    )
 
 
 def failure_of(
@@ -631,6 +789,17 @@ class _Builder:
         self.status["reason"] = reason
         self.status["message"] = shorten(message)
 
+    def pending_pods(self, cond_type: str, step_reason: str, message: str, pods: list[dict[str, Any]]) -> Decision:
+        """Phase Pending while a Job's pods have not started: the reason is the cause the pods give
+        (:func:`pending_cause`) or else `step_reason`; condition `cond_type` keeps `step_reason`."""
+        cause = pending_cause(active_pods(pods))
+        if cause is not None:
+            message = f"{message}: {cause['message']}"
+        status = "Unknown" if cond_type == VALIDATED else False
+        self.cond(cond_type, status, step_reason, message)
+        self.phase(PENDING, cause["reason"] if cause else step_reason, message)
+        return self.finish()
+
     def fail(self, reason: str, message: str, *, invalid: bool = False) -> Decision:
         """Terminal failure; `invalid`: the spec or data is at fault (Validated=False)."""
         if invalid:
@@ -796,14 +965,15 @@ def reconcile(
                     return bld.finish()
                 bld.decision.create.append(b.build_validation_job(body, spec, image=image))
                 vname = b.validation_job_name(name)
-                bld.cond(VALIDATED, "Unknown", VALIDATING_REASON, f"checking the datasets with Job {vname}")
-                bld.phase(VALIDATING, VALIDATING_REASON, f"checking the datasets with Job {vname}")
-                return bld.finish()
+                return bld.pending_pods(VALIDATED, VALIDATION_PENDING, f"Job {vname} created; waiting for its pod to start", [])
             vstate = job_state(vjob)
             vpods = pods_of(vjob, obs.validation_pods)
             if vstate == "active":
                 ensure_config()
                 vname = b.validation_job_name(name)
+                was = bld.old.get("phase") == VALIDATING and bld.old.get("specHash") == h
+                if not pods_started(vjob, vpods, was_started=was):
+                    return bld.pending_pods(VALIDATED, VALIDATION_PENDING, f"Job {vname}: waiting for its pod to start", vpods)
                 bld.cond(VALIDATED, "Unknown", VALIDATING_REASON, f"checking the datasets with Job {vname}")
                 bld.phase(VALIDATING, VALIDATING_REASON, f"checking the datasets with Job {vname}")
                 return bld.finish()
@@ -844,25 +1014,15 @@ def reconcile(
         if spec.suspend:
             bld.cond(RUNNING_COND, False, SUSPENDED_REASON, f"Job {tname} created suspended")
             bld.phase(SUSPENDED, SUSPENDED_REASON, f"Job {tname} created suspended; unset spec.suspend to start")
-        else:
-            bld.status.setdefault("startTime", bld.now)
-            bld.cond(RUNNING_COND, True, TRAINING_STARTED, f"Job {tname} created")
-            bld.phase(RUNNING, TRAINING_STARTED, f"training with Job {tname}")
-        return bld.finish()
+            return bld.finish()
+        return bld.pending_pods(RUNNING_COND, TRAINING_PENDING, f"Job {tname} created; waiting for its pod to start", [])
 
     tpods = pods_of(training, obs.training_pods)
     tstate = job_state(training)
     if tstate == "succeeded":
         message = success_message(tpods, b.TRAINER_CONTAINER)
-        adapter_msg = message.get("adapter") if isinstance(message.get("adapter"), dict) else {}
-        adapter: dict[str, Any] = {
-            "location": b.adapter_location(spec),
-            "sha256": str(adapter_msg.get("sha256") or ""),
-        }
-        if adapter_msg.get("manifestSha256"):
-            adapter["manifestSha256"] = adapter_msg["manifestSha256"]
-        if adapter_msg.get("sizeBytes") is not None:
-            adapter["sizeBytes"] = adapter_msg["sizeBytes"]
+        adapter = adapter_status(b.adapter_location(spec), message)
+        reused = bool(adapter.get("reused"))
         bld.status["adapter"] = adapter
         ev = message.get("evaluation")
         if isinstance(ev, dict):
@@ -878,11 +1038,15 @@ def reconcile(
             msg += f" (sha256 {adapter['sha256'][:12]})"
         else:
             msg += " (the trainer reported no checksum)"
-        bld.cond(RUNNING_COND, False, SUCCEEDED_REASON, f"Job {tname} completed")
+        reason = SUCCEEDED_REASON
+        if reused:
+            reason = ADAPTER_REUSED
+            msg += ": already trained for this spec and data, kept without training again"
+        bld.cond(RUNNING_COND, False, reason, f"Job {tname} completed")
         bld.drop(FAILED_COND)
-        bld.cond(SUCCEEDED_COND, True, SUCCEEDED_REASON, msg)
+        bld.cond(SUCCEEDED_COND, True, reason, msg)
         bld.status.setdefault("completionTime", bld.now)
-        bld.phase(SUCCEEDED, SUCCEEDED_REASON, msg)
+        bld.phase(SUCCEEDED, reason, msg)
         return bld.finish()
     if tstate == "failed":
         reason, msg = failure_of(training, tpods, b.TRAINER_CONTAINER)
@@ -897,22 +1061,53 @@ def reconcile(
         bld.cond(RUNNING_COND, False, SUSPENDED_REASON, msg)
         bld.phase(SUSPENDED, SUSPENDED_REASON, msg)
         return bld.finish()
+    same_spec = bld.old.get("specHash") == h
+    old_phase = bld.old.get("phase") if same_spec else None
+    running_reason = (find_condition(bld.old.get("conditions") or [], RUNNING_COND) or {}).get("reason")
+    resuming = old_phase == SUSPENDED or (old_phase == PENDING and running_reason == RESUMING)
+    if not pods_started(training, tpods, was_started=old_phase in (RUNNING, EVALUATING)):
+        if resuming:
+            return bld.pending_pods(RUNNING_COND, RESUMING, f"resuming Job {tname}: waiting for its pod to start", tpods)
+        return bld.pending_pods(RUNNING_COND, TRAINING_PENDING, f"Job {tname}: waiting for its pod to start", tpods)
     bld.status.setdefault("startTime", bld.now)
-    if (
-        bld.old.get("phase") == RUNNING
-        and bld.old.get("specHash") == h
-        and bld.old.get("reason") in (TRAINING_STARTED, RESUMED)
-    ):
+    if old_phase == EVALUATING:
+        bld.cond(RUNNING_COND, True, EVALUATING_REASON, f"Job {tname} is evaluating")
+        bld.phase(EVALUATING, bld.old.get("reason") or EVALUATING_REASON, bld.old.get("message") or "evaluating on the test split")
+    elif old_phase == RUNNING and bld.old.get("reason") in (TRAINING_STARTED, RESUMED):
         reason = bld.old["reason"]
         bld.cond(RUNNING_COND, True, reason, f"Job {tname} is running")
         bld.phase(RUNNING, reason, bld.old.get("message") or f"training with Job {tname}")
-    elif bld.old.get("phase") == SUSPENDED:
+    elif resuming:
         bld.cond(RUNNING_COND, True, RESUMED, f"Job {tname} resumed")
         bld.phase(RUNNING, RESUMED, f"Job {tname} resumed from the newest checkpoint")
     else:
         bld.cond(RUNNING_COND, True, TRAINING_STARTED, f"Job {tname} is running")
         bld.phase(RUNNING, TRAINING_STARTED, f"training with Job {tname}")
     return bld.finish()
+
+
+def adapter_status(location: str, message: dict[str, Any]) -> dict[str, Any]:
+    """status.adapter from the trainer's ``done`` termination message."""
+    msg = message.get("adapter") if isinstance(message.get("adapter"), dict) else {}
+    adapter: dict[str, Any] = {"location": location, "sha256": str(msg.get("sha256") or "")}
+    if msg.get("manifestSha256"):
+        adapter["manifestSha256"] = msg["manifestSha256"]
+    if msg.get("sizeBytes") is not None:
+        adapter["sizeBytes"] = msg["sizeBytes"]
+    if isinstance(msg.get("baseModel"), str) and msg["baseModel"]:
+        adapter["baseModel"] = msg["baseModel"][:512]
+    info = msg.get("baseModelInfo")
+    if isinstance(info, dict):
+        kept = {k: info[k] for k in ("architecture", "modelType") if isinstance(info.get(k), str)}
+        kept.update({
+            k: info[k] for k in ("hiddenSize", "numLayers", "vocabSize")
+            if isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
+        })
+        if kept:
+            adapter["baseModelInfo"] = kept
+    if message.get("reused") is True or msg.get("reused") is True:
+        adapter["reused"] = True
+    return adapter
 
 
 def api_error(body: dict[str, Any], message: str, *, now: str) -> Decision:

@@ -95,6 +95,20 @@ def finish_job(
     api.patch(f"{JOBS}/{job}/status", {"status": status})
 
 
+def start_job(api: KMockThread, job: str, *, container: str = "trainer", pod: Optional[str] = None) -> None:
+    """Play kubelet + Job controller: the Job's pod runs, and the Job counts it ready."""
+    owner = job.rsplit("-", 1)[0]
+    api.create(PODS, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": pod or f"{job}-x0",
+            "labels": {"batch.kubernetes.io/job-name": job, "job-name": job, "tuneop.dev/finetunejob": owner},
+        },
+        "status": {"phase": "Running", "containerStatuses": [{"name": container, "state": {"running": {}}}]},
+    })
+    api.patch(f"{JOBS}/{job}/status", {"status": {"active": 1, "ready": 1}})
+
+
 def job_posts(api: KMockThread, name: Optional[str] = None) -> list[Any]:
     posts = api.requests("POST", JOBS)
     if name is not None:
@@ -140,6 +154,9 @@ def test_pvc_dataset_validates_trains_and_succeeds(api: KMockThread) -> None:
         assert "nvidia.com/gpu" not in json.dumps(container["resources"])
         assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] != "dshm")
         assert api.get(f"{JOBS}/news-train") is None
+        # Pending until the validation pod runs.
+        assert wait_phase(api, "Pending")["reason"] == "ValidationPending"
+        start_job(api, "news-validate", container="validate")
         assert wait_phase(api, "Validating")["reason"] == "Validating"
 
         # 2. The validator succeeds -> the training Job.
@@ -160,6 +177,11 @@ def test_pvc_dataset_validates_trains_and_succeeds(api: KMockThread) -> None:
         assert {"name": "TUNEOP_TERMINATION_LOG", "value": "/dev/termination-log"} in c["env"]
         mounts = {m["mountPath"]: m.get("readOnly") for m in c["volumeMounts"]}
         assert mounts["/mnt/pvc/datasets"] is True and mounts["/mnt/pvc/adapters"] is False
+        assert wait_phase(api, "Pending")["reason"] == "TrainingPending"
+        assert api.requests("GET", f"{PODS}/news-train-x0/log") == []  # no pod yet: no log read
+        # 3. The training pod runs (the Job counts it ready: its event reaches the operator) -> Running,
+        # and progress comes from the newest progress line of its log.
+        start_job(api, "news-train")
         st = wait_phase(api, "Running")
         assert st["dataset"] == summary
         assert st["jobName"] == "news-train"
@@ -168,12 +190,6 @@ def test_pvc_dataset_validates_trains_and_succeeds(api: KMockThread) -> None:
             assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tuneop"
             assert obj["metadata"]["labels"]["tuneop.dev/finetunejob"] == "news"
 
-        # 3. Progress from the newest progress line of the training pod's log.
-        api.create(PODS, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "news-train-x0", "labels": {"batch.kubernetes.io/job-name": "news-train"}},
-            "status": {"phase": "Running"},
-        })
         progress = wait_for(lambda: status_of(api).get("progress"), what="progress")
         assert progress["step"] == 20 and progress["totalSteps"] == 90 and progress["loss"] == 0.91
 
@@ -192,7 +208,9 @@ def test_pvc_dataset_validates_trains_and_succeeds(api: KMockThread) -> None:
     assert conds["Validated"]["reason"] == "DatasetValid"
     assert st["observedGeneration"] == 1
     # One Event per transition, each exactly once; exactly one Job of each kind.
-    assert reasons(api) == ["Validating", "DatasetValid", "TrainingStarted", "Succeeded"]
+    assert reasons(api) == [
+        "ValidationPending", "Validating", "DatasetValid", "TrainingPending", "TrainingStarted", "Succeeded",
+    ]
     assert len(job_posts(api, "news-validate")) == 1
     assert len(job_posts(api, "news-train")) == 1
 
@@ -207,6 +225,7 @@ def test_inline_dataset_training_failure_reports_trainer_message(api: KMockThrea
         assert api.get(f"{JOBS}/news-validate") is None
         mounts = {m["mountPath"] for m in tjob["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
         assert "/mnt/configmap/news-data" in mounts
+        start_job(api, "news-train")
         st = wait_phase(api, "Running")
         assert st["dataset"]["trainRows"] == 5
 
@@ -258,8 +277,8 @@ def test_missing_pvc_is_reported_retried_and_recovers(api: KMockThread) -> None:
 
         pvc(api, "datasets")
         wait_for(lambda: api.get(f"{JOBS}/news-validate"), what="validation Job after the PVC appeared")
-        wait_phase(api, "Validating")
-    assert reasons(api) == ["DependencyMissing", "Validating"]
+        wait_for(lambda: status_of(api).get("reason") == "ValidationPending", what="ValidationPending")
+    assert reasons(api) == ["DependencyMissing", "ValidationPending"]
 
 
 def test_suspend_and_resume_mirror_to_the_job(api: KMockThread) -> None:
@@ -268,20 +287,27 @@ def test_suspend_and_resume_mirror_to_the_job(api: KMockThread) -> None:
     api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
     with Operator():
         wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        start_job(api, "news-train")
         wait_phase(api, "Running")
 
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
         wait_for(lambda: api.get(f"{JOBS}/news-train")["spec"]["suspend"] is True, what="Job suspended")
         st = wait_phase(api, "Suspended")
         assert st["observedGeneration"] == 2
+        # The Job controller deletes the suspended Job's pod.
+        api.call("DELETE", f"{PODS}/news-train-x0")
+        api.patch(f"{JOBS}/news-train/status", {"status": {"active": 0, "ready": 0}})
 
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 3}, "spec": {"suspend": False}})
         wait_for(lambda: api.get(f"{JOBS}/news-train")["spec"]["suspend"] is False, what="Job resumed")
+        # Pending until a new pod runs, then Running (Resumed).
+        assert wait_phase(api, "Pending")["reason"] == "Resuming"
+        start_job(api, "news-train", pod="news-train-x1")
         st = wait_phase(api, "Running")
         wait_for(lambda: "Resumed" in reasons(api), what="Resumed event")
 
     assert st["reason"] == "Resumed"
-    assert reasons(api) == ["DatasetValid", "TrainingStarted", "Suspended", "Resumed"]
+    assert reasons(api) == ["DatasetValid", "TrainingPending", "TrainingStarted", "Suspended", "Resuming", "Resumed"]
     # Suspending never replaces the Job.
     assert len(job_posts(api)) == 1
     assert api.requests("DELETE", JOBS) == []
@@ -293,7 +319,7 @@ def test_operator_restart_midway_creates_exactly_one_training_job(api: KMockThre
     api.create(FTJ_PATH, ftj())
     with Operator():
         wait_for(lambda: api.get(f"{JOBS}/news-validate"), what="validation Job")
-        wait_phase(api, "Validating")
+        wait_phase(api, "Pending")
 
     # While the operator is down, validation finishes.
     report = {"ok": True, "format": "messages", "rows": 10, "estimatedTokens": 100, "errors": []}
@@ -302,6 +328,7 @@ def test_operator_restart_midway_creates_exactly_one_training_job(api: KMockThre
 
     with Operator():
         wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job after restart")
+        start_job(api, "news-train")
         wait_phase(api, "Running")
     before = len(api.requests("GET", f"{FTJ_PATH}/news"))
     with Operator():
@@ -326,12 +353,12 @@ def test_children_left_by_a_reconcile_that_never_wrote_the_status_are_adopted(ap
     with Operator():
         api.wait_watching(FTJ_PATH)
         api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
-        st = wait_phase(api, "Running")
+        st = wait_phase(api, "Pending")
         wait_for(lambda: json.loads(api.get(f"{CMS}/news-config")["data"]["job.json"]).get("spec"), what="config updated")
-    assert st["observedGeneration"] == 1
+    assert st["observedGeneration"] == 1 and st["reason"] == "TrainingPending"
     assert len(job_posts(api, "news-train")) == 1
     assert len(api.requests("GET", f"{CMS}/news-config")) >= 2  # read after the 409 (and by the test)
-    assert reasons(api) == ["DatasetValid", "TrainingStarted"]
+    assert reasons(api) == ["DatasetValid", "TrainingPending"]
 
 
 def test_spec_change_replaces_the_children_of_the_old_spec(api: KMockThread) -> None:
@@ -340,9 +367,13 @@ def test_spec_change_replaces_the_children_of_the_old_spec(api: KMockThread) -> 
     api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
     with Operator(retry_interval=0.2):
         old = wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        start_job(api, "news-train")
         wait_phase(api, "Running")
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"baseModel": "Qwen/Qwen3-4B"}})
         wait_for(lambda: len(job_posts(api, "news-train")) == 2, what="a second training Job")
+        api.call("DELETE", f"{PODS}/news-train-x0")  # garbage-collected with the old Job
+        assert wait_phase(api, "Pending")["reason"] == "TrainingPending"
+        start_job(api, "news-train", pod="news-train-x1")
         new = api.get(f"{JOBS}/news-train")
         wait_for(lambda: json.loads(api.get(f"{CMS}/news-config")["data"]["job.json"])["spec"]["baseModel"] == "Qwen/Qwen3-4B",
                  what="config updated")
@@ -368,6 +399,7 @@ def test_refused_request_is_reported_and_retried(api: KMockThread) -> None:
         assert api.get(f"{JOBS}/news-train") is None
         del api.emulator.refusals[("POST", JOBS)]
         wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job once allowed")
+        start_job(api, "news-train")
         wait_phase(api, "Running")
     assert reasons(api).count("ApiError") == 1
     assert reasons(api)[-1] == "TrainingStarted"
@@ -393,9 +425,7 @@ def test_metrics_follow_the_job_and_forget_it_when_deleted(api: KMockThread) -> 
     job_labels = {"namespace": NS, "name": "metrics"}
     with Operator():
         wait_for(lambda: api.get(f"{JOBS}/metrics-train"), what="training Job")
-        api.create(PODS, {"apiVersion": "v1", "kind": "Pod",
-                          "metadata": {"name": "metrics-train-p0", "labels": {"batch.kubernetes.io/job-name": "metrics-train"}},
-                          "status": {"phase": "Running"}})
+        start_job(api, "metrics-train", pod="metrics-train-p0")
         wait_for(lambda: metric("tuneop_training_step", **job_labels) == 7, what="step gauge")
         assert metric("tuneop_training_progress_ratio", **job_labels) == 0.1
         assert metric("tuneop_training_loss", **job_labels) == 0.5
@@ -414,25 +444,25 @@ def test_event_of_the_job_version_already_reconciled_is_skipped(api: KMockThread
     pvc(api, "adapters")
     configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
     api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
-    with Operator():
+    with Operator(retry_interval=3600):  # no periodic reconcile of the pending job meanwhile
         wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
-        wait_phase(api, "Running")
+        wait_phase(api, "Pending")
         time.sleep(1.0)  # the Job's ADDED event has long arrived
         # Every reconcile but the first (which assumes a new object has no children) reads the
         # config ConfigMap (the test's own GETs are of the FineTuneJob).
         assert len(api.requests("GET", f"{CMS}/news-config")) == 0  # the create reconcile only
         assert len(api.requests("PATCH", f"{FTJ_PATH}/news/status")) == 1
 
-        api.patch(f"{JOBS}/news-train/status", {"status": {"active": 1, "startTime": "2026-01-01T00:01:00Z"}})
+        # The Job controller counts the pod ready: one reconcile, and the phase says Running.
+        api.patch(f"{JOBS}/news-train/status", {"status": {"active": 1, "ready": 1, "startTime": "2026-01-01T00:01:00Z"}})
         wait_for(lambda: len(api.requests("GET", f"{CMS}/news-config")) == 1, what="a reconcile of the Job change")
-        wait_for(lambda: "is running" in [c for c in status_of(api)["conditions"] if c["type"] == "Running"][0]["message"],
-                 what="Running condition updated")
+        wait_phase(api, "Running")
     assert len(job_posts(api)) == 1
-    assert reasons(api) == ["DatasetValid", "TrainingStarted"]
+    assert reasons(api) == ["DatasetValid", "TrainingPending", "TrainingStarted"]
 
 
 def test_happy_path_costs_the_fewest_requests_and_leaves_no_kopf_trace(api: KMockThread) -> None:
-    """From create to Running (dataset in a ConfigMap), with every handler of the operator
+    """From create to Pending on the training pod (dataset in a ConfigMap), with every handler of the operator
     registered (AdapterDeployments too): each request is one the reconcile needs. Reading the
     FineTuneJob and its 2 dependencies, creating 2 children (not read first: a new object has
     none), one status patch, two Events; kopf writes nothing of its own (no annotation, no
@@ -476,9 +506,74 @@ def test_happy_path_costs_the_fewest_requests_and_leaves_no_kopf_trace(api: KMoc
         body = get_ftj(api)
         assert not body["metadata"].get("finalizers")
         assert not [k for k in body["metadata"].get("annotations") or {} if k.startswith("tuneop.dev/")]
-        assert body["status"]["phase"] == "Running" and body["status"]["observedGeneration"] == 1
+        assert body["status"]["phase"] == "Pending" and body["status"]["reason"] == "TrainingPending"
+        assert body["status"]["observedGeneration"] == 1
 
         # A spec change (new generation) is still seen, and handled by the same reconcile.
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
         wait_for(lambda: status_of(api).get("observedGeneration") == 2, what="generation 2 observed")
-    assert reasons(api) == ["DatasetValid", "TrainingStarted", "Suspended"]
+    assert reasons(api) == ["DatasetValid", "TrainingPending", "Suspended"]
+
+
+def test_a_pod_that_starts_without_a_job_event_is_noticed(api: KMockThread) -> None:
+    """Jobs Pending on their pods are reconciled every retry interval (no Job event says why a pod
+    waits, or that it started): the pod runs -> Running, with no change of the Job at all."""
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator(retry_interval=0.2):
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        assert wait_phase(api, "Pending")["reason"] == "TrainingPending"
+        api.create(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "news-train-x0", "labels": {"batch.kubernetes.io/job-name": "news-train"}},
+            "status": {"phase": "Running"},
+        })
+        wait_phase(api, "Running")
+        wait_for(lambda: "TrainingStarted" in reasons(api), what="TrainingStarted event")
+    assert api.requests("PATCH", f"{JOBS}/news-train/status") == []
+    assert reasons(api) == ["DatasetValid", "TrainingPending", "TrainingStarted"]
+
+
+def test_evaluation_after_training_is_its_own_phase(api: KMockThread) -> None:
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.emulator["get", f"{PODS}/news-train-x0/log"] << (
+        b'{"event":"progress","step":30,"total_steps":30,"loss":0.1}\n'
+        b'{"event":"checkpoint","step":30,"path":"/mnt/pvc/adapters/news/checkpoints/x/checkpoint-30"}\n'
+        b'{"event":"evaluating","stage":"base","done":12,"total":60,"eta_seconds":30}\n'
+    )
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        start_job(api, "news-train")
+        st = wait_phase(api, "Evaluating")
+        wait_for(lambda: "Evaluating" in reasons(api), what="Evaluating event")
+        assert st["progress"]["evaluation"] == {"stage": "base", "done": 12, "total": 60, "etaSeconds": 30}
+        assert st["progress"]["lastCheckpointStep"] == 30 and st["progress"]["step"] == 30
+        assert st["message"] == "scoring the base model on the test split (12/60 rows)"
+        done = {"event": "done", "adapter": {"sha256": SHA}}
+        finish_job(api, "news-train", container="trainer", message=json.dumps(done))
+        wait_phase(api, "Succeeded")
+        wait_for(lambda: "Succeeded" in reasons(api), what="Succeeded event")
+    assert reasons(api) == ["DatasetValid", "TrainingPending", "TrainingStarted", "Evaluating", "Succeeded"]
+
+
+def test_metrics_of_finished_jobs_come_back_after_a_restart(api: KMockThread) -> None:
+    from tuneop.metrics import METRICS
+
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj("done", train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator():
+        wait_for(lambda: api.get(f"{JOBS}/done-train"), what="training Job")
+    api.patch(f"{FTJ_PATH}/done/status", {"status": {"progress": {"step": 30, "totalSteps": 30, "loss": 0.25}}})
+    finish_job(api, "done-train", container="trainer", message=json.dumps({"event": "done", "adapter": {"sha256": SHA}}))
+    labels = {"namespace": NS, "name": "done"}
+    METRICS.forget(NS, "done")  # a new operator process starts with no series
+    assert metric("tuneop_training_step", **labels) is None
+    with Operator():
+        wait_phase(api, "Succeeded", "done")
+        wait_for(lambda: metric("tuneop_training_step", **labels) == 30, what="step series re-exported")
+        assert metric("tuneop_training_progress_ratio", **labels) == 1.0
+        assert metric("tuneop_training_loss", **labels) == 0.25

@@ -118,6 +118,7 @@ def test_validation_job_is_cpu_only_read_only_and_small() -> None:
     pod = job["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
     assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["containerName"] == "validate"
 
 
@@ -153,8 +154,15 @@ def test_single_gpu_training_job() -> None:
         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
     }
     assert rules[1]["action"] == "Ignore"
+    # a trainer that stopped on SIGTERM with its checkpoint written is not a failure: the next pod resumes
+    assert rules[2] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]},
+    }
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False  # the trainer never calls the API server
+    assert pod["terminationGracePeriodSeconds"] == 300
     assert pod["nodeSelector"] == {"gpu": "h100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -175,6 +183,7 @@ def test_single_gpu_training_job() -> None:
     e = env(c)
     assert e["TUNEOP_TERMINATION_LOG"] == "/dev/termination-log"
     assert e["HF_HOME"] == "/mnt/pvc/adapters/news/.hf-home"
+    assert e["TUNEOP_TERMINATION_GRACE_SECONDS"] == "300"
     assert "HF_TOKEN" not in e
     m = mounts(c)
     assert m["/mnt/pvc/adapters"]["readOnly"] is False
@@ -185,6 +194,16 @@ def test_single_gpu_training_job() -> None:
     assert vols["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}
     assert vols["config"]["configMap"]["name"] == "news-config"
     assert m["/dev/shm"]["name"] == "dshm"
+
+
+def test_grace_period_is_a_setting_the_trainer_knows() -> None:
+    job = b.build_training_job(ftj(terminationGracePeriodSeconds=1800))
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
+    assert env(container(job))["TUNEOP_TERMINATION_GRACE_SECONDS"] == "1800"
+    # unset: not in the spec hash, so objects written before the field keep theirs
+    assert "terminationGracePeriodSeconds" not in b.parse_spec(ftj()["spec"]).to_dict()
+    with pytest.raises(Exception, match="terminationGracePeriodSeconds|termination_grace_period_seconds"):
+        b.parse_spec(ftj(terminationGracePeriodSeconds=5)["spec"])
 
 
 def test_spec_image_wins_over_the_default() -> None:

@@ -95,6 +95,32 @@ def test_validate_command(tmp_path, capsys):
     assert "line 2" in capsys.readouterr().out
 
 
+def test_validate_refuses_what_run_would_refuse(tmp_path, capsys):
+    """Missing local base model file or data files: rc 1, each named by its field (not "skipped")."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    spec = GOOD.replace("baseModel: m", "baseModel: ./models/missing.gguf")
+    job = tmp_path / "job.yaml"
+    job.write_text(spec)
+    rc = main(["validate", str(job), "--volume", f"data={tmp_path / 'data'}"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "baseModel: base model file ./models/missing.gguf does not exist" in out
+    assert "dataset.test: " in out and "does not exist (configMap cm" in out
+    assert "train: 1 rows" in out or "train: 1 row" in out
+    assert "dataset.train" not in out
+    # a missing PVC file names the claim and how to map it
+    (tmp_path / "data" / "train.jsonl").unlink()
+    assert main(["validate", str(job), "--volume", f"data={tmp_path / 'data'}"]) == 1
+    assert "--volume data=DIR" in capsys.readouterr().out
+    # the spec alone is valid
+    assert main(["validate", str(job), "--spec-only"]) == 0
+    # a hub id is not a local file: nothing to refuse about it
+    job.write_text(GOOD.replace("baseModel: m", "baseModel: Qwen/Qwen3-8B"))
+    main(["validate", str(job)])
+    assert "baseModel" not in capsys.readouterr().out
+
+
 def test_summary_table_reports_before_and_after():
     events = {
         "start": {"model": "pkg://m"},

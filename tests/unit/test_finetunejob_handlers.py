@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
@@ -180,26 +181,62 @@ def test_progress_storage_leaves_no_trace_of_a_handler_done_at_once() -> None:
     assert set(patch["metadata"]["annotations"]) == {"tuneop.dev/reconcile", "tuneop.dev/kopf-managed"}
 
 
-def test_progress_patch_only_when_more_than_the_time_changed() -> None:
-    old = {"step": 10, "totalSteps": 90, "updatedAt": "t1"}
-    assert h.progress_patch(old, {"step": 10, "totalSteps": 90, "updatedAt": "t2"}) is None
-    assert h.progress_patch(old, {"step": 20, "totalSteps": 90, "updatedAt": "t2"}) == {
-        "status": {"progress": {"step": 20, "updatedAt": "t2"}}}
-    assert h.progress_patch(None, {"step": 1}) == {"status": {"progress": {"step": 1}}}
-
-
 def test_progress_poller_tracks_running_kubernetes_jobs_only() -> None:
     poller = h.ProgressPoller()
     k8s, together = {"backend": "kubernetes"}, {"backend": "together"}
     poller.track("ns", "a", {"phase": "Running", "progress": {"step": 3}}, k8s)
     poller.track("ns", "b", {"phase": "Running"}, together)
     poller.track("ns", "c", {"phase": "Pending"}, k8s)
-    assert poller.running() == [("ns", "a")]
+    poller.track("ns", "e", {"phase": "Evaluating"}, k8s)
+    assert poller.running() == [("ns", "a"), ("ns", "e")]
     poller.track("ns", "a", {"phase": "Succeeded"}, k8s)
+    poller.track("ns", "e", {"phase": "Succeeded"}, k8s)
     assert poller.running() == []
     poller.track("ns", "a", {"phase": "Running"}, k8s)
     poller.forget("ns", "a")
     assert poller.running() == []
+
+
+def test_progress_poller_keeps_the_jobs_waiting_for_their_pods() -> None:
+    poller = h.ProgressPoller()
+    waiting = {"phase": "Pending", "reason": "TrainingPending",
+               "conditions": [{"type": "Running", "status": "False", "reason": "TrainingPending"}]}
+    poller.track("ns", "a", waiting, {"backend": "kubernetes"})
+    poller.track("ns", "b", {"phase": "Pending", "reason": "DependencyMissing"}, {})  # the retry timer's
+    poller.track("ns", "c", waiting, {"backend": "together"})
+    assert poller.pending() == [("ns", "a")] and poller.running() == []
+    poller.track("ns", "a", {"phase": "Running"}, {})
+    assert poller.pending() == [] and poller.running() == [("ns", "a")]
+    poller.track("ns", "a", waiting, {})
+    poller.forget("ns", "a")
+    assert poller.pending() == []
+
+
+def test_pending_jobs_are_reconciled_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    reconciled: list[str] = []
+
+    async def fake_reconcile(namespace: str, name: str, logger: Any, **kwargs: Any) -> bool:
+        reconciled.append(name)
+        if name == "bad":
+            raise RuntimeError("boom")
+        return True
+
+    monkeypatch.setattr(h, "reconcile_or_report", fake_reconcile)
+    waiting = {"phase": "Pending", "conditions": [{"type": "Validated", "reason": "ValidationPending"}]}
+
+    async def main() -> None:
+        poller = h.ProgressPoller()
+        poller.start(3600, 0.01)
+        for n in ("bad", "good"):
+            poller.track("ns", n, waiting, {})
+        for _ in range(200):
+            if reconciled.count("good") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        await poller.stop()
+
+    asyncio.run(main())
+    assert reconciled.count("good") >= 2 and "bad" in reconciled
 
 
 def test_progress_poller_polls_each_running_job_and_survives_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,7 +265,7 @@ def test_progress_poller_polls_each_running_job_and_survives_errors(monkeypatch:
     asyncio.run(main())
     assert {p[1] for p in polled} == {"bad", "good"}
     assert sum(1 for p in polled if p[1] == "good") >= 2  # the loop outlived "bad"'s error
-    assert ("ns", "good", {"step": 1}) in polled
+    assert ("ns", "good", {"phase": "Running", "progress": {"step": 1}}) in polled
 
 
 def test_first_reconcile_is_a_kubernetes_job_without_any_status() -> None:

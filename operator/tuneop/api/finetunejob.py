@@ -71,6 +71,7 @@ class Phase(str, Enum):
     pending = "Pending"
     validating = "Validating"
     running = "Running"
+    evaluating = "Evaluating"
     succeeded = "Succeeded"
     failed = "Failed"
     suspended = "Suspended"
@@ -329,6 +330,16 @@ class FineTuneJobSpec(Model):
     active_deadline_seconds: Optional[int] = Field(
         default=None, ge=60, description="Fail the training Job after this long."
     )
+    termination_grace_period_seconds: Optional[int] = Field(
+        default=None,
+        ge=30,
+        le=24 * 3600,
+        description=(
+            "Seconds the training pods get after SIGTERM (suspend, eviction, node drain) to finish the "
+            "current step and write a checkpoint before they are killed. Unset: 300. Raise it for "
+            "full fine-tuning of large models, whose checkpoints take longer to write."
+        ),
+    )
     suspend: bool = Field(
         default=False, description="Stop the job (its pods are deleted); unset to resume."
     )
@@ -365,6 +376,15 @@ class FineTuneJobSpec(Model):
         return self
 
 
+class EvaluationProgress(Model):
+    """The test evaluation after training (phase Evaluating)."""
+
+    stage: Optional[str] = Field(default=None, description="base or adapter: the model being scored.")
+    done: Optional[int] = Field(default=None, description="Test rows scored in this stage.")
+    total: Optional[int] = Field(default=None, description="Test rows to score in this stage.")
+    eta_seconds: Optional[int] = None
+
+
 class Progress(Model):
     step: int = 0
     total_steps: Optional[int] = None
@@ -374,7 +394,23 @@ class Progress(Model):
     learning_rate: Optional[float] = None
     tokens_per_second: Optional[float] = None
     eta_seconds: Optional[int] = None
+    last_checkpoint_step: Optional[int] = Field(
+        default=None, description="Step of the newest checkpoint written (the resume point)."
+    )
+    evaluation: Optional[EvaluationProgress] = None
     updated_at: Optional[str] = None
+
+
+class BaseModelInfo(Model):
+    """The base model an adapter was trained on, as the trainer loaded it."""
+
+    model_config = Model.model_config | {"extra": "ignore"}
+
+    architecture: Optional[str] = None
+    model_type: Optional[str] = None
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    vocab_size: Optional[int] = None
 
 
 class AdapterStatus(Model):
@@ -382,6 +418,13 @@ class AdapterStatus(Model):
     sha256: str = Field(description="sha256 of adapter_model.safetensors (or model weights).")
     manifest_sha256: Optional[str] = None
     size_bytes: Optional[int] = None
+    base_model: Optional[str] = Field(default=None, description="The base model it was trained on.")
+    base_model_info: Optional[BaseModelInfo] = None
+    reused: Optional[bool] = Field(
+        default=None,
+        description="True when the adapter already on the volume was trained for this very spec and data "
+        "and was kept instead of training again.",
+    )
 
 
 class EvaluationStatus(Model):

@@ -218,6 +218,8 @@ def ignored(spec: FineTuneJobSpec) -> list[str]:
         out.append("dataset.test: not evaluated with backend together")
     if spec.image:
         out.append("image: only used by the upload/download pods")
+    if spec.termination_grace_period_seconds is not None:
+        out.append("terminationGracePeriodSeconds: no training pod runs here; Together's job is cancelled instead")
     return out
 
 

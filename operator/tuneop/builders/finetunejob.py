@@ -43,6 +43,13 @@ GENERATION_LABEL = "tuneop.dev/generation"
 SPEC_HASH_ANNOTATION = "tuneop.dev/spec-hash"
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
+# Seconds a training pod gets after SIGTERM to finish its step and write a checkpoint
+# (spec.terminationGracePeriodSeconds; Kubernetes' own default of 30 s is short for large models).
+DEFAULT_GRACE_SECONDS = 300
+GRACE_ENV = "TUNEOP_TERMINATION_GRACE_SECONDS"
+# The trainer's exit code after SIGTERM once its checkpoint is written (128 + 15).
+SIGTERM_EXIT_CODE = 143
+
 VALIDATE_RESOURCES = common.SMALL_POD_RESOURCES
 VALIDATE_BACKOFF_LIMIT = 1
 VALIDATE_DEADLINE_SECONDS = 1800
@@ -228,21 +235,32 @@ def _env(spec: FineTuneJobSpec, *, hf_home: str) -> list[dict[str, Any]]:
     return env
 
 
-def _exit_code_2_fails_job(container: str) -> dict[str, Any]:
+def _exit_code_2_fails_job(container: str, *, sigterm_ignored: bool = False) -> dict[str, Any]:
     """Exit code 2 = user error (bad data/config/hardware): fail at once, don't retry.
-    Evictions and preemptions (DisruptionTarget) don't count against backoffLimit."""
-    return {
-        "rules": [
-            {
-                "action": "FailJob",
-                "onExitCodes": {"containerName": container, "operator": "In", "values": [2]},
-            },
-            {
-                "action": "Ignore",
-                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-            },
-        ]
-    }
+    Evictions and preemptions (DisruptionTarget) don't count against backoffLimit, nor (training)
+    a trainer that stopped on SIGTERM after writing its checkpoint (exit 143): the next pod resumes."""
+    rules: list[dict[str, Any]] = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": container, "operator": "In", "values": [2]},
+        },
+        {
+            "action": "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        },
+    ]
+    if sigterm_ignored:
+        rules.append({
+            "action": "Ignore",
+            "onExitCodes": {"containerName": container, "operator": "In", "values": [SIGTERM_EXIT_CODE]},
+        })
+    return {"rules": rules}
+
+
+def grace_seconds(spec: FineTuneJobSpec) -> int:
+    """The training pods' terminationGracePeriodSeconds."""
+    value = spec.termination_grace_period_seconds
+    return int(value) if value is not None else DEFAULT_GRACE_SECONDS
 
 
 # ---------------------------------------------------------------------------------- builders
@@ -283,6 +301,7 @@ def build_validation_job(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server
         "securityContext": _pod_security_context(),
         "containers": [container],
         "volumes": volumes,
@@ -355,6 +374,7 @@ def build_training_job(
     volumes, mounts = _volumes(ftj, spec, read_only_output=False, shm=True)
     nodes = spec.resources.nodes
     env = _env(spec, hf_home=posixpath.join(output_dir(spec), ".hf-home"))
+    env.append({"name": GRACE_ENV, "value": str(grace_seconds(spec))})
     if nodes > 1:
         env.insert(
             0,
@@ -382,6 +402,8 @@ def build_training_job(
         container["ports"] = [{"name": "rdzv", "containerPort": RDZV_PORT}]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server
+        "terminationGracePeriodSeconds": grace_seconds(spec),
         "securityContext": _pod_security_context(),
         "containers": [container],
         "volumes": volumes,
@@ -395,7 +417,7 @@ def build_training_job(
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.max_retries,
         "suspend": bool(spec.suspend),
-        "podFailurePolicy": _exit_code_2_fails_job(TRAINER_CONTAINER),
+        "podFailurePolicy": _exit_code_2_fails_job(TRAINER_CONTAINER, sigterm_ignored=True),
         "template": {
             "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
             "spec": pod_spec,

@@ -47,3 +47,31 @@ def typed(body: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
     body.setdefault("apiVersion", api_version)
     body.setdefault("kind", kind)
     return body
+
+
+def event_object(body: dict[str, Any], type_: str, reason: str, message: str, *, now: str) -> dict[str, Any]:
+    """A core/v1 Event about `body`, shaped as kopf posts them (component tuneop, name tuneop-...)."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "tuneop-", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "name": meta.get("name"),
+            "namespace": meta.get("namespace"), "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "tuneop"},
+        "reportingComponent": "tuneop",
+        "reportingInstance": "tuneop",
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+async def post_event(kc: kube.KubeClient, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post an Event from a task of tuneop's own (kopf.event works only inside kopf's handlers)."""
+    await kc.create(event_object(body, type_, reason, message, now=now_iso()), (body.get("metadata") or {}).get("namespace"))

@@ -45,7 +45,7 @@ from .. import status as st
 from ..builders import finetunejob as b
 from ..metrics import METRICS
 from . import together
-from .common import ObjectLocks, get_live, now_iso, typed
+from .common import ObjectLocks, get_live, now_iso, post_event, typed
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -201,7 +201,7 @@ class ProgressAnnotations(kopf.AnnotationsProgressStorage):
 
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_settings(settings)
-    _poller.start(CONFIG.progress_interval)
+    _poller.start(CONFIG.progress_interval, CONFIG.retry_interval)
 
 
 async def cleanup(**_: Any) -> None:
@@ -382,11 +382,14 @@ class ChildExists(Exception):
 
 
 async def apply(
-    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, *, assumed_absent: bool = False
+    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, *, assumed_absent: bool = False,
+    direct_events: bool = False,
 ) -> list[dict[str, Any]]:
     """Carry out `decision`; returns the objects created (as the API server answered).
     assumed_absent: the children were not read but assumed absent; a create that finds one
-    raises ChildExists before anything else (status, Events) is written."""
+    raises ChildExists before anything else (status, Events) is written.
+    direct_events: post the Events through the API client (tasks of tuneop's own, outside kopf's
+    handlers, where kopf.event has no queue)."""
     ns = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
     for ref in decision.delete:
@@ -405,7 +408,10 @@ async def apply(
         await kc.patch(API_VERSION, KIND, name, ns, {"status": diff}, subresource="status")
     _observed.remember(body, decision.status.get("observedGeneration"))
     for ev in decision.events:
-        kopf.event(body, type=ev["type"], reason=ev["reason"], message=ev["message"])
+        if direct_events:
+            await post_event(kc, body, ev["type"], ev["reason"], ev["message"])
+        else:
+            kopf.event(body, type=ev["type"], reason=ev["reason"], message=ev["message"])
     METRICS.set_phase(ns, name, decision.status.get("phase"))
     tg = decision.status.get("together") or {}
     if tg:
@@ -427,7 +433,7 @@ def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
 async def reconcile_object(
     namespace: str, name: str, *, logger: Optional[logging.Logger] = None,
     prefetch: bool = False, unless_seen: Optional[tuple[str, Optional[str]]] = None,
-    assume_new: bool = False, given: Optional[dict[str, Any]] = None,
+    assume_new: bool = False, given: Optional[dict[str, Any]] = None, direct_events: bool = False,
 ) -> Optional[st.Decision]:
     """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists.
     prefetch: read the children (backend: kubernetes) together with the FineTuneJob.
@@ -437,7 +443,8 @@ async def reconcile_object(
     (:func:`first_reconcile`), its children are assumed absent instead of read: their creates
     tell (a 409 -> read them and decide again; no status or Event was written in between).
     given: with assume_new, the object as kopf's create event had it; used instead of a fresh
-    read when :func:`use_given` says it cannot be stale in a way that matters."""
+    read when :func:`use_given` says it cannot be stale in a way that matters.
+    direct_events: see :func:`apply` (the operator's own tasks)."""
     log = logger or logging.getLogger("tuneop")
     started = time.monotonic()
     result: Optional[str] = "error"
@@ -465,7 +472,7 @@ async def reconcile_object(
             observed = await observe(kc, body, [None, None, None] if assumed else children)
             decision = _decide(body, observed)
             try:
-                created = await apply(kc, body, decision, assumed_absent=assumed)
+                created = await apply(kc, body, decision, assumed_absent=assumed, direct_events=direct_events)
             except ChildExists as e:
                 log.info(f"{e} exists already: reading the object and its children")
                 body = await get_live(kc, API_VERSION, KIND, name, namespace)
@@ -474,7 +481,7 @@ async def reconcile_object(
                     return None
                 observed = await observe(kc, body)
                 decision = _decide(body, observed)
-                created = await apply(kc, body, decision)
+                created = await apply(kc, body, decision, direct_events=direct_events)
             for ev in decision.events:
                 log.info("%s: %s", ev["reason"], ev["message"])
             if decision.together:
@@ -493,7 +500,7 @@ async def reconcile_object(
 # ---------------------------------------------------------------------------------- handlers
 
 
-async def report_api_error(namespace: str, name: str, error: kube.ApiError) -> bool:
+async def report_api_error(namespace: str, name: str, error: kube.ApiError, *, direct_events: bool = False) -> bool:
     """Put an API error of a reconcile into the status (reason ApiError). False if that failed too."""
     try:
         async with _lock(namespace, name):
@@ -504,7 +511,7 @@ async def report_api_error(namespace: str, name: str, error: kube.ApiError) -> b
             body.setdefault("apiVersion", API_VERSION)
             body.setdefault("kind", KIND)
             decision = st.api_error(body, f"Kubernetes API error: {error}", now=now_iso())
-            await apply(kc, body, decision)
+            await apply(kc, body, decision, direct_events=direct_events)
         return True
     except kube.ApiError:
         return False
@@ -518,7 +525,7 @@ async def reconcile_or_report(namespace: str, name: str, logger: logging.Logger,
         return True
     except kube.ApiError as e:
         logger.warning(f"reconcile of FineTuneJob {namespace}/{name} failed: {e}")
-        return await report_api_error(namespace, name, e)
+        return await report_api_error(namespace, name, e, direct_events=bool(kwargs.get("direct_events")))
 
 
 def _kubernetes_backend(spec: Any) -> bool:
@@ -583,55 +590,88 @@ async def on_ftj_event(
         _poller.forget(namespace, name)
     else:
         METRICS.set_phase(namespace, name, (status or {}).get("phase"))
+        restore_metrics(namespace, name, status)
         _poller.track(namespace, name, status, spec)
 
 
+def restore_metrics(namespace: str, name: str, status: Any) -> None:
+    """The training series of a job as its status has them: after an operator restart the watch's
+    first events re-export finished and running jobs alike (not only the ones polled later)."""
+    st_ = dict(status or {})
+    if st_.get("progress"):
+        METRICS.set_progress(namespace, name, dict(st_["progress"]))
+    cost = (st_.get("together") or {}).get("costUSD")
+    if cost is not None:
+        METRICS.set_cost(namespace, name, cost)
+
+
 def _is_running(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
-    return (status or {}).get("phase") == "Running" and (spec or {}).get("backend") != "together"
-
-
-def progress_patch(old: Optional[dict[str, Any]], progress: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The status patch for newly read progress; None when only ``updatedAt`` would change."""
-    old = dict(old or {})
-    same = {k: v for k, v in old.items() if k != "updatedAt"} == {
-        k: v for k, v in progress.items() if k != "updatedAt"
-    }
-    if same:
-        return None
-    return {"status": {"progress": st.merge_patch(old, progress) if old else progress}}
+    return (status or {}).get("phase") in (st.RUNNING, st.EVALUATING) and (spec or {}).get("backend") != "together"
 
 
 class ProgressPoller:
-    """The FineTuneJobs in phase Running (backend: kubernetes) as the watch last showed them, and
-    one task that reads the progress of each every `interval` seconds, at most `concurrency` at
-    a time. Needs no finalizer (a kopf timer per object would add one) and reads nothing when a
-    job has just started (its pod is not there yet)."""
+    """The FineTuneJobs in phase Running or Evaluating (backend: kubernetes) as the watch last
+    showed them, and one task that reads the progress of each every `interval` seconds, at most
+    `concurrency` at a time. Needs no finalizer (a kopf timer per object would add one) and reads
+    nothing when a job has just started (its pod is not there yet).
+
+    It also keeps the jobs Pending on pods that have not started (:func:`st.waiting_for_pods`) and
+    reconciles each every `pending_interval` seconds: a pod that cannot be scheduled or pulled
+    changes no Job, so no Job event would tell the operator why it waits."""
 
     def __init__(self, concurrency: int = 8) -> None:
         self.concurrency = concurrency
-        self._running: dict[tuple[str, str], dict[str, Any]] = {}  # -> status.progress
+        self._running: dict[tuple[str, str], dict[str, Any]] = {}  # -> status
+        self._pending: set[tuple[str, str]] = set()
         self._task: Optional[asyncio.Task[None]] = None
 
     def track(self, namespace: str, name: str, status: Any, spec: Any) -> None:
+        key = (namespace, name)
         if _is_running(status, spec):
-            self._running[(namespace, name)] = dict((status or {}).get("progress") or {})
+            self._running[key] = json.loads(json.dumps(dict(status or {})))
         else:
-            self._running.pop((namespace, name), None)
+            self._running.pop(key, None)
+        if _kubernetes_backend(spec) and st.waiting_for_pods(dict(status or {})):
+            self._pending.add(key)
+        else:
+            self._pending.discard(key)
 
     def forget(self, namespace: str, name: str) -> None:
         self._running.pop((namespace, name), None)
+        self._pending.discard((namespace, name))
 
     def running(self) -> list[tuple[str, str]]:
         return sorted(self._running)
 
-    def start(self, interval: float) -> None:
+    def pending(self) -> list[tuple[str, str]]:
+        return sorted(self._pending)
+
+    def start(self, interval: float, pending_interval: Optional[float] = None) -> None:
         """Start polling in the running event loop (the operator's startup)."""
         self._running.clear()
-        self._task = asyncio.get_running_loop().create_task(self._loop(interval), name="tuneop-progress")
+        self._pending.clear()
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(interval), name="tuneop-progress")
+        self._pending_task = loop.create_task(
+            self._pending_loop(pending_interval or interval), name="tuneop-pending-pods"
+        )
+
+    async def _pending_loop(self, interval: float) -> None:
+        log = logging.getLogger("tuneop")
+        while True:
+            await asyncio.sleep(interval)
+            for namespace, name in self.pending():
+                try:
+                    await reconcile_or_report(namespace, name, log, prefetch=True, direct_events=True)
+                except Exception as e:  # noqa: BLE001  (the loop must outlive any one failure)
+                    log.warning(f"reconcile of pending FineTuneJob {namespace}/{name} failed: {e!r}")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [self._task, getattr(self, "_pending_task", None)]
+        self._task = self._pending_task = None
+        for task in tasks:
+            if task is None:
+                continue
             task.cancel()
             try:
                 await task
@@ -679,7 +719,8 @@ def pick_progress_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return ordered[0] if ordered else None
 
 
-async def read_progress(namespace: str, name: str) -> Optional[dict[str, Any]]:
+async def read_log_tail(namespace: str, name: str) -> Optional[str]:
+    """The tail of the training pod's log (rank 0); None while there is none to read."""
     kc = kube.client()
     job = await kc.get("batch/v1", "Job", b.training_job_name(name), namespace)
     if job is None:
@@ -689,30 +730,49 @@ async def read_progress(namespace: str, name: str) -> Optional[dict[str, Any]]:
     if pod is None:
         return None
     try:
-        text = await kc.pod_log(
+        return await kc.pod_log(
             namespace, pod["metadata"]["name"], container=b.TRAINER_CONTAINER,
             tail_lines=CONFIG.log_tail_lines,
         )
     except kube.ApiError:
         return None  # the container may not have started yet
-    return st.parse_progress(text, now=now_iso())
 
 
 async def poll_progress(
     namespace: str, name: str, old: Optional[dict[str, Any]], logger: logging.Logger
 ) -> None:
-    """Read one running job's progress: metrics, and status.progress when it changed."""
+    """Read one running job's log tail: metrics, and the status (progress; phase Evaluating once
+    the trainer scores the test split, with one Event) when it changed. `old`: its status as the
+    watch last showed it."""
     try:
-        progress = await read_progress(namespace, name)
+        text = await read_log_tail(namespace, name)
     except kube.ApiError as e:
         logger.debug(f"progress not read: {e}")
         return
-    if not progress:
+    if not text:
         return
-    METRICS.set_progress(namespace, name, progress)
-    patch = progress_patch(old, progress)
-    if patch is not None:
-        await kube.client().patch(API_VERSION, KIND, name, namespace, patch, subresource="status")
+    progress = st.parse_progress(text)
+    if progress:
+        METRICS.set_progress(namespace, name, progress)
+    async with _lock(namespace, name):
+        status = dict(old or {})
+        patch, events = st.progress_update(status, text, now=now_iso(), generation=status.get("observedGeneration"))
+        if events:
+            # a phase change: decide it on the status as it is now, not as the watch last showed it
+            fresh = await get_live(kube.client(), API_VERSION, KIND, name, namespace)
+            if fresh is None:
+                return
+            status = dict(fresh.get("status") or {})
+            patch, events = st.progress_update(
+                status, text, now=now_iso(), generation=(fresh.get("metadata") or {}).get("generation"),
+            )
+        if patch is None:
+            return
+        body = await kube.client().patch(API_VERSION, KIND, name, namespace, patch, subresource="status")
+    for ev in events:
+        if body:
+            await post_event(kube.client(), typed(dict(body), API_VERSION, KIND), ev["type"], ev["reason"], ev["message"])
+        logger.info("%s: %s", ev["reason"], ev["message"])
 
 
 # ---------------------------------------------------------------------------------- registration
