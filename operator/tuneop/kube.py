@@ -6,14 +6,24 @@ handler then uses :func:`client` (one client per event loop, closed at operator 
 
 Only what the operator needs: get / list / create (409 = already there) / merge or strategic
 patch / delete / pod log tail / post an Event. Errors are :class:`ApiError` with the status code.
+
+The API server's ``Warning`` response headers (RFC 7234 ``299 - "text"``; e.g. Pod Security's
+``warn`` mode: ``would violate PodSecurity "restricted:latest": ...``) are logged at WARNING
+level with the request's method and object, once per distinct text per object, and handed to
+whoever asks with :func:`capture_warnings` (a context variable: per asyncio task).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import contextvars
 import datetime
 import json
+import logging
+import re
 import ssl
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import quote
 
 import aiohttp
@@ -33,6 +43,8 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("apps/v1", "Deployment"): ("deployments", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
 }
+
+log = logging.getLogger("tuneop.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
@@ -99,6 +111,38 @@ def _error(status: int, text: str) -> ApiError:
     return cls(status, reason, message, body)
 
 
+_WARNING = re.compile(r'(\d{3})\s+(\S+)\s+"((?:[^"\\]|\\.)*)"(?:\s+"[^"]*")?')
+_captured: contextvars.ContextVar[Optional[list[str]]] = contextvars.ContextVar("tuneop_kube_warnings", default=None)
+WARNED_MAX = 1024  # (object, text) pairs remembered per client for "log once"
+
+
+def parse_warnings(values: Iterable[str]) -> list[str]:
+    """The texts of ``Warning`` header values (RFC 7234 ``299 - "text"``, several per header
+    value separated by commas, escaped quotes inside), in order, without duplicates."""
+    out: list[str] = []
+    for value in values:
+        found = _WARNING.findall(value or "")
+        texts = [re.sub(r"\\(.)", r"\1", t) for _, _, t in found]
+        if not found and (value or "").strip():
+            texts = [value.strip()]  # not RFC 7234: keep it as it came
+        for t in texts:
+            if t and t not in out:
+                out.append(t)
+    return out
+
+
+@contextlib.contextmanager
+def capture_warnings() -> Iterator[list[str]]:
+    """``with capture_warnings() as w: await kc.create(...)``: `w` gets the API server's warning
+    texts of the requests made inside (by this asyncio task), whether logged before or not."""
+    got: list[str] = []
+    token = _captured.set(got)
+    try:
+        yield got
+    finally:
+        _captured.reset(token)
+
+
 class KubeClient:
     """One aiohttp session against one API server. Use within one event loop."""
 
@@ -121,6 +165,25 @@ class KubeClient:
         self._proxy = proxy
         self._trust_env = trust_env
         self._session: Optional[aiohttp.ClientSession] = None
+        self._warned: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.last_warnings: list[str] = []  # of the latest request of this client (any task)
+
+    def _note_warnings(self, method: str, subject: str, texts: list[str]) -> None:
+        self.last_warnings = texts
+        if not texts:
+            return
+        captured = _captured.get()
+        for text in texts:
+            if captured is not None and text not in captured:
+                captured.append(text)
+            key = (subject, text)
+            if key in self._warned:
+                self._warned.move_to_end(key)
+                continue
+            self._warned[key] = None
+            while len(self._warned) > WARNED_MAX:
+                self._warned.popitem(last=False)
+            log.warning("Kubernetes API warning on %s %s: %s", method, subject, text)
 
     @classmethod
     def from_connection(cls, info: Any, *, timeout: float = DEFAULT_TIMEOUT) -> "KubeClient":
@@ -163,7 +226,9 @@ class KubeClient:
         body: Any = None,
         content_type: str = "application/json",
         raw: bool = False,
+        subject: Optional[str] = None,
     ) -> Any:
+        """subject: the object the request is about, for the log of API warnings (default: path)."""
         session = self._get_session()
         headers = {"Accept": "*/*" if raw else "application/json"}
         data = None
@@ -175,6 +240,7 @@ class KubeClient:
                 method, self.server + path, params=params, data=data, headers=headers,
                 proxy=self._proxy,
             ) as rsp:
+                self._note_warnings(method, subject or path, parse_warnings(rsp.headers.getall("Warning", [])))
                 text = await rsp.text()
                 if rsp.status >= 400:
                     raise _error(rsp.status, text)
@@ -223,8 +289,10 @@ class KubeClient:
         """(object, created). A 409 (it already exists) is success: (the sent object, False)."""
         ns = namespace or (obj.get("metadata") or {}).get("namespace")
         path = resource_path(obj["apiVersion"], obj["kind"], ns)
+        meta = obj.get("metadata") or {}
+        subject = f"{obj['kind']} {ns + '/' if ns else ''}{meta.get('name') or meta.get('generateName') or ''}"
         try:
-            return await self.request("POST", path, body=obj), True
+            return await self.request("POST", path, body=obj, subject=subject), True
         except Conflict:
             return obj, False
 
@@ -241,7 +309,8 @@ class KubeClient:
     ) -> dict[str, Any]:
         path = resource_path(api_version, kind, namespace, name, subresource)
         ctype = STRATEGIC_PATCH if strategic else MERGE_PATCH
-        return await self.request("PATCH", path, body=patch, content_type=ctype)
+        subject = f"{kind} {namespace + '/' if namespace else ''}{name}{'/' + subresource if subresource else ''}"
+        return await self.request("PATCH", path, body=patch, content_type=ctype, subject=subject)
 
     async def delete(
         self,
@@ -271,10 +340,14 @@ class KubeClient:
         container: Optional[str] = None,
         tail_lines: Optional[int] = 100,
         limit_bytes: Optional[int] = 256 * 1024,
+        previous: bool = False,
     ) -> str:
+        """The tail of a container's log; previous: of its previous (crashed) instance."""
         params: dict[str, Any] = {}
         if container:
             params["container"] = container
+        if previous:
+            params["previous"] = "true"
         if tail_lines is not None:
             params["tailLines"] = str(tail_lines)
         if limit_bytes is not None:

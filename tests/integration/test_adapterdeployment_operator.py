@@ -372,6 +372,9 @@ def test_adapters_loaded_live_on_every_pod_and_template_never_changes(
     r = reasons(api)
     assert r.count("AdapterLoaded") == 8 and r.count("AdapterUnloaded") == 4
     assert "AdapterLoadFailed" not in r
+    assert log_reads(api) == []  # healthy pods: no log is read
+    assert not [e for e in api.events() if e["reason"] in ("PodAdmissionRefused", "ImagePullFailed", "CrashLoop",
+                                                            "Unschedulable", "DeploymentWarning")]
 
 
 def test_finetunejob_success_reaches_only_the_adapterdeployments_referencing_it(
@@ -542,3 +545,172 @@ def test_platform_defaults_fill_what_the_spec_leaves_empty(api: KMockThread) -> 
     m = mine["spec"]["template"]["spec"]
     assert m["nodeSelector"] == {"pool": "mine"} and m["containers"][0]["resources"]["requests"]["memory"] == "24Gi"
     assert get_ad(api, "mine")["spec"]["resources"] == {"nodeSelector": {"pool": "mine"}}  # the spec is untouched
+
+
+# ---------------------------------------------------------------------------------- why no pods
+
+PSA_REFUSAL = ('pods "qwen-vllm-7c9d8b6f5d-x2k4p" is forbidden: violates PodSecurity "restricted:latest": '
+               'runAsNonRoot != true (pod or container "vllm" must set securityContext.runAsNonRoot=true)')
+PSA_WARNING = ('would violate PodSecurity "restricted:latest": runAsNonRoot != true (pod or container "vllm" '
+               'must set securityContext.runAsNonRoot=true)')
+
+
+def warn_on_deployment_create(api: KMockThread, text: str) -> None:
+    """Make kmock answer the Deployment's create like an API server whose namespace has Pod
+    Security in ``warn`` mode: a ``Warning: 299 - "..."`` header."""
+    em = api.emulator
+    orig = em._handle
+    quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+
+    async def handle(request: Any) -> Any:
+        rsp = await orig(request)
+        if str(request.method.value).upper() == "POST" and request.url.path == DEPLOYS:
+            rsp.headers.add("Warning", f'299 - "{quoted}"')
+        return rsp
+
+    em._handle = handle
+
+
+def make_pod(api: KMockThread, pod_name: str, status: dict[str, Any], deployment: str = "qwen-vllm") -> None:
+    """A pod of the Deployment's template in the given state (kubelet's part)."""
+    tmpl = copy.deepcopy(api.get(f"{DEPLOYS}/{deployment}")["spec"]["template"])
+    tmpl["metadata"]["name"] = pod_name
+    api.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": tmpl["metadata"], "spec": tmpl["spec"],
+                      "status": status})
+
+
+def reconciles(api: KMockThread, name: str = "qwen") -> int:
+    return len(api.requests("GET", f"{AD_PATH}/{name}"))
+
+
+def status_patches(api: KMockThread, name: str = "qwen") -> int:
+    return len(api.requests("PATCH", f"{AD_PATH}/{name}/status"))
+
+
+def log_reads(api: KMockThread) -> list[Any]:
+    return [r for r in api.requests("GET", PODS) if r.url.path.endswith("/log")]
+
+
+def warnings_named(api: KMockThread, reason: str) -> list[dict[str, Any]]:
+    return [e for e in api.events(reason) if e["type"] == "Warning"]
+
+
+def test_admission_refusal_reaches_status_and_one_event(api: KMockThread, vllm_pods: Callable[[], FakeVllm]) -> None:
+    warn_on_deployment_create(api, PSA_WARNING)
+    api.create(AD_PATH, ad(adapters=[pvc_adapter("news")], replicas=1))
+    with Operator():
+        wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        # The ReplicaSet controller's refusal, copied by the Deployment controller.
+        api.patch(f"{DEPLOYS}/qwen-vllm/status", {"status": {
+            "observedGeneration": 1, "replicas": 0, "availableReplicas": 0, "unavailableReplicas": 1,
+            "conditions": [
+                {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable",
+                 "message": "Deployment does not have minimum availability."},
+                {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": PSA_REFUSAL},
+                {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+                 "message": 'ReplicaSet "qwen-vllm-7c9d8b6f5d" is progressing.'},
+            ]}})
+        wait_for(lambda: cond(api, "Available").get("reason") == "PodAdmissionRefused", what="Available says why")
+        healthy = cond(api, "PodsHealthy")
+        assert healthy["status"] == "False" and healthy["reason"] == "PodAdmissionRefused"
+        assert healthy["message"] == f"Deployment qwen-vllm cannot create pods: {PSA_REFUSAL}"
+        st = status_of(api)
+        assert st["phase"] == "Pending" and "violates PodSecurity" in st["message"]
+        assert cond(api, "Ready")["reason"] == "PodAdmissionRefused"
+        # Later reconciles (timer, events) post nothing more and write no status.
+        n, patches = reconciles(api), status_patches(api)
+        wait_for(lambda: reconciles(api) >= n + 5, what="five more reconciles")
+        assert status_patches(api) == patches
+        (refused,) = warnings_named(api, "PodAdmissionRefused")
+        assert refused["message"] == healthy["message"]
+        assert refused["involvedObject"]["kind"] == "AdapterDeployment"
+
+        # The namespace is fixed: a pod comes up, the condition clears.
+        pod = vllm_pods()
+        api.patch(f"{DEPLOYS}/qwen-vllm/status", {"status": {"conditions": [
+            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}]}})
+        start_pod(api, pod, "qwen-vllm-a")
+        deployment_ready(api, 1)
+        wait_for(lambda: cond(api, "Ready").get("status") == "True", what="Ready")
+        assert cond(api, "PodsHealthy")["status"] == "True" and cond(api, "PodsHealthy")["reason"] == "PodsHealthy"
+    # Pod Security's warn mode answered the Deployment's create with a warning: one Event.
+    (warned,) = warnings_named(api, "DeploymentWarning")
+    assert warned["message"] == f"the API server warned when creating Deployment qwen-vllm: {PSA_WARNING}"
+    assert len(warnings_named(api, "PodAdmissionRefused")) == 1
+    assert log_reads(api) == []  # no crash loop: no log read
+
+
+def test_image_pull_backoff_reaches_status_and_one_event(api: KMockThread) -> None:
+    api.create(AD_PATH, ad(replicas=1))
+    image_msg = ('failed to pull and unpack image "docker.io/library/vllm:test": failed to resolve reference '
+                 '"docker.io/library/vllm:test": pull access denied, repository does not exist or may require '
+                 'authorization')
+
+    def pulling(reason: str, message: str) -> dict[str, Any]:
+        return {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+            "containerStatuses": [{"name": "vllm", "image": "vllm:test", "imageID": "", "ready": False,
+                                   "restartCount": 0, "started": False,
+                                   "state": {"waiting": {"reason": reason, "message": message}}}]}
+
+    with Operator():
+        wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        make_pod(api, "qwen-vllm-p", pulling("ErrImagePull", image_msg))
+        wait_for(lambda: cond(api, "PodsHealthy").get("reason") == "ImagePullFailed", what="ImagePullFailed")
+        assert cond(api, "Available")["reason"] == "ImagePullFailed"
+        assert cond(api, "PodsHealthy")["message"] == f"pod qwen-vllm-p container vllm: ErrImagePull: {image_msg}"
+        # The kubelet backs off: another waiting reason, the same cause (no second Event).
+        api.patch(f"{PODS}/qwen-vllm-p/status", {"status": pulling("ImagePullBackOff", 'Back-off pulling image "vllm:test"')})
+        wait_for(lambda: "ImagePullBackOff" in cond(api, "PodsHealthy").get("message", ""), what="back-off")
+        n = reconciles(api)
+        wait_for(lambda: reconciles(api) >= n + 3, what="three more reconciles")
+    (ev,) = warnings_named(api, "ImagePullFailed")
+    assert ev["message"] == f"pod qwen-vllm-p container vllm: ErrImagePull: {image_msg}"
+    assert log_reads(api) == []
+
+
+def test_crash_loop_names_the_last_log_line_read_once_per_restart(
+    api: KMockThread, vllm_pods: Callable[[], FakeVllm]
+) -> None:
+    api.emulator["get", f"{PODS}/qwen-vllm-c/log"] << (
+        b"INFO 05-01 10:01:02 api_server.py:1 vLLM API server version 0.11.0\n"
+        b"ERROR 05-01 10:01:40 engine.py:9 ValueError: No available memory for the cache blocks.\n\n")
+    api.create(AD_PATH, ad(adapters=[pvc_adapter("news")], replicas=2))
+
+    def crashing(restarts: int) -> dict[str, Any]:
+        return {"phase": "Running", "podIP": "10.0.0.2", "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+            "containerStatuses": [{
+                "name": "vllm", "image": "vllm:test", "ready": False, "restartCount": restarts, "started": False,
+                "state": {"waiting": {"reason": "CrashLoopBackOff",
+                                      "message": "back-off 40s restarting failed container=vllm pod=qwen-vllm-c"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                                             "startedAt": "2026-05-01T10:01:00Z", "finishedAt": "2026-05-01T10:01:40Z"}},
+            }]}
+
+    good = vllm_pods()
+    with Operator():
+        wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        start_pod(api, good, "qwen-vllm-a")  # one replica serves; the other crash-loops
+        deployment_ready(api, 1)
+        make_pod(api, "qwen-vllm-c", crashing(3))
+        line = "ERROR 05-01 10:01:40 engine.py:9 ValueError: No available memory for the cache blocks."
+        wait_for(lambda: cond(api, "PodsHealthy").get("reason") == "CrashLoop", what="CrashLoop")
+        msg = cond(api, "PodsHealthy")["message"]
+        assert msg == ("pod qwen-vllm-c container vllm is crash-looping (restarts 3): last exit code 1 (Error)"
+                       f"; last log line: {line}")
+        wait_for(lambda: cond(api, "Ready").get("status") == "True", what="Ready: the other pod serves")
+        assert cond(api, "Available")["reason"] == "MinimumReplicasAvailable"
+        n = reconciles(api)
+        wait_for(lambda: reconciles(api) >= n + 4, what="four more reconciles")
+        (read,) = log_reads(api)  # once for this restart, not once per reconcile
+        assert read.params == {"container": "vllm", "previous": "true", "tailLines": "20", "limitBytes": "16384"}
+        assert good.count("load") == 1
+        # It crashes again: one more read, still one Event (the same cause).
+        api.patch(f"{PODS}/qwen-vllm-c/status", {"status": crashing(4)})
+        wait_for(lambda: "(restarts 4)" in cond(api, "PodsHealthy").get("message", ""), what="restarts 4")
+        assert len(log_reads(api)) == 2
+    (ev,) = warnings_named(api, "CrashLoop")
+    assert ev["message"] == msg

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import multidict
+import pytest
+from aiohttp import web
 from kmockenv import NS, KMockThread
 
 from tuneop import kube
@@ -29,6 +33,7 @@ def test_kube_client_verbs(api: KMockThread) -> None:
             assert await kc.delete("v1", "ConfigMap", "c1", NS) is True
             assert await kc.delete("v1", "ConfigMap", "c1", NS) is False
             assert await kc.pod_log(NS, "p1", container="trainer", tail_lines=10) == "line 1\nline 2\n"
+            await kc.pod_log(NS, "p1", container="vllm", tail_lines=5, limit_bytes=4096, previous=True)
             ftj = {"apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x", "namespace": NS, "uid": "u"}}
             await kc.post_event(ftj, type="Normal", reason="Test", message="hello")
             try:
@@ -44,6 +49,8 @@ def test_kube_client_verbs(api: KMockThread) -> None:
     log_req = api.requests("GET", f"/api/v1/namespaces/{NS}/pods/p1/log")[0]
     assert log_req.params == {"container": "trainer", "tailLines": "10", "limitBytes": str(256 * 1024)}
     assert log_req.headers["Authorization"] == "Bearer t"
+    prev_req = api.requests("GET", f"/api/v1/namespaces/{NS}/pods/p1/log")[1]
+    assert prev_req.params == {"container": "vllm", "tailLines": "5", "limitBytes": "4096", "previous": "true"}
     (event,) = api.events("Test")
     assert event["involvedObject"] == {"apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob", "name": "x", "namespace": NS, "uid": "u"}
     patch = api.requests("PATCH", f"/api/v1/namespaces/{NS}/configmaps/c1")[0]
@@ -56,3 +63,68 @@ def test_resource_paths() -> None:
     assert (kube.resource_path("tuneop.dev/v1alpha1", "FineTuneJob", "ns", "x", "status")
             == "/apis/tuneop.dev/v1alpha1/namespaces/ns/finetunejobs/x/status")
     assert kube.resource_path("v1", "Namespace", "ignored", "team-a") == "/api/v1/namespaces/team-a"
+
+
+def test_api_warnings_are_logged_once_per_object_and_captured(caplog: pytest.LogCaptureFixture) -> None:
+    """The API server's Warning headers (Pod Security's warn mode puts its refusal there)."""
+    psa = ('would violate PodSecurity "restricted:latest": runAsNonRoot != true (pod or container "vllm" '
+           'must set securityContext.runAsNonRoot=true)')
+    quoted = psa.replace('"', '\\"')
+    seen: list[str] = []
+
+    async def create(request: web.Request) -> web.Response:
+        obj = await request.json()
+        seen.append(obj["metadata"]["name"])
+        headers = [("Warning", f'299 - "{quoted}"'),
+                   ("Warning", '299 - "spec.template: a, b", 299 - "deprecated field"')]
+        return web.json_response(obj, status=201, headers=multidict.CIMultiDict(headers))
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response({"kind": "Deployment"})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post(f"/apis/apps/v1/namespaces/{NS}/deployments", create)
+        app.router.add_get(f"/apis/apps/v1/namespaces/{NS}/deployments/d1", get)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        kc = kube.KubeClient(f"http://127.0.0.1:{port}", timeout=5)
+        try:
+            dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d1", "namespace": NS}}
+            with kube.capture_warnings() as warned:
+                await kc.create(dep)
+            assert warned == [psa, "spec.template: a, b", "deprecated field"]
+            assert kc.last_warnings == warned
+            with kube.capture_warnings() as again:
+                await kc.create(dep)  # the same texts, the same object: captured, not logged again
+                await kc.get("apps/v1", "Deployment", "d1", NS)  # no warning: nothing added
+            assert again == warned and kc.last_warnings == []
+            await kc.create({**dep, "metadata": {"name": "d2", "namespace": NS}})  # another object: logged
+            with kube.capture_warnings() as none:
+                await kc.get("apps/v1", "Deployment", "d1", NS)
+            assert none == []
+        finally:
+            await kc.close()
+            await runner.cleanup()
+
+    with caplog.at_level(logging.WARNING, logger="tuneop.kube"):
+        asyncio.run(main())
+    logged = [r.getMessage() for r in caplog.records if r.name == "tuneop.kube"]
+    assert logged == [
+        f"Kubernetes API warning on POST Deployment {NS}/d1: {psa}",
+        f"Kubernetes API warning on POST Deployment {NS}/d1: spec.template: a, b",
+        f"Kubernetes API warning on POST Deployment {NS}/d1: deprecated field",
+        f"Kubernetes API warning on POST Deployment {NS}/d2: {psa}",
+        f"Kubernetes API warning on POST Deployment {NS}/d2: spec.template: a, b",
+        f"Kubernetes API warning on POST Deployment {NS}/d2: deprecated field",
+    ]
+    assert seen == ["d1", "d1", "d2"]
+
+
+def test_parse_warnings() -> None:
+    assert kube.parse_warnings(['299 - "a \\"q\\" b"', '299 - "x, y", 299 kube "z" "Sat, 01 Jan 2026 00:00:00 GMT"']) \
+        == ['a "q" b', "x, y", "z"]
+    assert kube.parse_warnings(["not rfc", "", '299 - "a \\"q\\" b"']) == ["not rfc", 'a "q" b']

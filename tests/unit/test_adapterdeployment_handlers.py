@@ -69,3 +69,99 @@ def test_ftj_event_reconciles_only_the_referencing_adapterdeployments(monkeypatc
     asyncio.run(event("news", {}, "DELETED"))
     assert calls[4:] == [("ns", "llama"), ("ns", "qwen")]
     assert ("ns", "news") not in h._ftj_seen  # nothing kept of a deleted job
+
+
+# ---------------------------------------------------------------------------------- pod causes
+
+AD = {"apiVersion": "tuneop.dev/v1alpha1", "kind": "AdapterDeployment",
+      "metadata": {"name": "qwen", "namespace": "ns", "uid": "u"}, "spec": {}}
+
+
+def crashing_pod(restarts: int, name: str = "qwen-vllm-a") -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {"phase": "Running", "containerStatuses": [{
+        "name": "vllm", "ready": False, "restartCount": restarts,
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}
+
+
+class FakeKube:
+    def __init__(self, log: str = "", error: bool = False) -> None:
+        self.log, self.error = log, error
+        self.reads: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def pod_log(self, namespace: str, name: str, **kw: Any) -> str:
+        self.reads.append((namespace, name, kw))
+        if self.error:
+            from tuneop import kube
+            raise kube.ApiError(400, "BadRequest", 'previous terminated container "vllm" in pod not found')
+        return self.log
+
+
+@pytest.fixture()
+def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    got: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(h, "_event", lambda body, t, r, m: got.append((t, r, m)))
+    h._causes.clear()
+    h._crash_logs.clear()
+    h._failures.clear()
+    return got
+
+
+def test_crash_loop_reads_the_previous_log_once_per_restart(events: list) -> None:
+    token = "tok-" + "x" * 40
+    kc = FakeKube(f"INFO loading\nValueError: cannot load model (admin token {token})\n\n")
+    log = logging.getLogger("test")
+
+    def observe(pods: list[dict[str, Any]]) -> Any:
+        return asyncio.run(h.observe_pods(kc, AD, None, pods, token, log))
+
+    c = observe([crashing_pod(3)])
+    assert c["reason"] == "CrashLoop"
+    assert c["message"].endswith(f"; last log line: ValueError: cannot load model (admin token ***)")
+    assert token not in c["message"]
+    assert kc.reads == [("ns", "qwen-vllm-a", {"container": "vllm", "previous": True, "tail_lines": 20,
+                                               "limit_bytes": 16 * 1024})]
+    assert observe([crashing_pod(3)]) == c and len(kc.reads) == 1  # same restart: no second read
+    observe([crashing_pod(4)])
+    assert len(kc.reads) == 2  # it crashed again: read again
+    # Not a crash loop: no read at all.
+    pulling = {"metadata": {"name": "qwen-vllm-b"}, "status": {"phase": "Pending", "containerStatuses": [{
+        "name": "vllm", "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff", "message": "x"}}}]}}
+    assert observe([pulling])["reason"] == "ImagePullFailed" and len(kc.reads) == 2
+    assert observe([]) is None and len(kc.reads) == 2
+    # The log cannot be read: the cause without a line, and no retry until the next restart.
+    bad = FakeKube(error=True)
+    kc = bad
+    c = observe([crashing_pod(7)])
+    assert c["reason"] == "CrashLoop" and "last log line" not in c["message"]
+    observe([crashing_pod(7)])
+    assert len(bad.reads) == 1
+
+
+def test_one_warning_event_per_distinct_cause(events: list) -> None:
+    pull = {"reason": "ImagePullFailed", "message": "pod p container vllm: ErrImagePull: x", "key": "ImagePullFailed|vllm|i"}
+    h._post_cause(AD, {}, pull)
+    h._post_cause(AD, {}, {**pull, "message": "pod p container vllm: ImagePullBackOff: Back-off"})
+    assert events == [("Warning", "ImagePullFailed", "pod p container vllm: ErrImagePull: x")]
+    crash = {"reason": "CrashLoop", "message": "crash", "key": "CrashLoop|vllm|1"}
+    h._post_cause(AD, {}, crash)
+    assert [e[1] for e in events] == ["ImagePullFailed", "CrashLoop"]
+    h._post_cause(AD, {}, None)  # healed
+    h._post_cause(AD, {}, crash)  # and broken again: a new Event
+    assert [e[1] for e in events] == ["ImagePullFailed", "CrashLoop", "CrashLoop"]
+    # An operator restarted (nothing in memory) with the cause in the status already: no repost.
+    h._causes.clear()
+    shown = {"conditions": [{"type": "PodsHealthy", "status": "False", "reason": "CrashLoop"}]}
+    h._post_cause(AD, shown, crash)
+    assert len(events) == 3
+
+
+def test_api_warnings_become_one_event_per_distinct_text(events: list) -> None:
+    psa = 'would violate PodSecurity "restricted:latest": runAsNonRoot != true'
+    h._api_warnings(AD, "creating Deployment qwen-vllm", [psa])
+    h._api_warnings(AD, "patching Deployment qwen-vllm", [psa, "other"])
+    h._api_warnings(AD, "patching Deployment qwen-vllm", [])
+    assert events == [
+        ("Warning", "DeploymentWarning", f"the API server warned when creating Deployment qwen-vllm: {psa}"),
+        ("Warning", "DeploymentWarning", "the API server warned when patching Deployment qwen-vllm: other"),
+    ]

@@ -183,3 +183,32 @@ def test_reduce_status_reasons() -> None:
     assert conds(st)["Available"]["reason"] == "DeploymentMissing"
     st = sa.reduce_status(body(), adapters=[], deployment=None, now=NOW, spec_error="bad")
     assert st["phase"] == "Failed" and conds(st)["Ready"]["reason"] == "SpecInvalid"
+
+
+def test_reduce_status_carries_the_pod_cause() -> None:
+    cause = {"reason": "PodAdmissionRefused", "key": "k", "pod": None, "container": None,
+             "message": 'Deployment qwen-vllm cannot create pods: pods "qwen-vllm-x" is forbidden: violates PodSecurity'}
+    st = sa.reduce_status(body(), adapters=[], deployment=deployment(0), now=NOW, pod_cause=cause)
+    c = conds(st)
+    assert c["Available"]["status"] == "False" and c["Available"]["reason"] == "PodAdmissionRefused"
+    assert c["Available"]["message"] == f"0/2 replicas available: {cause['message']}"
+    assert c["Ready"]["reason"] == "PodAdmissionRefused" and st["message"] == c["Available"]["message"]
+    assert c["PodsHealthy"] == {"type": "PodsHealthy", "status": "False", "reason": "PodAdmissionRefused",
+                                "message": cause["message"], "lastTransitionTime": NOW, "observedGeneration": 4}
+    assert st["phase"] == "Pending"
+    # Some replicas serve (a rollout stuck on a crash-looping new pod): Available and Ready stay,
+    # PodsHealthy says what is wrong.
+    crash = {"reason": "CrashLoop", "message": "pod qwen-vllm-b container vllm is crash-looping", "key": "c"}
+    loaded = [{"name": "a", "state": "Loaded", "message": "", "pods": []}]
+    st = sa.reduce_status(body(st), adapters=loaded, deployment=deployment(2), now=LATER, pod_cause=crash)
+    c = conds(st)
+    assert c["Available"]["reason"] == "MinimumReplicasAvailable" and c["Ready"]["status"] == "True"
+    assert (c["PodsHealthy"]["status"], c["PodsHealthy"]["reason"]) == ("False", "CrashLoop")
+    assert c["PodsHealthy"]["lastTransitionTime"] == NOW  # still False: kept
+    # None: healthy, and the existing conditions are as before.
+    st = sa.reduce_status(body(st), adapters=loaded, deployment=deployment(2), now=LATER)
+    assert (conds(st)["PodsHealthy"]["status"], conds(st)["PodsHealthy"]["reason"]) == ("True", "PodsHealthy")
+    assert conds(st)["PodsHealthy"]["lastTransitionTime"] == LATER
+    assert [x["type"] for x in st["conditions"]] == ["Available", "AdaptersReady", "Ready", "PodsHealthy"]
+    st = sa.reduce_status(body(), adapters=[], deployment=deployment(0), now=NOW)
+    assert conds(st)["Available"]["reason"] == "NoReplicasAvailable"

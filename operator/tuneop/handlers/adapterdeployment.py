@@ -11,8 +11,15 @@ Every trigger ends in :func:`reconcile_object`, which, under a per-object lock:
    :func:`tuneop.serving.adapters.plan` through the admin client (load missing, unload extra; a
    restarted pod serves nothing, so everything is loaded again), one Event per adapter
    loaded / unloaded / failed;
-4. writes the status (per adapter: state and the pods serving it; conditions AdaptersReady,
-   Available, Ready) and the metrics.
+4. finds why the pods do not work, if they do not (:func:`tuneop.podcauses.pod_cause` over the
+   Deployment and all its pods, ready or not; for a crash loop the last line of the previous
+   container's log, read once per restart of that container), one Warning Event per distinct
+   cause;
+5. writes the status (per adapter: state and the pods serving it; conditions AdaptersReady,
+   Available, Ready, PodsHealthy) and the metrics.
+
+The API server's warnings when the Deployment is created or its template patched (Pod
+Security's ``warn`` mode) are one Warning Event ``DeploymentWarning`` per distinct text.
 
 Running it twice in a row does nothing the second time. vLLM errors are not handler failures:
 the adapter is Failed in the status and the next tick tries again.
@@ -40,7 +47,7 @@ from typing import Any, Optional
 import kopf
 from pydantic import ValidationError
 
-from .. import kube, workload_defaults
+from .. import kube, podcauses, workload_defaults
 from ..builders import adapterdeployment as b
 from ..metrics import METRICS
 from ..serving import adapters as sa
@@ -74,6 +81,13 @@ _locks = ObjectLocks()
 _lock = _locks.get
 _failures: dict[tuple[str, str, str, str], str] = {}  # (ns, name, op, adapter) -> last failure posted
 _ftj_seen: dict[tuple[str, str], Any] = {}
+# (ns, name, adapter) -> (fingerprint, message, monotonic time) of the last base model refusal by a pod
+_base_refused: dict[tuple[str, str, str], tuple[tuple[Any, ...], str, float]] = {}
+_causes: dict[tuple[str, str], str] = {}  # (ns, name) -> key of the last pod cause posted as an Event
+# (ns, name) -> (pod, container, restartCount, last log line) of the last crash-loop log read
+_crash_logs: dict[tuple[str, str], tuple[str, str, int, Optional[str]]] = {}
+CRASH_LOG_TAIL_LINES = 20
+CRASH_LOG_LIMIT_BYTES = 16 * 1024
 
 
 def admin_url(pod: dict[str, Any]) -> Optional[str]:
@@ -108,7 +122,9 @@ async def ensure_children(
                               trainer_image=CONFIG.trainer_image)
     dep = await kc.get("apps/v1", "Deployment", child, ns)
     if dep is None:
-        dep, created = await kc.create(want, ns)
+        with kube.capture_warnings() as warned:
+            dep, created = await kc.create(want, ns)
+        _api_warnings(body, f"creating Deployment {child}", warned)
         if created:
             _event(body, "Normal", "DeploymentCreated", f"Deployment {child} created")
         else:
@@ -126,7 +142,9 @@ async def ensure_children(
         if "replicas" in want["spec"] and (dep.get("spec") or {}).get("replicas") != want["spec"]["replicas"]:
             patch.setdefault("spec", {})["replicas"] = want["spec"]["replicas"]
         if patch:
-            dep = await kc.patch("apps/v1", "Deployment", child, ns, patch)
+            with kube.capture_warnings() as warned:
+                dep = await kc.patch("apps/v1", "Deployment", child, ns, patch)
+            _api_warnings(body, f"patching Deployment {child}", warned)
             if have_hash != want_hash:
                 _event(body, "Normal", "RollingUpdate",
                        f"pod template of Deployment {child} changed ({have_hash} -> {want_hash}): pods roll")
@@ -150,6 +168,17 @@ async def ensure_children(
     elif _differs(hpa.get("spec"), hpa_want["spec"]):
         await kc.patch("autoscaling/v2", "HorizontalPodAutoscaler", child, ns, {"spec": hpa_want["spec"]})
     return dep
+
+
+def _api_warnings(body: dict[str, Any], doing: str, texts: list[str]) -> None:
+    """One Warning Event per distinct API server warning text (per AdapterDeployment)."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    for text in texts:
+        key = (ns, name, "apiwarning", text)
+        if key not in _failures:
+            _failures[key] = text
+            _event(body, "Warning", "DeploymentWarning",
+                   podcauses.shorten(f"the API server warned when {doing}: {text}"))
 
 
 def _differs(have: Any, want: Any) -> bool:
@@ -229,11 +258,19 @@ async def _timed(op: str, coro: Any) -> Any:
 
 async def sync_adapters(
     body: dict[str, Any], desired: list[dict[str, Any]], pods: list[dict[str, Any]], admin_token: Optional[str],
-    logger: logging.Logger,
-) -> tuple[dict[str, set[str]], dict[str, str]]:
+    logger: logging.Logger, *, spec: Optional[AdapterDeploymentSpec] = None,
+    finetunejobs: Optional[dict[str, Any]] = None,
+) -> tuple[dict[str, set[str]], dict[str, Any]]:
     """Make every ready pod serve exactly the ready desired adapters. Returns (what each ready
-    pod serves afterwards, failures: adapter -> message). Unreachable pods serve nothing."""
+    pod serves afterwards, failures: adapter -> message, or {message, reason} for a base model
+    mismatch). Unreachable pods serve nothing. With ``spec``: loads carry the adapter's
+    allowBaseModelMismatch, and an adapter refused for its base model (by the operator before any
+    pod, :func:`tuneop.serving.basemodel.early_refusals`, or by a pod's guard) is not loaded again
+    until the refusal no longer stands (:func:`tuneop.serving.basemodel.held`)."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    allow = bm.allowed(spec) if spec is not None else {}
+    early = bm.early_refusals(spec, finetunejobs or {}, desired) if spec is not None else {}
+    by_name = {d["name"]: d for d in desired}
     ready = sorted((p for p in pods if sa.pod_ready(p)), key=lambda p: p["metadata"]["name"])
     urls: dict[str, str] = {}
     loaded: dict[str, dict[str, Optional[str]]] = {}
@@ -262,13 +299,26 @@ async def sync_adapters(
         and (prev.get(d["name"]) or {}).get("state") in (sa.LOADED, sa.PENDING, sa.FAILED)
         and (prev.get(d["name"]) or {}).get("sha256") not in (None, d["sha256"])
     ]
-    failures: dict[str, str] = {}
+    failures: dict[str, Any] = {}
+    for n, why in early.items():
+        failures[n] = {"message": why, "reason": bm.REASON}
+        _warn_once(body, (ns, name, "base", n), bm.REASON, f"adapter {n}: {why}")
     for act in sa.plan(desired, loaded, provides=provides, reload=reload):
         url = urls[act.pod]
         key = (ns, name, act.op, act.name)
+        if act.op == "load" and spec is not None:
+            if act.name in early:
+                continue
+            fp = bm.fingerprint(spec, by_name[act.name])
+            standing = bm.held(_base_refused.get((ns, name, act.name)), fp, time.monotonic())
+            if standing is not None:
+                failures.setdefault(act.name, {"message": standing, "reason": bm.REASON})
+                continue
         try:
             if act.op == "load":
-                await _timed("load", admin.load(url, act.name, act.path or "", sha256=sha.get(act.name), **kw))
+                await _timed("load", admin.load(url, act.name, act.path or "", sha256=sha.get(act.name),
+                                                allow_base_model_mismatch=allow.get(act.name, False), **kw))
+                _base_refused.pop((ns, name, act.name), None)
                 loaded[act.pod][act.name] = act.path
                 _event(body, "Normal", "AdapterLoaded", f"adapter {act.name} loaded on pod {act.pod} from {act.path}")
             else:
@@ -277,6 +327,15 @@ async def sync_adapters(
                 _event(body, "Normal", "AdapterUnloaded", f"adapter {act.name} unloaded from pod {act.pod}")
             _failures.pop(key, None)
         except admin.AdminError as e:
+            if act.op == "load" and e.reason == bm.GUARD_REASON:
+                msg = f"refused by pod {act.pod}: {e.message}"[:1000]
+                failures.setdefault(act.name, {"message": msg, "reason": bm.REASON})
+                if spec is not None:
+                    _base_refused[(ns, name, act.name)] = (bm.fingerprint(spec, by_name[act.name]), msg,
+                                                           time.monotonic())
+                logger.warning(f"adapter {act.name}: {msg}")
+                _warn_once(body, (ns, name, "base", act.name), bm.REASON, f"adapter {act.name}: {msg}")
+                continue
             msg = f"{act.op} on pod {act.pod} failed: {_explain(e)}"[:500]
             if act.op == "load":
                 failures.setdefault(act.name, msg)
@@ -295,6 +354,13 @@ async def sync_adapters(
     return serving, failures
 
 
+def _warn_once(body: dict[str, Any], key: tuple[str, ...], reason: str, message: str) -> None:
+    """One Warning Event per distinct message under `key`."""
+    if _failures.get(key) != message:
+        _failures[key] = message
+        _event(body, "Warning", reason, message)
+
+
 def _explain(e: admin.AdminError) -> str:
     """An AdminError for status and Events (never a token: the guard does not echo it)."""
     if e.reason in ("bad_credential", "no_credential_configured"):
@@ -303,6 +369,50 @@ def _explain(e: admin.AdminError) -> str:
     if e.reason:
         return f"{e.status} refused by tuneop's guard ({e.reason}): {e.message}"
     return f"{e.status} {e.message}"
+
+
+# ---------------------------------------------------------------------------------- pods
+
+
+async def observe_pods(
+    kc: kube.KubeClient, body: dict[str, Any], deployment: Optional[dict[str, Any]], pods: list[dict[str, Any]],
+    admin_token: Optional[str], logger: logging.Logger,
+) -> Optional[dict[str, Any]]:
+    """Why the vLLM pods do not work (None: they do, or are starting). A crash loop gets the last
+    line of its previous log: one read per restart of the container (at most one per reconcile),
+    none for any other cause."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    cause = podcauses.pod_cause(pods, workload=deployment)
+    if not podcauses.needs_log(cause):
+        _crash_logs.pop((ns, name), None)
+        return cause
+    assert cause is not None
+    seen = (cause["pod"], cause["container"], int(cause.get("restarts") or 0))
+    cached = _crash_logs.get((ns, name))
+    if cached is not None and cached[:3] == seen:
+        line = cached[3]
+    else:
+        line = None
+        try:
+            text = await kc.pod_log(ns, cause["pod"], container=cause["container"], previous=True,
+                                    tail_lines=CRASH_LOG_TAIL_LINES, limit_bytes=CRASH_LOG_LIMIT_BYTES)
+            line = podcauses.last_log_line(text, secrets=[admin_token])
+        except kube.ApiError as e:
+            logger.info(f"previous log of pod {cause['pod']} container {cause['container']}: {e.status} {e.reason}")
+        _crash_logs[(ns, name)] = (*seen, line)
+    return podcauses.with_log_line(cause, line)
+
+
+def _post_cause(body: dict[str, Any], old_status: dict[str, Any], cause: Optional[dict[str, Any]]) -> None:
+    """One Warning Event per distinct pod cause (its ``key``), not one per reconcile."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    if cause is None:
+        _causes.pop((ns, name), None)
+        return
+    prev = next((c for c in old_status.get("conditions") or [] if c.get("type") == sa.PODS_HEALTHY), None)
+    if podcauses.is_new(cause, _causes.get((ns, name)), prev):
+        _event(body, "Warning", cause["reason"], cause["message"])
+    _causes[(ns, name)] = cause["key"]
 
 
 # ---------------------------------------------------------------------------------- reconcile
@@ -349,11 +459,14 @@ async def reconcile_object(
                 if all(((p.get("metadata") or {}).get("labels") or {}).get(k) == v
                        for k, v in b.selector_labels(name).items())
             ]
-            serving, failures = await sync_adapters(body, desired, pods, admin_token, log)
+            serving, failures = await sync_adapters(body, desired, pods, admin_token, log, spec=spec,
+                                                    finetunejobs=ftjs)
+            cause = await observe_pods(kc, body, deployment, pods, admin_token, log)
+            _post_cause(body, old, cause)
             now = now_iso()
             adapters = sa.adapter_status(desired, serving, failures=failures, previous=old.get("adapters") or [],
                                          now=now)
-            status = sa.reduce_status(body, adapters=adapters, deployment=deployment, now=now)
+            status = sa.reduce_status(body, adapters=adapters, deployment=deployment, now=now, pod_cause=cause)
             diff = merge_patch(old, status)
             if diff:
                 await kc.patch(API_VERSION, KIND, name, namespace, {"status": diff}, subresource="status")
@@ -453,6 +566,8 @@ async def on_ad_event(type: Optional[str], name: str, namespace: str, **_: Any) 
         _locks.forget(namespace, name)
         for k in [k for k in _failures if k[:2] == (namespace, name)]:
             _failures.pop(k, None)
+        _causes.pop((namespace, name), None)
+        _crash_logs.pop((namespace, name), None)
 
 
 # ---------------------------------------------------------------------------------- registration
@@ -471,6 +586,8 @@ def register(
         CONFIG = config
     _failures.clear()
     _ftj_seen.clear()
+    _causes.clear()
+    _crash_logs.clear()
     reg = registry if registry is not None else kopf.get_default_registry()
     if with_common:
         from . import finetunejob

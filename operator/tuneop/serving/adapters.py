@@ -37,6 +37,7 @@ FAILED = "Failed"
 ADAPTERS_READY = "AdaptersReady"
 AVAILABLE = "Available"
 READY = "Ready"
+PODS_HEALTHY = "PodsHealthy"
 SPEC_INVALID = "SpecInvalid"
 
 
@@ -223,7 +224,7 @@ def adapter_status(
     desired: Iterable[Mapping[str, Any]],
     loaded_per_pod: Mapping[str, Iterable[str]],
     *,
-    failures: Optional[Mapping[str, str]] = None,
+    failures: Optional[Mapping[str, str | Mapping[str, str]]] = None,
     previous: Iterable[Mapping[str, Any]] = (),
     now: str,
 ) -> list[dict[str, Any]]:
@@ -231,7 +232,8 @@ def adapter_status(
     (each with ``since``: kept from the previous status while the pod keeps serving it).
 
     Waiting: its FineTuneJob has not Succeeded. Failed: the last load failed (``failures``:
-    name -> message; ``sha256`` then stays the previous one, so that a failed reload of a new
+    name -> message, or ``{message, reason}`` whose reason, e.g. ``BaseModelMismatch``, becomes the
+    entry's ``reason``; ``sha256`` then stays the previous one, so that a failed reload of a new
     sha256 is tried again). Loaded: every ready pod (at least one) serves it. Pending: otherwise.
     """
     failures = failures or {}
@@ -241,18 +243,24 @@ def adapter_status(
     for d in desired:
         name = d["name"]
         old_since = {p.get("pod"): p.get("since") for p in (prev.get(name) or {}).get("pods") or []}
+        reason: Optional[str] = None
         serving = [p for p in ready_pods if name in set(loaded_per_pod[p])]
         pods = [{"pod": p, "since": old_since.get(p) or now} for p in serving]
         if not d.get("ready"):
             state, message = WAITING, d.get("reason") or "waiting"
         elif name in failures:
-            state, message = FAILED, failures[name]
+            failure = failures[name]
+            state, message = FAILED, str(failure["message"] if isinstance(failure, Mapping) else failure)
+            if isinstance(failure, Mapping) and failure.get("reason"):
+                reason = str(failure["reason"])
         elif ready_pods and len(serving) == len(ready_pods):
             state, message = LOADED, f"loaded on {len(serving)}/{len(ready_pods)} pods"
         else:
             state = PENDING
             message = f"loaded on {len(serving)}/{len(ready_pods)} pods" if ready_pods else "no ready pod"
         entry: dict[str, Any] = {"name": name, "state": state, "message": message, "pods": pods}
+        if reason:
+            entry["reason"] = reason
         if d.get("path"):
             entry["path"] = d["path"]
         sha = d.get("sha256")
@@ -279,11 +287,17 @@ def reduce_status(
     deployment: Optional[Mapping[str, Any]],
     now: str,
     spec_error: Optional[str] = None,
+    pod_cause: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """The complete new status of an AdapterDeployment from its per-adapter status and its
     Deployment: conditions AdaptersReady, Available and the aggregate Ready (all with
     observedGeneration), phase (Ready | Progressing | Pending | Failed), replicas, readyReplicas,
-    adaptersDesired, adaptersReady, endpoint."""
+    adaptersDesired, adaptersReady, endpoint.
+
+    pod_cause (``tuneop.podcauses.pod_cause``: {reason, message}) is why the pods do not work:
+    condition ``PodsHealthy`` is False with its reason and message (True, ``PodsHealthy``, when
+    there is none), and while no replica is available ``Available`` (hence ``Ready`` and
+    ``status.message``) carries it instead of ``NoReplicasAvailable``."""
     meta = body.get("metadata") or {}
     gen = meta.get("generation")
     old = dict(body.get("status") or {})
@@ -314,8 +328,12 @@ def reduce_status(
         av = (False, "ScaledToZero", "replicas is 0")
     elif available >= 1:
         av = (True, "MinimumReplicasAvailable", f"{available}/{wanted} replicas available")
+    elif pod_cause:
+        av = (False, str(pod_cause["reason"]), f"0/{wanted} replicas available: {pod_cause['message']}")
     else:
         av = (False, "NoReplicasAvailable", f"0/{wanted} replicas available")
+    ph = (False, str(pod_cause["reason"]), str(pod_cause["message"])) if pod_cause else \
+        (True, PODS_HEALTHY, "no pod problem found")
 
     counts = {s: sum(1 for a in adapters if a["state"] == s) for s in (WAITING, PENDING, LOADED, FAILED)}
     total = len(adapters)
@@ -344,6 +362,7 @@ def reduce_status(
         _condition(AVAILABLE, *av, now=now, generation=gen, previous=prev_conds),
         _condition(ADAPTERS_READY, *ar, now=now, generation=gen, previous=prev_conds),
         _condition(READY, *rd, now=now, generation=gen, previous=prev_conds),
+        _condition(PODS_HEALTHY, *ph, now=now, generation=gen, previous=prev_conds),
     ]
     status.update(
         phase=phase,
