@@ -44,6 +44,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from . import podcauses
 from .api.finetunejob import AdapterType, Backend, FineTuneJobSpec, parse_spec
 from .builders import finetunejob as b
 
@@ -124,7 +125,10 @@ RETRY_REASONS = (
     TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB,
 )
 
-WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED}
+# Why pods do not start (pending_cause): the phase stays Pending, the reason says why.
+POD_CAUSES = podcauses.REASONS
+
+WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED} | set(POD_CAUSES)
 
 # Trainer termination-message reasons -> ours.
 _TRAINER_REASONS = {
@@ -538,9 +542,13 @@ def pods_started(job: dict[str, Any], pods: Iterable[dict[str, Any]], *, was_sta
 
 
 def pending_cause(pods: Iterable[dict[str, Any]]) -> Optional[dict[str, str]]:
-    """Why the Job's pods do not start ({"reason", "message"}), when they say; None while they are
-    simply starting."""
-    return None
+    """Why a Job's active pods do not start ({"reason", "message"}: Unschedulable with the
+    scheduler's message, ImagePullFailed, ContainerConfigError, ... see :mod:`tuneop.podcauses`);
+    None while they are simply starting."""
+    cause = podcauses.pod_cause(list(pods), limit=MAX_MESSAGE - 200)
+    if cause is None:
+        return None
+    return {"reason": str(cause["reason"]), "message": str(cause["message"])}
 
 
 def waiting_for_pods(status: Optional[dict[str, Any]]) -> bool:

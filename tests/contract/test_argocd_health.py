@@ -57,6 +57,17 @@ FTJ_SAMPLES = {
     }), "Progressing", "DependencyMissing: waiting for PersistentVolumeClaim datasets"),
     "validating": (ftj({"phase": "Validating", "reason": "Validating", "message": "validating the dataset",
                         "conditions": [cond("Validated", "Unknown", "Validating")]}), "Progressing", "Validating"),
+    "pending on an unschedulable training pod": (ftj({
+        "phase": "Pending", "reason": "Unschedulable",
+        "message": "Job news-train: waiting for its pod to start: pod news-train-x cannot be scheduled: "
+                   "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+        "conditions": [cond("Validated", "True", "DatasetValid"), cond("Running", "False", "TrainingPending")],
+    }), "Progressing", "Unschedulable: Job news-train"),
+    "evaluating": (ftj({
+        "phase": "Evaluating", "reason": "Evaluating", "message": "scoring the adapter on the test split (20/60 rows)",
+        "progress": {"step": 30, "totalSteps": 30, "evaluation": {"stage": "adapter", "done": 20, "total": 60}},
+        "conditions": [cond("Validated", "True", "DatasetValid"), cond("Running", "True", "Evaluating")],
+    }), "Progressing", "scoring the adapter"),
     "running with progress": (ftj({
         "phase": "Running", "reason": "TrainingStarted", "message": "training Job news-train started",
         "jobName": "news-train", "progress": {"step": 20, "totalSteps": 90, "loss": 0.91},

@@ -577,3 +577,33 @@ def test_metrics_of_finished_jobs_come_back_after_a_restart(api: KMockThread) ->
         wait_for(lambda: metric("tuneop_training_step", **labels) == 30, what="step series re-exported")
         assert metric("tuneop_training_progress_ratio", **labels) == 1.0
         assert metric("tuneop_training_loss", **labels) == 0.25
+
+
+def test_a_training_pod_that_cannot_be_scheduled_is_named_in_the_status(api: KMockThread) -> None:
+    """On a real cluster a pod asking for a GPU no node has stayed Pending while the phase said
+    Running: the phase stays Pending and the reason is the scheduler's."""
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    with Operator(retry_interval=0.2):
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        api.create(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "news-train-x0", "labels": {"batch.kubernetes.io/job-name": "news-train"}},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+            }]},
+        })
+        wait_for(lambda: status_of(api).get("reason") == "Unschedulable", what="Unschedulable in status")
+        st = status_of(api)
+        assert st["phase"] == "Pending" and "Insufficient nvidia.com/gpu" in st["message"]
+        wait_for(lambda: "Unschedulable" in reasons(api), what="Unschedulable event")
+        # A GPU node appears: the pod runs.
+        api.patch(f"{PODS}/news-train-x0", {"status": {"phase": "Running", "conditions": [
+            {"type": "PodScheduled", "status": "True"}]}})
+        wait_phase(api, "Running")
+        wait_for(lambda: "TrainingStarted" in reasons(api), what="TrainingStarted event")
+    warning = [e for e in api.events() if e["reason"] == "Unschedulable"]
+    assert len(warning) == 1 and warning[0]["type"] == "Warning"
+    assert reasons(api) == ["DatasetValid", "TrainingPending", "Unschedulable", "TrainingStarted"]

@@ -860,3 +860,33 @@ def test_a_reused_adapter_is_said_so() -> None:
     from tuneop.api.finetunejob import FineTuneJobStatus
 
     FineTuneJobStatus.model_validate(st)
+
+
+def test_pods_that_cannot_start_say_why() -> None:
+    ftj = body(dataset=INLINE)
+    ftj = applied(ftj, run(ftj, inline_datasets={"train": OK_REPORT}))
+    unschedulable = _pod_in("Pending")
+    unschedulable["status"]["conditions"] = [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available",
+    }]
+    d = run(ftj, now=LATER, training_job=job(ftj, "train", started=False), training_pods=[unschedulable])
+    st = d.status
+    assert st["phase"] == "Pending" and st["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in st["message"] and st["message"].startswith("Job news-train")
+    assert cond(st, "Running")["reason"] == "TrainingPending" and cond(st, "Running")["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in cond(st, "Running")["message"]
+    assert d.events == [{"type": "Warning", "reason": "Unschedulable", "message": st["message"]}]
+    assert s.waiting_for_pods(st)
+    # The same cause again: no second Event.
+    again = run(applied(ftj, d), now=LATER, training_job=job(ftj, "train", started=False), training_pods=[unschedulable])
+    assert again.events == [] and again.status["reason"] == "Unschedulable"
+    # Another cause: the image cannot be pulled.
+    pulling = _pod_in("Pending", waiting="ImagePullBackOff")
+    pulling["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = 'Back-off pulling image "trainer:nope"'
+    d2 = run(applied(ftj, d), now=LATER, training_job=job(ftj, "train", started=False), training_pods=[pulling])
+    assert d2.status["reason"] == "ImagePullFailed" and "trainer:nope" in d2.status["message"]
+    assert [e["type"] for e in d2.events] == ["Warning"]
+    # It runs: Running, TrainingStarted.
+    d3 = run(applied(applied(ftj, d), d2), now=LATER, training_job=job(ftj, "train"), training_pods=[_pod_in("Running")])
+    assert d3.status["phase"] == "Running" and d3.status["reason"] == "TrainingStarted"

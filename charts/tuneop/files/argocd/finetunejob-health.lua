@@ -1,6 +1,6 @@
 -- Argo CD health of a tuneop.dev FineTuneJob (resource.customizations.health.tuneop.dev_FineTuneJob).
--- Succeeded -> Healthy; Failed -> Degraded; Suspended -> Suspended; Pending, Validating and
--- Running -> Progressing (a training job that is running is never Degraded); a status older than
+-- Succeeded -> Healthy; Failed -> Degraded; Suspended -> Suspended; Pending, Validating, Running
+-- and Evaluating -> Progressing (a training job that is running is never Degraded); a status older than
 -- the spec (observedGeneration < generation) -> Progressing.
 local hs = {}
 local function condition(status, ctype)
@@ -50,7 +50,7 @@ elseif phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = describe(status, "Suspended")
 else
-  -- Pending, Validating, Running and any phase this script does not know yet.
+  -- Pending, Validating, Running, Evaluating and any phase this script does not know yet.
   hs.status = "Progressing"
   hs.message = describe(status, phase)
   local p = status.progress
