@@ -238,6 +238,7 @@ def summary_table(events: dict[str, dict[str, Any]], wall_seconds: float) -> str
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .manifests import ManifestError, load_finetunejob
+    from .trainer.progress import progress_mode
 
     path = Path(args.file)
     try:
@@ -262,7 +263,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = resolved["paths"]["output"]
     print(f"tuneop: running FineTuneJob {name} locally; output in {out}", file=sys.stderr)
     env = dict(os.environ)
-    env.setdefault("TUNEOP_PROGRESS", "1")
+    # the trainer shares our stderr: a bar on a terminal, plain lines in a file or CI log (no \r redraws)
+    env.setdefault("TUNEOP_PROGRESS", progress_mode(env, sys.stderr))
     env["TUNEOP_TERMINATION_LOG"] = str(run_dir / "termination-log")
     cmd = [sys.executable, "-m", "tuneop.trainer", "--config", str(config_path)]
     if args.gpus and args.gpus > 1:
@@ -290,6 +292,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
             elif kind == "error":
                 print(f"tuneop: {ev.get('reason', 'Error')}: {ev.get('message', '')}", file=sys.stderr)
+            elif kind == "interrupted":
+                where = f"; run it again to resume from {ev['checkpoint']}" if ev.get("checkpoint") else ""
+                print(f"tuneop: interrupted by {ev.get('signal')}{where}", file=sys.stderr)
+            elif kind == "done" and ev.get("reused"):
+                print("tuneop: the adapter already trained for this spec and data was kept (not trained again)",
+                      file=sys.stderr)
         rc = proc.wait()
     if rc != 0:
         return rc

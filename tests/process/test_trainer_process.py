@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -265,8 +266,10 @@ def test_resume_after_kill(tiny_model, datasets, tmp_path):
     assert killed_at is not None, "no checkpoint event before the end"
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter").exists()
-    newest = max((p for p in (out / "checkpoints").glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
-    assert int(newest.name.split("-")[1]) >= killed_at["step"]
+    # the checkpoint event comes once the checkpoint is complete: its commit marker is there
+    complete = [p for p in (out / "checkpoints").glob("*/checkpoint-*") if (p / "tuneop-checkpoint.json").exists()]
+    newest = max(complete, key=lambda p: int(p.name.split("-")[1]))
+    assert int(newest.name.split("-")[1]) >= killed_at["step"] and killed_at["path"] in {str(p) for p in complete}
 
     run = run_trainer(cfg)
     assert run.rc == 0, run.stderr[-3000:]
@@ -435,7 +438,187 @@ def test_time_budget_ends_training_and_the_schedule(tiny_model, datasets, tmp_pa
     peak = max(p["learning_rate"] for p in progress)
     assert 0 < progress[-1]["learning_rate"] < 0.2 * peak
     assert progress[-1]["total_steps"] == metrics["steps"]
-    for ckpt in (out / "checkpoints").glob("checkpoint-*"):
-        spent = json.loads((ckpt / "tuneop-budget.json").read_text())
+    ckpts = list((out / "checkpoints").glob("*/checkpoint-*"))
+    assert ckpts
+    for ckpt in ckpts:
+        spent = json.loads((ckpt / "tuneop-checkpoint.json").read_text())
         assert 0 < spent["elapsed_seconds"] <= 10 and spent["budget_seconds"] == 10
     check_adapter_dir(out / "adapter", run.termination)
+
+
+def adapter_sha(out: Path) -> str:
+    return sha256(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_changed_spec_trains_afresh_and_the_same_spec_reuses_the_adapter(tiny_model, datasets, tmp_path):
+    """Checkpoints belong to a training fingerprint (spec + data content): a new learning rate does not
+    resume the old run's final checkpoint but trains anew, and the old checkpoints go once the new adapter
+    is written; the same spec and data again reuse the adapter without loading the model."""
+    out = tmp_path / "out"
+    legacy = out / "checkpoints" / "checkpoint-3"  # an older trainer's checkpoint
+    legacy.mkdir(parents=True)
+    (legacy / "trainer_state.json").write_text("{}")
+    first_cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                            hyperparameters={"maxSteps": 12}, evaluation={"maxSamples": 8, "maxNewTokens": 4})
+    first = run_trainer(first_cfg)
+    assert first.rc == 0, first.stderr[-3000:]
+    fp1 = first.one("start")["trainingFingerprint"]
+    manifest = check_adapter_dir(out / "adapter", first.termination)
+    assert manifest["trainingFingerprint"] == fp1
+    info = manifest["baseModelInfo"]
+    assert info == {"architecture": "LlamaForCausalLM", "modelType": "llama", "hiddenSize": info["hiddenSize"],
+                    "numLayers": 2, "vocabSize": info["vocabSize"]} and info["hiddenSize"] > 0
+    assert first.termination["adapter"]["baseModelInfo"] == info
+    assert first.termination["adapter"]["baseModel"] == str(tiny_model)
+    # evaluation progress: each stage starts at 0 and ends at its total, after training
+    evaluating = first.of("evaluating")
+    assert [(e["stage"], e["done"]) for e in evaluating if e["done"] in (0, 8)] == [
+        ("base", 0), ("base", 8), ("adapter", 0), ("adapter", 8)]
+    assert all(e["total"] == 8 for e in evaluating)
+    assert first.events.index(evaluating[0]) > first.events.index(first.of("progress")[-1])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [fp1]  # the legacy checkpoint went
+    markers = [json.loads(p.read_text()) for p in (out / "checkpoints" / fp1).glob("*/tuneop-checkpoint.json")]
+    assert {m["fingerprint"] for m in markers} == {fp1} and max(m["step"] for m in markers) == 12
+
+    second_cfg = make_config(tmp_path / "job2.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                             hyperparameters={"maxSteps": 12, "learningRate": 2e-3},
+                             evaluation={"maxSamples": 8, "maxNewTokens": 4})
+    second = run_trainer(second_cfg)
+    assert second.rc == 0, second.stderr[-3000:]
+    start = second.one("start")
+    assert start["trainingFingerprint"] != fp1 and start["resumed_from"] is None and start["step"] == 0
+    assert second.termination["metrics"]["steps"] == 12 and second.of("progress")[-1]["step"] == 12
+    assert second.termination["adapter"]["sha256"] != first.termination["adapter"]["sha256"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [start["trainingFingerprint"]]
+    check_adapter_dir(out / "adapter", second.termination)
+
+    third, seen = probe(second_cfg)
+    assert third.rc == 0 and seen["heavy"] == [], third.stderr[-3000:]  # no model loaded, no torch
+    done = third.termination
+    assert done == third.one("done") and done["reused"] is True
+    assert not third.of("start") and not third.of("progress")
+    assert "reused the adapter" in third.stderr
+    assert done["adapter"] == second.termination["adapter"]
+    manifest = json.loads((out / "adapter" / "tuneop-manifest.json").read_text())
+    assert done["evaluation"] == manifest["evaluation"] and done["metrics"] == manifest["metrics"]
+    assert adapter_sha(out) == second.termination["adapter"]["sha256"]
+
+    # the same spec with other training data is another fingerprint: trained again
+    changed = tmp_path / "train-changed.jsonl"
+    changed.write_text("\n".join(Path(datasets["pc_train"]).read_text().splitlines()[:-1]) + "\n")
+    fourth_cfg = make_config(tmp_path / "job4.json", tiny_model, changed, out,
+                             hyperparameters={"maxSteps": 2, "learningRate": 2e-3})
+    fourth = run_trainer(fourth_cfg)
+    assert fourth.rc == 0 and "reused" not in fourth.termination, fourth.stderr[-3000:]
+    assert fourth.one("start")["trainingFingerprint"] != start["trainingFingerprint"]
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes(tiny_model, datasets, tmp_path):
+    """A real SIGTERM during training: the current step ends, a complete checkpoint of that step is written,
+    the interrupted event is the termination message, exit 143 within seconds; a rerun resumes there."""
+    import time
+
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out,
+                      hyperparameters={"maxSteps": 60, "batchSize": 4})
+    term = cfg.with_suffix(".termination")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneop.trainer", "--config", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(term),
+        start_new_session=True,
+    )
+    events = []
+    try:
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if events[-1]["event"] == "progress" and events[-1]["step"] >= 2:
+                proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                break
+        rest, stderr = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    events += [json.loads(x) for x in rest.splitlines() if x.strip()]
+    assert proc.returncode == 143, stderr[-3000:]
+    assert elapsed < 20, elapsed
+    interrupted = events[-1]
+    assert interrupted["event"] == "interrupted" and interrupted["signal"] == "SIGTERM"
+    assert json.loads(term.read_text()) == interrupted
+    step, path = interrupted["step"], Path(interrupted["checkpoint"])
+    assert 2 <= step < 60 and path.name == f"checkpoint-{step}"
+    marker = json.loads((path / "tuneop-checkpoint.json").read_text())
+    assert marker["step"] == step and marker["fingerprint"] == path.parent.name
+    assert not any(e["event"] in ("done", "eval") for e in events)
+    assert not (out / "adapter").exists()
+
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    start = run.one("start")
+    assert start["resumed_from"] == str(path) and start["step"] == step
+    assert run.termination["metrics"]["steps"] == 60
+    check_adapter_dir(out / "adapter", run.termination)
+
+
+def test_sigterm_before_training_exits_143_at_once(tiny_model, datasets, tmp_path):
+    """SIGTERM while the trainer is still loading: exit 143 promptly, interrupted event with step null."""
+    import time
+
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], tmp_path / "out")
+    term = cfg.with_suffix(".termination")
+    # Python starts slowly and then loads torch: wait until the handler is installed (the first stderr
+    # lines come after it), then signal
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tuneop.trainer import main as m; "
+         "orig = m.train\n"
+         "def slow(*a, **k):\n    print('loading', file=sys.stderr, flush=True); time.sleep(30)\n"
+         "m.train = slow; sys.exit(m.main(sys.argv[1:]))", "--config", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(term), start_new_session=True,
+    )
+    try:
+        assert proc.stderr.readline().strip() == "loading"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143
+    event = {"event": "interrupted", "signal": "SIGTERM", "step": None, "checkpoint": None}
+    assert json.loads(stdout.splitlines()[-1]) == event and json.loads(term.read_text()) == event
+
+
+def test_tuneop_run_into_a_file_prints_plain_progress_lines(tiny_model, datasets, tmp_path):
+    """`tuneop run` whose output goes to a file (a CI log): plain progress lines, no tqdm \\r redraws."""
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({  # JSON is YAML
+        "apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "cli-lines"},
+        "spec": {
+            "baseModel": str(tiny_model),
+            "dataset": {"train": {"pvc": {"claimName": "data", "path": datasets["pc_train"].name}},
+                        "test": {"pvc": {"claimName": "data", "path": datasets["pc_test"].name}}},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "hyperparameters": {"maxSteps": 6, "batchSize": 8, "maxSeqLength": 64},
+            "evaluation": {"maxSamples": 4, "maxNewTokens": 4},
+            "output": {"pvc": {"claimName": "out", "path": "job"}},
+        },
+    }))
+    env = trainer_env(tmp_path / "unused", TUNEOP_HOME=str(tmp_path / "home"))
+    env.pop("TUNEOP_PROGRESS")
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tuneop.cli", "run", str(job), "--volume", f"data={datasets['pc_train'].parent}",
+             "--volume", f"out={tmp_path / 'out'}"],
+            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path), timeout=240,
+        )
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    assert "training: step 6/6 loss" in text
+    assert "evaluating adapter: 4/4" in text
+    assert (tmp_path / "out" / "job" / "adapter" / "tuneop-manifest.json").exists()

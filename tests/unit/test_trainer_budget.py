@@ -67,7 +67,7 @@ def test_expected_steps():
 # ------------------------------------------------------------------ the callback
 
 pytest.importorskip("transformers")
-from tuneop.trainer.callbacks import BUDGET_FILE, EventCallback, TimeBudget, spent_before  # noqa: E402
+from tuneop.trainer.callbacks import BUDGET_FILE, CheckpointMarker, EventCallback, TimeBudget, spent_before  # noqa: E402
 from tuneop.trainer.events import Emitter  # noqa: E402
 
 
@@ -124,16 +124,20 @@ def test_step_limit_first_is_not_a_budget_stop():
 
 
 def test_resume_counts_the_budget_spent_before(tmp_path):
-    ckpt = tmp_path / "checkpoint-5"
-    ckpt.mkdir()
+    ckpt = tmp_path / "fp" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
     clock = Clock()
     first = TimeBudget(100, "cosine", 0.0, clock=clock)
-    args = SimpleNamespace(output_dir=str(tmp_path))
+    args = SimpleNamespace(output_dir=str(tmp_path / "fp"))
     run_steps(first, clock, 10.0, until=5)
-    first.on_save(args, state(5), control())
-    assert json.loads((ckpt / BUDGET_FILE).read_text())["elapsed_seconds"] == 50.0
+    CheckpointMarker("fp", budget=first).on_save(args, state(5), control())  # the budget spent is in the marker
+    assert json.loads((ckpt / "tuneop-checkpoint.json").read_text())["elapsed_seconds"] == 50.0
     assert spent_before(str(ckpt)) == 50.0
     assert spent_before(str(tmp_path / "missing")) == 0.0 and spent_before(None) == 0.0
+    legacy = tmp_path / "checkpoint-7"  # an older trainer's checkpoint: tuneop-budget.json
+    legacy.mkdir()
+    (legacy / BUDGET_FILE).write_text(json.dumps({"elapsed_seconds": 30.5, "budget_seconds": 100}))
+    assert spent_before(str(legacy)) == 30.5
 
     clock2 = Clock()
     resumed = TimeBudget(100, "cosine", 0.0, spent=spent_before(str(ckpt)), clock=clock2)

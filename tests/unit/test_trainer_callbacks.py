@@ -9,7 +9,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tuneop.trainer.callbacks import EventCallback, eta_seconds, progress_bar_wanted  # noqa: E402
+from tuneop.trainer import paths as P  # noqa: E402
+from tuneop.trainer.callbacks import (  # noqa: E402
+    CheckpointMarker, EventCallback, StopOnSignal, eta_seconds, spent_before, stop_requested,
+)
 from tuneop.trainer.events import Emitter  # noqa: E402
 
 
@@ -81,12 +84,59 @@ def test_other_ranks_are_silent():
 
 def test_helpers():
     assert eta_seconds(0, 10, 5) is None and eta_seconds(10, 20, 5) == 10
-    assert progress_bar_wanted({"TUNEOP_PROGRESS": "1"}, io.StringIO())
-    assert not progress_bar_wanted({"TUNEOP_PROGRESS": "0"}, io.StringIO())
-    assert not progress_bar_wanted({}, io.StringIO())
 
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
 
-    assert progress_bar_wanted({}, Tty())
+def control():
+    return SimpleNamespace(should_save=False, should_training_stop=False, should_evaluate=True, should_log=False)
+
+
+def test_stop_on_signal_saves_and_stops_after_the_current_step():
+    term = SimpleNamespace(requested=None)
+    cb = StopOnSignal(term, sync=None)
+    args = SimpleNamespace(output_dir="/o")
+    c = cb.on_step_end(args, state(step=3), control())
+    assert not c.should_save and not c.should_training_stop and c.should_evaluate and cb.stopped_at is None
+    term.requested = "SIGTERM"
+    c = cb.on_step_end(args, state(step=4), control())
+    assert c.should_save and c.should_training_stop and not c.should_evaluate and c.should_log
+    assert cb.stopped_at == 4
+
+
+def test_stop_on_signal_follows_the_agreed_flag_of_all_ranks():
+    seen = []
+
+    def sync(values):  # another rank got the signal: the maximum over the ranks is 1
+        seen.append(values)
+        return [1.0]
+
+    cb = StopOnSignal(SimpleNamespace(requested=None), sync=sync)
+    c = cb.on_step_end(SimpleNamespace(output_dir="/o"), state(step=7), control())
+    assert seen == [[0.0]] and c.should_training_stop and c.should_save and cb.stopped_at == 7
+    # and a rank that got it stops only when the agreement says so (a broadcast of rank 0's flag)
+    assert stop_requested(True, lambda v: [0.0]) is False
+    assert stop_requested(True, None) is True and stop_requested(False, None) is False
+
+
+def test_checkpoint_marker_commits_then_rotates(tmp_path):
+    root = tmp_path / "checkpoints"
+    run = root / "fp1"
+    args = SimpleNamespace(output_dir=str(run))
+    budget = SimpleNamespace(elapsed=12.3456, budget=60.0)
+    cb = CheckpointMarker("fp1", budget=budget, keep=2)
+    for step in (10, 20, 30):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        cb.on_save(args, state(step=step), None)
+    marker = json.loads((run / "checkpoint-30" / P.CHECKPOINT_MARKER).read_text())
+    assert marker == {"fingerprint": "fp1", "step": 30, "elapsed_seconds": 12.346, "budget_seconds": 60.0}
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-20", "checkpoint-30"]  # the oldest rotated out
+    assert cb.last == (30, str(run / "checkpoint-30"))
+    assert spent_before(str(run / "checkpoint-30")) == 12.346
+    # other ranks write nothing
+    (run / "checkpoint-40").mkdir()
+    cb.on_save(args, state(step=40, main=False), None)
+    assert not (run / "checkpoint-40" / P.CHECKPOINT_MARKER).exists()
+    # without a budget the marker records none
+    CheckpointMarker("fp1").on_save(args, state(step=40), None)
+    assert json.loads((run / "checkpoint-40" / P.CHECKPOINT_MARKER).read_text())["elapsed_seconds"] is None
+    assert spent_before(str(run / "checkpoint-40")) == 0.0

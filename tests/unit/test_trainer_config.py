@@ -151,7 +151,8 @@ def test_training_arguments_mapping():
     assert a["weight_decay"] == 0.01 and a["max_length"] == 512 and a["seed"] == 7
     assert a["bf16"] is True and a["fp16"] is False and a["use_cpu"] is True
     assert a["report_to"] == [] and a["disable_tqdm"] is True
-    assert a["save_total_limit"] == 2 and a["save_steps"] == 10 and a["eval_steps"] == 20
+    # rotation is callbacks.CheckpointMarker's, after the commit marker: Trainer's own would run before it
+    assert a["save_total_limit"] is None and a["save_steps"] == 10 and a["eval_steps"] == 20
     assert a["eval_strategy"] == "steps" and a["output_dir"] == "/o/checkpoints"
     assert "ddp_backend" not in a and "gradient_checkpointing_kwargs" not in a
 
@@ -174,3 +175,70 @@ def test_resolve_layers():
         with pytest.raises(TrainerError) as e:
             C.resolve_layers(layers, num)
         assert e.value.reason == "ConfigInvalid" and msg in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------- training fingerprint
+
+def job_spec(**changes):
+    from tuneop.api.finetunejob import FineTuneJobSpec
+
+    body = {
+        "baseModel": "Qwen/Qwen3-0.6B",
+        "dataset": {"train": {"pvc": {"claimName": "data", "path": "train.jsonl"}}},
+        "output": {"pvc": {"claimName": "out", "path": "job"}},
+        "hyperparameters": {"learningRate": 2e-4, "maxSteps": 30},
+    }
+    for key, value in changes.items():
+        body[key] = {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
+    return FineTuneJobSpec.model_validate(body).to_dict()
+
+
+DATA = {"train": "a" * 64, "validation": None}
+
+
+def test_fingerprint_changes_with_what_is_trained():
+    base = C.training_fingerprint(job_spec(), DATA)
+    assert len(base) == 16 and all(c in "0123456789abcdef" for c in base)
+    assert C.training_fingerprint(job_spec(), DATA) == base  # stable
+    changed = [
+        job_spec(hyperparameters={"learningRate": 1e-4, "maxSteps": 30}),
+        job_spec(hyperparameters={"learningRate": 2e-4, "maxSteps": 31}),
+        job_spec(baseModel="Qwen/Qwen3-1.7B"),
+        job_spec(adapter={"r": 8}),
+        job_spec(method="dpo"),
+        job_spec(resources={"gpus": 2}),
+        job_spec(resources={"nodes": 2}),
+        job_spec(dataset={"train": {"pvc": {"claimName": "data", "path": "train.jsonl"}}, "format": "messages"}),
+        job_spec(dataset={"train": {"pvc": {"claimName": "data", "path": "train.jsonl"}}, "validationSplit": 0.1}),
+    ]
+    prints = {C.training_fingerprint(s, DATA) for s in changed}
+    assert base not in prints and len(prints) == len(changed)
+    # the data's content, train and validation alike
+    assert C.training_fingerprint(job_spec(), {"train": "b" * 64, "validation": None}) != base
+    assert C.training_fingerprint(job_spec(), {"train": "a" * 64, "validation": "c" * 64}) != base
+
+
+def test_fingerprint_ignores_where_and_how_the_pods_run():
+    base = C.training_fingerprint(job_spec(), DATA)
+    same = [
+        job_spec(suspend=True),
+        job_spec(evaluation={"enabled": False, "maxNewTokens": 8}),
+        job_spec(activeDeadlineSeconds=3600, maxRetries=5, image="registry/trainer:2",
+                 terminationGracePeriodSeconds=900, hfTokenSecretRef={"name": "hf", "key": "token"}),
+        job_spec(output={"pvc": {"claimName": "other", "path": "elsewhere"}}),
+        job_spec(resources={"gpus": 1, "cpu": "8", "memory": "64Gi", "nodeSelector": {"pool": "a100"},
+                            "tolerations": [{"key": "gpu", "operator": "Exists"}]}),
+        job_spec(modelVolume={"claimName": "models", "path": "qwen"}),
+        # the data's location: the same content at another path, in a ConfigMap, behind a URL
+        job_spec(dataset={"train": {"url": "https://example.com/train.jsonl"}}),
+        job_spec(dataset={"train": {"pvc": {"claimName": "data", "path": "train.jsonl"}},
+                          "test": {"pvc": {"claimName": "data", "path": "test.jsonl"}}}),
+        job_spec(hyperparameters={"learningRate": 2e-4, "maxSteps": 30, "seed": 42}),  # a default spelt out
+    ]
+    for spec in same:
+        assert C.training_fingerprint(spec, DATA) == base, spec
+    fields = C.fingerprint_fields(job_spec(), DATA)
+    assert fields["data"] == DATA and fields["resources"] == {"gpus": 1, "nodes": 1}
+    assert fields["dataset"] == {"format": "auto"}
+    for key in C.FINGERPRINT_IGNORED:
+        assert key not in fields

@@ -65,18 +65,63 @@ def test_download_file_url_and_failure(tmp_path):
     assert not [p for p in (tmp_path / ".data").iterdir() if p.name.startswith(".part-")]
 
 
-def test_find_resume_checkpoint(tmp_path):
+def marker(fp, step):
+    return {"fingerprint": fp, "step": step, "elapsed_seconds": None}
+
+
+def test_plan_resumes_the_newest_complete_checkpoint_of_this_fingerprint():
+    listing = {
+        "top": ["fpA", "fpB", "checkpoint-40"],  # another spec's run, and an older trainer's checkpoint
+        "own": {
+            "checkpoint-5": marker("fpA", 5),
+            "checkpoint-10": marker("fpA", 10),
+            "checkpoint-20": marker("fpA", 20),
+            "checkpoint-30": None,  # killed between Trainer's save and the marker
+            "checkpoint-25": marker("fpB", 25),  # names another fingerprint
+            "checkpoint-26": marker("fpA", 99),  # names another step
+        },
+    }
+    plan = P.plan_checkpoints("fpA", listing, keep=2)
+    assert plan == {
+        "resume": "fpA/checkpoint-20",
+        "incomplete": ["fpA/checkpoint-25", "fpA/checkpoint-26", "fpA/checkpoint-30"],
+        "rotate": ["fpA/checkpoint-5"],
+        "stale": ["checkpoint-40", "fpB"],
+    }
+    assert P.plan_checkpoints("fpA", {"top": [], "own": {}}) == {"resume": None, "incomplete": [], "rotate": [], "stale": []}
+    # only incomplete ones: train from the start
+    assert P.plan_checkpoints("fpA", {"top": ["fpA"], "own": {"checkpoint-3": None}})["resume"] is None
+    # keep is at least one: the resume point is never rotated out
+    assert P.plan_checkpoints("fpA", listing, keep=0)["rotate"] == ["fpA/checkpoint-10", "fpA/checkpoint-5"]
+
+
+def test_markers_on_disk(tmp_path):
     ck = tmp_path / "checkpoints"
-    assert P.find_resume_checkpoint(str(ck)) is None
-    for step, complete in ((5, True), (20, True), (100, False)):
-        d = ck / f"checkpoint-{step}"
+    for step in (5, 20, 100):
+        d = ck / "fp" / f"checkpoint-{step}"
         d.mkdir(parents=True)
-        if complete:
-            (d / "trainer_state.json").write_text("{}")
-    (ck / "checkpoint-x").mkdir()
-    (ck / "other").mkdir()
-    assert P.find_resume_checkpoint(str(ck)) == str(ck / "checkpoint-20")
+        (d / "trainer_state.json").write_text("{}")
+        if step != 100:
+            P.write_marker(str(d), "fp", step, {"elapsed_seconds": 1.5})
+    (ck / "fp" / "checkpoint-x").mkdir()
+    (ck / "fp" / "checkpoint-7").mkdir()
+    (ck / "fp" / "checkpoint-7" / P.CHECKPOINT_MARKER).write_text("{not json")
+    (ck / "checkpoint-3").mkdir()
+    listing = P.list_checkpoints(str(ck), "fp")
+    assert listing["top"] == ["checkpoint-3", "fp"]
+    assert sorted(listing["own"]) == ["checkpoint-100", "checkpoint-20", "checkpoint-5", "checkpoint-7"]
+    assert listing["own"]["checkpoint-20"] == {"fingerprint": "fp", "step": 20, "elapsed_seconds": 1.5}
+    assert listing["own"]["checkpoint-100"] is None and listing["own"]["checkpoint-7"] is None
+    plan = P.plan_checkpoints("fp", listing)
+    assert plan["resume"] == "fp/checkpoint-20"
+    P.remove_checkpoints(str(ck), plan["incomplete"] + plan["stale"])
+    assert sorted(p.name for p in (ck / "fp").iterdir()) == ["checkpoint-20", "checkpoint-5", "checkpoint-x"]
+    assert sorted(p.name for p in ck.iterdir()) == ["fp"]
+    assert not [p for p in (ck / "fp" / "checkpoint-20").iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(ValueError):
+        P.remove_checkpoints(str(ck), ["../outside"])
     assert P.checkpoint_step("checkpoint-12") == 12 and P.checkpoint_step("checkpoint-") is None
+    assert P.list_checkpoints(str(tmp_path / "none"), "fp") == {"top": [], "own": {}}
 
 
 def test_safe_join(tmp_path):

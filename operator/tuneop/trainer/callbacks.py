@@ -11,20 +11,7 @@ from transformers import TrainerCallback
 
 from . import config as C
 from .events import Emitter
-
-
-def progress_bar_wanted(environ: Optional[dict[str, str]] = None, stderr=None) -> bool:
-    env = os.environ if environ is None else environ
-    flag = env.get("TUNEOP_PROGRESS", "")
-    if flag in ("0", "false", "no"):
-        return False
-    if flag in ("1", "true", "yes"):
-        return True
-    stream = stderr if stderr is not None else sys.stderr
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
+from .paths import CHECKPOINT_MARKER, KEEP_CHECKPOINTS, list_checkpoints, plan_checkpoints, remove_checkpoints, write_marker
 
 
 def eta_seconds(done_steps: int, elapsed: float, remaining_steps: int) -> Optional[int]:
@@ -184,18 +171,90 @@ class EventCallback(TrainerCallback):
             self._bar = None
 
 
-BUDGET_FILE = "tuneop-budget.json"  # in each checkpoint: the budget spent up to it, for a resumed run
+BUDGET_FILE = "tuneop-budget.json"  # older trainers' file of the budget spent; now in the checkpoint's marker
 
 
 def spent_before(checkpoint: Optional[str]) -> float:
-    """Budget seconds spent before `checkpoint` (0 for a fresh run or a checkpoint without the file)."""
+    """Budget seconds spent before `checkpoint`: `elapsed_seconds` of its commit marker (or of an older
+    trainer's tuneop-budget.json); 0 for a fresh run or a checkpoint that recorded none."""
     if not checkpoint:
         return 0.0
-    try:
-        with open(os.path.join(checkpoint, BUDGET_FILE), encoding="utf-8") as f:
-            return max(0.0, float(json.load(f).get("elapsed_seconds", 0.0)))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0.0
+    for name in (CHECKPOINT_MARKER, BUDGET_FILE):
+        try:
+            with open(os.path.join(checkpoint, name), encoding="utf-8") as f:
+                value = json.load(f).get("elapsed_seconds")
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
+
+
+class CheckpointMarker(TrainerCallback):
+    """Declares each checkpoint complete once Trainer has saved it: writes its commit marker
+    (paths.write_marker: fingerprint, step, and the time budget spent up to it), then removes the complete
+    checkpoints older than the newest KEEP_CHECKPOINTS (Trainer's own rotation is off: it runs before the
+    marker, so a kill between the two could leave no complete checkpoint). Rank 0 only."""
+
+    def __init__(self, fingerprint: str, budget: Optional["TimeBudget"] = None, keep: int = KEEP_CHECKPOINTS):
+        self.fingerprint = fingerprint
+        self.budget = budget
+        self.keep = keep
+        self.last: Optional[tuple[int, str]] = None  # (step, path) of the newest complete checkpoint
+
+    def marker_fields(self) -> dict[str, Any]:
+        if self.budget is None:
+            return {"elapsed_seconds": None, "budget_seconds": None}
+        return {"elapsed_seconds": round(self.budget.elapsed, 3), "budget_seconds": self.budget.budget}
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        path = checkpoint_dir(args, state)
+        step = int(state.global_step)
+        write_marker(path, self.fingerprint, step, self.marker_fields())
+        self.last = (step, path)
+        root = os.path.dirname(os.path.abspath(args.output_dir))  # <output>/checkpoints
+        plan = plan_checkpoints(self.fingerprint, list_checkpoints(root, self.fingerprint), self.keep)
+        remove_checkpoints(root, plan["rotate"])
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM during training (termination.Termination raised its flag): end training after the current
+    step, saving a checkpoint (without the evaluation that step may have been due for). Under DDP rank 0
+    decides for every rank with one collective a step (the maximum of the ranks' flags: a signal seen by
+    any rank stops all), so every rank stops at the same step."""
+
+    def __init__(self, termination: Any, sync: Any = "auto"):
+        """termination: has `requested` (None until a signal arrived). sync: "auto" (torch.distributed when
+        initialized at train begin), None, or a function taking [flag] and returning the agreed values."""
+        self.termination = termination
+        self.sync = sync
+        self.stopped_at: Optional[int] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.sync == "auto":
+            self.sync = distributed_sync(op="max")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = stop_requested(self.termination.requested is not None, self.sync)
+        if stop:
+            self.stopped_at = int(state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_evaluate = False
+            control.should_log = True
+        return control
+
+
+def stop_requested(local: bool, sync: Optional[Callable[[list[float]], list[float]]]) -> bool:
+    """This rank's flag, agreed with the other ranks when there are any."""
+    if sync is None:
+        return local
+    return sync([1.0 if local else 0.0])[0] > 0.5
 
 
 class TimeBudget(TrainerCallback):
@@ -260,18 +319,11 @@ class TimeBudget(TrainerCallback):
             control.should_log = True  # the last loss of a run the budget ended
         return control
 
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        try:
-            with open(os.path.join(checkpoint_dir(args, state), BUDGET_FILE), "w", encoding="utf-8") as f:
-                json.dump({"elapsed_seconds": round(self.elapsed, 3), "budget_seconds": self.budget}, f)
-        except OSError:
-            pass  # a checkpoint without it resumes with the whole budget: never fail a save for it
 
 
-def distributed_sync() -> Optional[Callable[[list[float]], list[float]]]:
-    """Under torch.distributed: a function broadcasting rank 0's values to every rank; else None."""
+def distributed_sync(op: str = "broadcast") -> Optional[Callable[[list[float]], list[float]]]:
+    """Under torch.distributed: a function agreeing on values across ranks (op "broadcast": rank 0's values;
+    "max": the largest of each value over the ranks); else None."""
     torch = sys.modules.get("torch")
     try:
         if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -285,7 +337,10 @@ def distributed_sync() -> Optional[Callable[[list[float]], list[float]]]:
 
     def sync(values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.broadcast(t, src=0)
+        if op == "max":
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        else:
+            dist.broadcast(t, src=0)
         return [float(x) for x in t.tolist()]
 
     return sync

@@ -322,7 +322,9 @@ def training_arguments(
         "logging_first_step": True,
         "save_strategy": "steps",
         "save_steps": steps_save,
-        "save_total_limit": 2,
+        # Trainer's rotation runs before callbacks.CheckpointMarker declares the new checkpoint complete:
+        # a kill between the two could leave no complete checkpoint. The marker callback rotates instead.
+        "save_total_limit": None,
         "eval_strategy": "steps" if has_eval else "no",
         "eval_steps": eval_steps(total) if has_eval else None,
         "report_to": [],
@@ -628,3 +630,42 @@ def decide_shared_prefix(
     if saving < SHARED_PREFIX_MIN_SAVING:
         return False, f"{prefix_tokens} shared tokens save ~{saving:.0%} < {SHARED_PREFIX_MIN_SAVING:.0%}"
     return True, f"{prefix_tokens} shared tokens of {mean_length:.0f} on average: ~{saving:.0%} fewer tokens"
+
+
+# ---------------------------------------------------------------- training fingerprint
+#
+# What a run trains is decided by the spec (minus the keys that only say where, when or how long it
+# runs), the content of its train and validation data, and the base model named by baseModel. Runs
+# with the same fingerprint may resume each other's checkpoints and reuse each other's adapter; a
+# changed fingerprint trains afresh.
+
+FINGERPRINT_VERSION = 1  # bumped when the meaning of the fingerprint changes
+FINGERPRINT_IGNORED = (
+    # where the data and the output live (data are hashed by content), how the pod runs, evaluation
+    "suspend", "evaluation", "activeDeadlineSeconds", "maxRetries", "image", "hfTokenSecretRef", "output",
+    "terminationGracePeriodSeconds", "backend", "together", "modelVolume",
+)
+FINGERPRINT_RESOURCES = ("gpus", "nodes")  # the world size changes the steps; the rest places the pods
+FINGERPRINT_DATASET = ("format", "validationSplit")  # train/validation sources: hashed by content; test: evaluation
+
+
+def fingerprint_fields(spec: dict[str, Any], data_sha256: dict[str, Optional[str]]) -> dict[str, Any]:
+    """The part of a resolved spec (camelCase, as `FineTuneJobSpec.to_dict()` writes it) that changes what
+    is trained, plus the sha256 of the train and validation files' contents."""
+    kept = {k: v for k, v in spec.items() if k not in FINGERPRINT_IGNORED}
+    resources = spec.get("resources") or {}
+    kept["resources"] = {k: resources[k] for k in FINGERPRINT_RESOURCES if k in resources}
+    dataset = spec.get("dataset") or {}
+    kept["dataset"] = {k: dataset[k] for k in FINGERPRINT_DATASET if dataset.get(k) is not None}
+    kept["data"] = {split: data_sha256.get(split) for split in ("train", "validation")}
+    kept["fingerprintVersion"] = FINGERPRINT_VERSION
+    return kept
+
+
+def training_fingerprint(spec: dict[str, Any], data_sha256: dict[str, Optional[str]]) -> str:
+    """A short hash (16 hex digits) of `fingerprint_fields`: the name of the run's checkpoint directory
+    and the adapter manifest's `trainingFingerprint`."""
+    import hashlib
+
+    text = json.dumps(fingerprint_fields(spec, data_sha256), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

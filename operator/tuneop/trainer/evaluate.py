@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 METRIC = "exact_match"
 Prompt = Any  # a string (raw text) or a list of chat messages
@@ -58,7 +58,9 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, stop_ids: list[int],
-             batch_size: int = 16, progress: bool = False, desc: str = "generating") -> list[str]:
+             batch_size: int = 16, progress: bool = False, desc: str = "generating",
+             on_progress: Optional[Callable[[int], None]] = None) -> list[str]:
+    """Greedy answers to `prompts`; on_progress(rows done) after each batch; progress: a tqdm bar."""
     import torch
 
     model.eval()
@@ -101,13 +103,17 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, stop_
             results.append(cut_at(text, markers))
         if bar is not None:
             bar.update(len(chunk))
+        if on_progress is not None:
+            on_progress(len(results))
     if bar is not None:
         bar.close()
     return results
 
 
 def run(model, tokenizer, pairs: list[tuple[Prompt, str]], max_new_tokens: int, stop_ids: list[int],
-        progress: bool = False, desc: str = "evaluating") -> Optional[float]:
+        progress: bool = False, desc: str = "evaluating",
+        on_progress: Optional[Callable[[int], None]] = None) -> Optional[float]:
+    """Exact match of the greedy answers; on_progress(rows scored) as generate() goes."""
     if not pairs:
         return None
     prompts = [p for p, _ in pairs]
@@ -119,7 +125,8 @@ def run(model, tokenizer, pairs: list[tuple[Prompt, str]], max_new_tokens: int, 
         saved = (generation_config.temperature, generation_config.top_p, generation_config.top_k)
         generation_config.temperature, generation_config.top_p, generation_config.top_k = None, None, None
     try:
-        predictions = generate(model, tokenizer, prompts, max_new_tokens, stop_ids, progress=progress, desc=desc)
+        predictions = generate(model, tokenizer, prompts, max_new_tokens, stop_ids, progress=progress, desc=desc,
+                               on_progress=on_progress)
     finally:
         tokenizer.padding_side = padding_side
         if generation_config is not None and saved is not None:

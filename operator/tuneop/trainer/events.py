@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 import threading
-from typing import IO, Any, Optional
+from typing import IO, Any, Callable, Optional
 
 TERMINATION_ENV = "TUNEOP_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -100,8 +100,11 @@ class Emitter:
         output_dir: Optional[str] = None,
         enabled: bool = True,
         environ: Optional[dict[str, str]] = None,
+        echo: Optional[Callable[[dict[str, Any]], None]] = None,
     ):
+        """echo: also shown to a person (progress.LinePrinter on stderr when it is no terminal)."""
         self.stream = stream if stream is not None else sys.stdout
+        self.echo = echo
         self.output_dir = output_dir
         self.enabled = enabled
         self.environ = environ
@@ -118,6 +121,11 @@ class Emitter:
         if event.get("event") == "progress":
             self.last_progress = event
             self.write_progress(event)
+        if self.echo is not None:
+            try:
+                self.echo(event)
+            except (OSError, ValueError):  # stderr closed: the events on stdout still count
+                pass
 
     def write_progress(self, event: dict[str, Any]) -> None:
         if not self.output_dir:
@@ -132,6 +140,12 @@ class Emitter:
         if not self.enabled:
             return
         self.emit(event)
+        self.write_termination(event)
+
+    def write_termination(self, event: dict[str, Any]) -> None:
+        """Only the termination message (the watchdog's last word: it cannot wait for the stdout lock)."""
+        if not self.enabled:
+            return
         path = termination_log_path(self.environ)
         if not path:
             return

@@ -13,7 +13,12 @@ from . import config as C
 from . import data as D
 from .errors import TRAINING_ERROR, TrainerError
 from .events import Emitter, shorten
-from .paths import base_model_name, find_resume_checkpoint, resolve_model
+from .paths import (
+    base_model_name, list_checkpoints, marker_valid, plan_checkpoints, read_marker, remove_checkpoints, resolve_model,
+)
+from .progress import EvalProgress, LinePrinter, progress_mode
+from .termination import EXIT_CODE as INTERRUPTED_EXIT_CODE
+from .termination import Interrupted, Termination, grace_seconds
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -52,13 +57,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     stream = claim_stdout()
     rank, _, world = rank_info()
-    emitter = Emitter(stream=stream, enabled=rank == 0)
+    mode = progress_mode()
+    emitter = Emitter(stream=stream, enabled=rank == 0, echo=LinePrinter() if mode == "lines" else None)
+    # where an interrupted run stands: the step and complete checkpoint a SIGTERM leaves behind
+    context: dict[str, Any] = {"step": None, "checkpoint": None, "marker": None}
+    termination = Termination(grace_seconds())
+    termination.on_timeout = lambda: emitter.write_termination(
+        interrupted_event(termination.requested or "SIGTERM", *last_complete(context), watchdog=True))
+    restore_signals = termination.install()
     try:
         cfg = C.load_config(args.config)
         if args.validate_only:
             return validate_only(cfg, emitter)
         emitter.output_dir = cfg.paths.output
-        return train(cfg, emitter, rank, world)
+        return train(cfg, emitter, rank, world, termination=termination, context=context, progress=mode)
+    except Interrupted as e:
+        print(f"tuneop: interrupted by {e.signal_name}"
+              + (f"; resume point {context['checkpoint']}" if context["checkpoint"] else ""), file=sys.stderr)
+        emitter.terminate(interrupted_event(e.signal_name, context["step"], context["checkpoint"]))
+        return INTERRUPTED_EXIT_CODE
     except TrainerError as e:
         event = {"event": "error", "reason": e.reason, "message": shorten(e.message)}
         event.update(e.details)
@@ -72,12 +89,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         emitter.terminate({"event": "error", "reason": TRAINING_ERROR, "message": shorten(f"{type(e).__name__}: {e}", 800)})
         return 1
     finally:
+        restore_signals()
         try:
             stream.flush()
             if stream is not sys.stdout and stream is not sys.__stdout__:
                 stream.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def interrupted_event(signal_name: str, step: Optional[int], checkpoint: Optional[str], watchdog: bool = False) -> dict[str, Any]:
+    """The final event of a run a signal ended: the step it stopped at and its complete checkpoint (the
+    next run's resume point); both null when it stopped before training."""
+    event: dict[str, Any] = {"event": "interrupted", "signal": signal_name, "step": step, "checkpoint": checkpoint}
+    if watchdog:
+        event["watchdog"] = True  # the grace period ran out: the process left without finishing its step
+    return event
+
+
+def last_complete(context: dict[str, Any]) -> tuple[Optional[int], Optional[str]]:
+    """(step, path) of the newest checkpoint this run completed (for the watchdog's report), else what
+    train() recorded after training, else (None, None)."""
+    marker = context.get("marker")
+    if marker is not None and marker.last is not None:
+        return marker.last
+    return context.get("step"), context.get("checkpoint")
 
 
 def validate_only(cfg: C.JobConfig, emitter: Emitter) -> int:
@@ -90,8 +126,10 @@ def validate_only(cfg: C.JobConfig, emitter: Emitter) -> int:
 
 # ---------------------------------------------------------------- training
 
-def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
+def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination: Optional[Termination] = None,
+          context: Optional[dict[str, Any]] = None, progress: str = "off") -> int:
     from . import model as M
+    from .manifest import base_model_info, sha256_file
 
     spec = cfg.spec
     hp = spec.hyperparameters
@@ -101,9 +139,22 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     # Before anything heavy: QLoRA without CUDA is refused outright.
     M.check_qlora_hardware(adapter_type, gguf=source.gguf_file is not None)
 
+    termination = termination if termination is not None else Termination()
+    context = context if context is not None else {}
     output = cfg.paths.output
     os.makedirs(output, exist_ok=True)
     local = D.local_paths(cfg)
+    # what this run trains (spec + data content): names its checkpoints, marks its adapter
+    data_sha256 = {
+        split: sha256_file(local[split]) if local.get(split) and os.path.isfile(local[split]) else None
+        for split in ("train", "validation")
+    }
+    fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256)
+    checkpoints = os.path.join(output, "checkpoints")
+    if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter):
+        if rank == 0:
+            remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
+        return 0
     splits = D.load(cfg, local)
     fmt = splits.format
 
@@ -117,8 +168,12 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
         cpu_bf16=C.cpu_supports_bf16(C.read_cpu_flags()),
     )
-    checkpoints = os.path.join(output, "checkpoints")
-    resume = find_resume_checkpoint(checkpoints)
+    run_checkpoints = os.path.join(checkpoints, fingerprint)
+    plan = plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))
+    if rank == 0 and plan["incomplete"]:
+        print(f"tuneop: removing checkpoints without a commit marker: {', '.join(plan['incomplete'])}", file=sys.stderr)
+        remove_checkpoints(checkpoints, plan["incomplete"])
+    resume = os.path.join(checkpoints, plan["resume"]) if plan["resume"] else None
 
     tokenizer = M.load_tokenizer(source)
     assistant_only = fmt == "messages" and not hp.train_on_inputs and method == Method.sft
@@ -129,6 +184,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
 
     device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_info = base_model_info(model.config.to_dict(), text_config.to_dict())
     need = C.estimate_training_bytes(
         n_params=model.num_parameters(),
         hidden_size=int(getattr(text_config, "hidden_size", 0) or 0),
@@ -145,7 +201,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     total = C.total_steps(hp, len(splits.train), world)
     speed = plan_speed(cfg, splits, tokenizer, model, text_config, cuda, total)
     targs = C.training_arguments(
-        hp, checkpoints, total, precision, grad_ckpt, has_eval=bool(splits.validation), cuda=cuda, world_size=world
+        hp, run_checkpoints, total, precision, grad_ckpt, has_eval=bool(splits.validation), cuda=cuda, world_size=world
     )
     targs.update(speed["training_arguments"])
     if speed["compactLmHead"]:
@@ -154,7 +210,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .callbacks import EventCallback, progress_bar_wanted
+    from .callbacks import CheckpointMarker, EventCallback, StopOnSignal
 
     train_ds = Dataset.from_list(D.trl_rows(splits.train, fmt))
     eval_ds = Dataset.from_list(D.trl_rows(splits.validation, fmt)) if splits.validation else None
@@ -162,7 +218,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     # adapter.layers resolved for this model (absolute, ascending); None: every layer
     adapter_layers = getattr(peft_config, "layers_to_transform", None) or None
 
-    bar = progress_bar_wanted()
+    bar = progress == "bar"
     start_info = {
         "model": spec.base_model,
         "method": method.value,
@@ -180,6 +236,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         "device": "cuda" if cuda else "cpu",
         "worldSize": world,
         "resumed_from": resume,
+        "trainingFingerprint": fingerprint,
     }
     budget = None
     if hp.max_train_seconds:
@@ -190,6 +247,8 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         start_info["timeBudget"] = {"seconds": int(hp.max_train_seconds), "spentBefore": round(budget.spent0, 1),
                                     "schedule": f"{hp.lr_scheduler.value} over the budget"}
     callback = EventCallback(emitter, start_info, progress_bar=bar and rank == 0, budget=budget)
+    marker = CheckpointMarker(fingerprint, budget)
+    context["marker"] = marker
 
     trainer_inputs = dict(
         model=model,
@@ -197,7 +256,8 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback] if budget is None else [budget, callback],
+        # the marker before the checkpoint event: a checkpoint is announced once it is complete
+        callbacks=[*([budget] if budget is not None else []), marker, StopOnSignal(termination), callback],
     )
     if method == Method.dpo:
         from trl import DPOConfig, DPOTrainer
@@ -243,18 +303,27 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
     if do_eval and adapter_type == AdapterType.full and rank == 0:
         # full fine-tuning overwrites the base weights: score the base before training
         base_score = E.run(M.unwrap(trainer.model), tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
-                           progress=bar, desc="evaluating base")
+                           progress=bar, desc="evaluating base", on_progress=EvalProgress(emitter.emit, "base", len(pairs)))
     if do_eval and adapter_type == AdapterType.full and world > 1:
         _barrier()
 
     started = time.monotonic()
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as e:
-        raise TrainerError(TRAINING_ERROR, f"out of memory: {e}"[:500]) from None
-    if splits.validation and callback.last_eval_step != trainer.state.global_step:
-        trainer.evaluate()  # the final validation loss (every rank takes part under DDP)
+    termination.raise_if_requested()
+    with termination.deferring():  # a SIGTERM now ends training after the current step (StopOnSignal)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as e:
+            raise TrainerError(TRAINING_ERROR, f"out of memory: {e}"[:500]) from None
+        if termination.requested is None and splits.validation and callback.last_eval_step != trainer.state.global_step:
+            trainer.evaluate()  # the final validation loss (every rank takes part under DDP)
     runtime = time.monotonic() - started
+    step_path = os.path.join(run_checkpoints, f"checkpoint-{int(trainer.state.global_step)}")
+    if marker_valid(os.path.basename(step_path), read_marker(step_path), fingerprint):
+        context["step"], context["checkpoint"] = int(trainer.state.global_step), step_path
+    elif marker.last is not None:
+        context["step"], context["checkpoint"] = marker.last
+    # interrupted: no test evaluation, no adapter; main() reports the checkpoint and exits 143
+    termination.raise_if_requested()
 
     if rank != 0:
         return 0
@@ -286,10 +355,12 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
         if adapter_type != AdapterType.full:
             with unwrapped.disable_adapter():
                 base_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
-                                   progress=bar, desc="evaluating base")
+                                   progress=bar, desc="evaluating base",
+                                   on_progress=EvalProgress(emitter.emit, "base", len(pairs)))
         with M.merged_for_inference(unwrapped, adapter_type):
             adapter_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
-                                  progress=bar, desc="evaluating adapter")
+                                  progress=bar, desc="evaluating adapter",
+                                  on_progress=EvalProgress(emitter.emit, "adapter", len(pairs)))
         evaluation = E.result(len(pairs), base_score, adapter_score)
         emitter.emit({"event": "eval", **evaluation})
 
@@ -307,20 +378,47 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int) -> int:
 
     from .manifest import write_adapter_dir
 
-    adapter = write_adapter_dir(
-        output,
-        save,
-        {
-            "base_model": base_name,
-            "method": method.value,
-            "adapter_type": adapter_type.value,
-            "metrics": metrics,
-            "evaluation": evaluation,
-            "extra": {"datasetFormat": fmt, "precision": precision},
-        },
-    )
-    emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
+    termination.raise_if_requested()
+    with termination.deferring():  # once begun, the adapter is written and swapped in whatever arrives
+        adapter = write_adapter_dir(
+            output,
+            save,
+            {
+                "base_model": base_name,
+                "method": method.value,
+                "adapter_type": adapter_type.value,
+                "metrics": metrics,
+                "evaluation": evaluation,
+                "extra": {"datasetFormat": fmt, "precision": precision, "trainingFingerprint": fingerprint,
+                          "baseModelInfo": model_info},
+            },
+        )
+        # the new adapter is complete: checkpoints of other specs or data (and of older trainers) go
+        remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
+        emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
     return 0
+
+
+def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter) -> bool:
+    """When <output>/adapter was trained for this very fingerprint and its files match its manifest: report
+    it as this run's result (`done` with `reused: true`) without loading the model. Returns whether it did."""
+    from .manifest import describe_adapter, file_hashes, read_manifest, reuse_decision
+
+    manifest = read_manifest(adapter_dir)
+    if manifest is None:
+        return False
+    if manifest.get("trainingFingerprint") != fingerprint:  # decided without hashing the files
+        return False
+    decision = reuse_decision(manifest, fingerprint, file_hashes(adapter_dir))
+    if not decision["reuse"]:
+        print(f"tuneop: not reusing {adapter_dir}: {decision['reason']}; training again", file=sys.stderr)
+        return False
+    adapter = describe_adapter(adapter_dir)
+    print(f"tuneop: reused the adapter at {adapter_dir}: it was trained for this very spec and data (training "
+          f"fingerprint {fingerprint}) and its files match its manifest; not training again", file=sys.stderr)
+    emitter.terminate({"event": "done", "reused": True, "adapter": adapter,
+                       "evaluation": manifest.get("evaluation"), "metrics": manifest.get("metrics")})
+    return True
 
 
 def use_time_schedule(trainer, budget) -> None:

@@ -94,10 +94,12 @@ def write_adapter_dir(
     manifest_fields: dict[str, Any],
     name: str = "adapter",
 ) -> dict[str, Any]:
-    """save(tmpdir) writes the weights and tokenizer; the manifest is added, then the directory is
-    renamed to <output>/<name> so that a crash never leaves a half-written adapter behind.
+    """save(tmpdir) writes the weights and tokenizer; the manifest is added, the files flushed, then the
+    directory is swapped into <output>/<name> (swap_into_place), so that neither a crash nor a reader
+    ever sees a half-written adapter.
     Returns the termination message's `adapter` block."""
     from .events import dumps
+    from .paths import fsync_tree
 
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, name)
@@ -116,22 +118,121 @@ def write_adapter_dir(
             f.write(manifest_text)
             f.flush()
             os.fsync(f.fileno())
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if os.path.exists(final):
-        old = os.path.join(output_dir, f".{name}-old-{os.getpid()}")
-        if os.path.exists(old):
+    swap_into_place(tmp, final)
+    return describe_adapter(final)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE). False where the kernel, the
+    C library or the filesystem (NFS, for one) cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def swap_into_place(tmp: str, final: str, exchange: Callable[[str, str], bool] = _exchange) -> None:
+    """Put the complete directory `tmp` at `final`. A reader of `final` sees the old complete directory,
+    then the new one: swapped in one atomic step where the filesystem supports it; elsewhere `final` is
+    renamed aside and `tmp` renamed into place right after (two renames: for that instant there is no
+    `final`, never a partial one). The old directory is removed afterwards."""
+    from .paths import fsync_dir
+
+    parent = os.path.dirname(final)
+    if not os.path.lexists(final):
+        os.replace(tmp, final)
+        fsync_dir(parent)
+        return
+    if exchange(tmp, final):
+        old = tmp  # the exchange left the old directory at tmp's name
+    else:
+        old = f"{tmp}-old"
+        if os.path.lexists(old):
             shutil.rmtree(old)
         os.replace(final, old)
-    os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def describe_adapter(final: str) -> dict[str, Any]:
+    """The termination message's `adapter` block of a complete adapter directory."""
+    with open(os.path.join(final, MANIFEST), "rb") as f:
+        manifest_bytes = f.read()
+    manifest = json.loads(manifest_bytes)
     weights = weights_file(final)
-    return {
+    files = manifest.get("files") or {}
+    out = {
         "path": final,
         "sha256": files.get(weights) if weights else None,
-        "manifestSha256": hashlib.sha256(manifest_text.encode()).hexdigest(),
+        "manifestSha256": hashlib.sha256(manifest_bytes).hexdigest(),
         "sizeBytes": dir_size(final),
     }
+    for key in ("baseModel", "baseModelInfo", "trainingFingerprint"):
+        if manifest.get(key) is not None:
+            out[key] = manifest[key]
+    return out
+
+
+def base_model_info(config: dict[str, Any], text_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The base model as loaded, from its config (`config.to_dict()`) and its text config (the language
+    model's own config in multimodal models; the same otherwise): what a server compares with the model it
+    serves before loading the adapter."""
+    text = text_config or config
+    architectures = config.get("architectures") or text.get("architectures") or []
+    model_type = config.get("model_type") or text.get("model_type")
+
+    def number(*keys: str) -> Optional[int]:
+        for source in (text, config):
+            for key in keys:
+                value = source.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
+        return None
+
+    return {
+        "architecture": str(architectures[0]) if architectures else (str(model_type) if model_type else None),
+        "modelType": str(text.get("model_type") or model_type) if (text.get("model_type") or model_type) else None,
+        "hiddenSize": number("hidden_size", "n_embd", "d_model"),
+        "numLayers": number("num_hidden_layers", "n_layer", "num_layers"),
+        "vocabSize": number("vocab_size"),
+    }
+
+
+def reuse_decision(manifest: Optional[dict[str, Any]], fingerprint: str, on_disk: dict[str, str]) -> dict[str, Any]:
+    """May the adapter already at <output>/adapter stand for this run? Only when its manifest names this
+    training fingerprint and every file matches its sha256 (no file missing, none added).
+    -> {"reuse": bool, "reason": str}."""
+    if not isinstance(manifest, dict):
+        return {"reuse": False, "reason": "no adapter manifest"}
+    if manifest.get("trainingFingerprint") != fingerprint:
+        return {"reuse": False, "reason": f"adapter trained for {manifest.get('trainingFingerprint') or 'another spec'}"}
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return {"reuse": False, "reason": "manifest lists no files"}
+    if files != on_disk:
+        changed = sorted(set(files) ^ set(on_disk) | {k for k in files if k in on_disk and files[k] != on_disk[k]})
+        return {"reuse": False, "reason": f"files differ from the manifest: {', '.join(changed[:3])}"}
+    return {"reuse": True, "reason": "adapter of this training fingerprint, files match the manifest"}
+
+
+def read_manifest(adapter_dir: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(os.path.join(adapter_dir, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -149,19 +150,117 @@ def checkpoint_step(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def find_resume_checkpoint(checkpoints_dir: str) -> Optional[str]:
-    """The newest complete checkpoint-N (one holding trainer_state.json), or None."""
-    if not os.path.isdir(checkpoints_dir):
+CHECKPOINT_MARKER = "tuneop-checkpoint.json"  # written once Trainer has saved a checkpoint: it is complete
+KEEP_CHECKPOINTS = 2  # complete checkpoints kept per fingerprint (the newest is the resume point)
+
+
+def read_marker(checkpoint: str) -> Optional[dict]:
+    """The commit marker of a checkpoint directory, or None (absent, unreadable, not a JSON object)."""
+    try:
+        with open(os.path.join(checkpoint, CHECKPOINT_MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
         return None
-    best: tuple[int, str] | None = None
-    for name in os.listdir(checkpoints_dir):
-        step = checkpoint_step(name)
-        path = os.path.join(checkpoints_dir, name)
-        if step is None or not os.path.isfile(os.path.join(path, "trainer_state.json")):
-            continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return best[1] if best else None
+    return marker if isinstance(marker, dict) else None
+
+
+def marker_valid(name: str, marker: Optional[dict], fingerprint: str) -> bool:
+    """A checkpoint counts when its marker names this fingerprint and its own step."""
+    step = checkpoint_step(name)
+    return (
+        step is not None and isinstance(marker, dict)
+        and marker.get("fingerprint") == fingerprint and marker.get("step") == step
+    )
+
+
+def plan_checkpoints(fingerprint: str, listing: dict, keep: int = KEEP_CHECKPOINTS) -> dict:
+    """What to do with `<output>/checkpoints/` for a run of `fingerprint`.
+
+    listing: {"top": [names in checkpoints/], "own": {name: marker or None} for the checkpoint-N
+    directories of checkpoints/<fingerprint>/}. Returns (names relative to checkpoints/):
+    - resume: the newest own checkpoint whose marker is valid (None: train from the start);
+    - incomplete: own checkpoints without a valid marker (a save killed before its marker): removed at once;
+    - rotate: complete own checkpoints older than the newest `keep`: removed once a newer one is complete;
+    - stale: everything else in checkpoints/ (other fingerprints, legacy checkpoint-N of older trainers):
+      removed only once this run's adapter is written."""
+    own = listing.get("own") or {}
+    complete = sorted(
+        (checkpoint_step(name), name) for name, marker in own.items() if marker_valid(name, marker, fingerprint)
+    )
+    complete_names = {name for _, name in complete}
+    newest_first = [name for _, name in reversed(complete)]
+    return {
+        "resume": f"{fingerprint}/{newest_first[0]}" if newest_first else None,
+        "incomplete": sorted(f"{fingerprint}/{name}" for name in own if name not in complete_names),
+        "rotate": [f"{fingerprint}/{name}" for name in newest_first[max(1, keep):]],
+        "stale": sorted(name for name in listing.get("top") or [] if name != fingerprint),
+    }
+
+
+def list_checkpoints(checkpoints_dir: str, fingerprint: str) -> dict:
+    """The listing plan_checkpoints reads, from the disk."""
+    top = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
+    own_dir = os.path.join(checkpoints_dir, fingerprint)
+    own = {}
+    if os.path.isdir(own_dir):
+        for name in os.listdir(own_dir):
+            path = os.path.join(own_dir, name)
+            if checkpoint_step(name) is not None and os.path.isdir(path):
+                own[name] = read_marker(path)
+    return {"top": top, "own": own}
+
+
+def remove_checkpoints(checkpoints_dir: str, names: list) -> None:
+    for name in names:
+        path = safe_join(checkpoints_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def fsync_tree(root: str) -> None:
+    """Flush a directory's files (and the directories) to stable storage before it is declared complete."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_marker(checkpoint: str, fingerprint: str, step: int, extra: Optional[dict] = None) -> None:
+    """Declare a saved checkpoint complete: its files are flushed, then the marker is written through a
+    temporary file and os.replace (a reader sees no marker or the whole one)."""
+    from .events import atomic_write_text
+
+    fsync_tree(checkpoint)
+    marker = {"fingerprint": fingerprint, "step": int(step), **(extra or {})}
+    atomic_write_text(os.path.join(checkpoint, CHECKPOINT_MARKER), json.dumps(marker, sort_keys=True) + "\n")
+    fsync_dir(checkpoint)
 
 
 def safe_join(root: str, relative: str) -> str:
