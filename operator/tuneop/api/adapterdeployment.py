@@ -72,6 +72,13 @@ class AdapterRef(Model):
         default=None, description="Serve the adapter of this FineTuneJob (waits until it Succeeded)."
     )
     source: Optional[AdapterSource] = Field(default=None, description="Serve adapter files from a PVC or URL.")
+    allow_base_model_mismatch: Optional[bool] = Field(
+        default=None,
+        description="Serve the adapter even though the base model it records (tuneop-manifest.json's baseModel "
+        "and baseModelInfo, else adapter_config.json's base_model_name_or_path) is not baseModel: by default "
+        "an adapter is refused (status reason BaseModelMismatch) unless the names match or, when they differ, "
+        "its recorded architecture, hidden size and layer count equal the served model's.",
+    )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
         (
@@ -217,6 +224,9 @@ class AdapterStatus(Model):
         json_schema_extra={"enum": ["Waiting", "Pending", "Loaded", "Failed"]},
     )
     message: Optional[str] = None
+    reason: Optional[str] = Field(
+        default=None, description="Why it is Failed, when tuneop knows: BaseModelMismatch (not trained on baseModel)."
+    )
     path: Optional[str] = None
     sha256: Optional[str] = None
     pods: list[PodAdapterStatus] = Field(default_factory=list)

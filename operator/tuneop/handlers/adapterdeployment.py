@@ -51,7 +51,9 @@ from .. import kube, podcauses, workload_defaults
 from ..builders import adapterdeployment as b
 from ..metrics import METRICS
 from ..serving import adapters as sa
+from ..api.adapterdeployment import AdapterDeploymentSpec
 from ..serving import admin, vllm
+from ..serving import basemodel as bm
 from ..status import merge_patch
 from .common import ObjectLocks, get_live, now_iso
 
@@ -566,6 +568,8 @@ async def on_ad_event(type: Optional[str], name: str, namespace: str, **_: Any) 
         _locks.forget(namespace, name)
         for k in [k for k in _failures if k[:2] == (namespace, name)]:
             _failures.pop(k, None)
+        for k in [k for k in _base_refused if k[:2] == (namespace, name)]:
+            _base_refused.pop(k, None)
         _causes.pop((namespace, name), None)
         _crash_logs.pop((namespace, name), None)
 
@@ -586,6 +590,7 @@ def register(
         CONFIG = config
     _failures.clear()
     _ftj_seen.clear()
+    _base_refused.clear()
     _causes.clear()
     _crash_logs.clear()
     reg = registry if registry is not None else kopf.get_default_registry()

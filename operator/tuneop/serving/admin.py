@@ -11,7 +11,9 @@ by tuneop's guard (``serving/guard.py``), its ``reason``. The server needs
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``. Behind the guard pass ``admin_token`` (header
 ``X-Tuneop-Admin-Token``; the guard then authenticates the call to vLLM's own API-key check); a
 plain vLLM with ``VLLM_API_KEY`` set takes ``api_key``. ``load(..., sha256=...)`` asks the guard
-to check the weights file against it before vLLM loads it.
+to check the weights file against it before vLLM loads it; ``allow_base_model_mismatch=True`` lets
+the guard load an adapter recorded as trained on another base model (else refused: 409
+``base_model_mismatch``).
 ``base_url`` is ``http://<podIP>:<port>`` (no ``/v1``).
 """
 from __future__ import annotations
@@ -101,21 +103,24 @@ async def list_adapters(base_url: str, **kw: Any) -> set[str]:
 async def load(
     base_url: str, name: str, path: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
     session: Optional[aiohttp.ClientSession] = None, admin_token: Optional[str] = None,
-    sha256: Optional[str] = None,
+    sha256: Optional[str] = None, allow_base_model_mismatch: bool = False,
 ) -> bool:
     """Load adapter `name` from `path`. True: loaded now; False: it was already loaded.
-    sha256 (only behind tuneop's guard): the expected sha256 of the weights file."""
+    sha256 (only behind tuneop's guard): the expected sha256 of the weights file;
+    allow_base_model_mismatch: skip the guard's base model check (the adapter's allowBaseModelMismatch)."""
     url = base_url.rstrip("/") + "/v1/load_lora_adapter"
     body: dict[str, Any] = {"lora_name": name, "lora_path": path}
     if sha256:
         body["tuneop_sha256"] = sha256
+    if allow_base_model_mismatch:
+        body["tuneop_allow_base_model_mismatch"] = True
     status, text = await _request(
         "POST", url, json=body, api_key=api_key, timeout=timeout,
         op="load", session=session, admin_token=admin_token,
     )
     if status < 300:
         return True
-    if status in (400, 409) and any(s in text.lower() for s in _ALREADY):
+    if status in (400, 409) and guard_error(text)[0] is None and any(s in text.lower() for s in _ALREADY):
         return False
     raise AdminError(status, text[:300], op=f"load {name}", url=url, body=text)
 

@@ -18,6 +18,13 @@ vLLM API server (no extra hop, no second image) and lets only the operator throu
 - **Integrity.** When the adapter directory holds ``tuneop-manifest.json``, every file it lists
   must match its sha256; when the request carries ``tuneop_sha256`` (the operator sends the
   expected sha256 of the weights file), the weights file must match it. Mismatch: 400.
+- **Base model.** The adapter's recorded base model (``baseModel`` and ``baseModelInfo`` of
+  ``tuneop-manifest.json``, else ``base_model_name_or_path`` of ``adapter_config.json``) must be the
+  served one (``$TUNEOP_BASE_MODEL``, the AdapterDeployment's ``baseModel``, or vLLM's ``--model``;
+  its shape from vLLM's ``app.state.vllm_config.model_config``, else the model directory's
+  ``config.json``): see :func:`check_base_model`. Mismatch, or a different name with no recorded
+  shape to compare: 409 ``base_model_mismatch``, unless the request carries
+  ``tuneop_allow_base_model_mismatch: true`` (the adapter's ``allowBaseModelMismatch``).
 - Everything else (inference, ``/v1/models``, ``/health``, ``/metrics``) passes untouched. A request
   that carries a *valid* admin token (the operator listing ``/v1/models``) gets vLLM's own API key
   put into its ``Authorization`` header, so the operator never needs the users' serving key; the
@@ -28,7 +35,8 @@ vLLM's ``/metrics``) and logged with the reason and peer address, never the toke
 
 This file is shipped into the pods as a ConfigMap (the operator renders its source), so it imports
 only the standard library (prometheus_client when present). The pure checks are
-:func:`check_name`, :func:`check_path` and :func:`verify_adapter`.
+:func:`check_name`, :func:`check_path`, :func:`verify_adapter` and :func:`check_base_model` (which
+the operator also uses before it asks a pod at all).
 """
 from __future__ import annotations
 
@@ -44,22 +52,25 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 
 TOKEN_FILE_ENV = "TUNEOP_ADMIN_TOKEN_FILE"
 ROOTS_ENV = "TUNEOP_ADAPTER_ROOTS"
+BASE_MODEL_ENV = "TUNEOP_BASE_MODEL"  # the AdapterDeployment's spec.baseModel, as the user wrote it
 DEFAULT_TOKEN_FILE = "/etc/tuneop/admin/token"
 DEFAULT_ROOTS = "/mnt/pvc:/adapters"
 HEADER = "x-tuneop-admin-token"
 SHA_FIELD = "tuneop_sha256"
+ALLOW_BASE_FIELD = "tuneop_allow_base_model_mismatch"
 ADMIN_PATHS = {"/v1/load_lora_adapter": "load", "/v1/unload_lora_adapter": "unload"}
 # vLLM also registers SageMaker-style adapter routes (POST /adapters, DELETE /adapters/{name}) that
 # load and unload too, outside vLLM's own API-key check (it guards /v1 only): always refused.
 BLOCKED_PREFIX = "/adapters"
 MANIFEST = "tuneop-manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_BODY = 64 * 1024
 MAX_PATH = 1024
 MAX_FILES = 10_000
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
 _SHA = re.compile(r"[0-9a-f]{64}", re.ASCII)
-_FIELDS = {"load": {"lora_name", "lora_path", "load_inplace", SHA_FIELD}, "unload": {"lora_name", "lora_int_id"}}
+_FIELDS = {"load": {"lora_name", "lora_path", "load_inplace", SHA_FIELD, ALLOW_BASE_FIELD}, "unload": {"lora_name", "lora_int_id"}}
 
 log = logging.getLogger("tuneop.guard")
 
@@ -76,6 +87,7 @@ SYMLINK_OUT = "symlink_outside_root"
 NOT_FOUND = "not_found"
 INTEGRITY = "sha256_mismatch"
 BLOCKED_ROUTE = "blocked_route"
+BASE_MISMATCH = "base_model_mismatch"
 
 
 class Refused(Exception):
@@ -188,6 +200,163 @@ def verify_adapter(adapter_dir: str, expected_weights_sha256: Optional[str] = No
     return verified
 
 
+# ------------------------------------------------------------------------------ base model
+
+# Compared when the names differ: the adapter is shape-compatible only when all are known on both
+# sides and equal (modelType too when both record it). Not the vocabulary size: LoRA on the
+# attention/MLP projections does not depend on it, and added tokens change it between variants.
+SHAPE_FIELDS = ("architecture", "hiddenSize", "numLayers")
+_HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", re.ASCII)
+
+
+def normalise_model_name(name: Any) -> Optional[str]:
+    """The comparable form of a base model name, None when there is none. Conservative: only
+    whitespace and trailing '/' go, and a Hugging Face id (``owner/name``) is compared
+    case-insensitively (the Hub resolves ids so). Paths, ``pkg://`` and other URLs stay as written,
+    and no prefix or suffix (``.gguf``, a quantisation such as ``.Q4_1``) is dropped: a
+    ``pkg://…/SmolLM2-135M-Instruct.Q4_1.gguf`` and ``HuggingFaceTB/SmolLM2-135M-Instruct`` are
+    different names, so the recorded shapes decide between them."""
+    if not isinstance(name, str):
+        return None
+    n = name.strip().rstrip("/")
+    if not n:
+        return None
+    return n.lower() if _HF_ID.fullmatch(n) else n
+
+
+def model_info(config: Any, text_config: Any = None) -> dict[str, Any]:
+    """The shape of a model from its config.json (and its text model's config, in multimodal
+    models), as the trainer records it in ``baseModelInfo``, plus ``architectures`` (all of them)."""
+    config = config if isinstance(config, dict) else {}
+    text = text_config if isinstance(text_config, dict) else (config.get("text_config") or config)
+    text = text if isinstance(text, dict) else config
+    archs = [str(a) for a in (config.get("architectures") or text.get("architectures") or []) if a]
+    model_type = text.get("model_type") or config.get("model_type")
+
+    def number(*keys: str) -> Optional[int]:
+        for source in (text, config):
+            for key in keys:
+                v = source.get(key)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    return v
+        return None
+
+    return {"architecture": archs[0] if archs else (str(model_type) if model_type else None),
+            "architectures": archs, "modelType": str(model_type) if model_type else None,
+            "hiddenSize": number("hidden_size", "n_embd", "d_model"),
+            "numLayers": number("num_hidden_layers", "n_layer", "num_layers")}
+
+
+def _shape_diffs(adapter: dict[str, Any], served: dict[str, Any]) -> list[str]:
+    """The fields known on both sides that differ, as 'field adapter-value ≠ served-value'."""
+    out = []
+    a_arch, s_type = adapter.get("architecture"), served.get("modelType")
+    s_archs = list(served.get("architectures") or []) or [served.get("architecture")]
+    s_archs = [a for a in s_archs if a]
+    if a_arch and (s_archs or s_type):
+        # The trainer records model_type as the architecture when a config has none (GGUF).
+        same = a_arch in s_archs or (s_type and str(a_arch).lower() == str(s_type).lower())
+        if not same:
+            out.append(f"architecture {a_arch} ≠ {s_archs[0] if s_archs else s_type}")
+    a_type = adapter.get("modelType")
+    if a_type and s_type and str(a_type).lower() != str(s_type).lower():
+        out.append(f"modelType {a_type} ≠ {s_type}")
+    for f in ("hiddenSize", "numLayers"):
+        if adapter.get(f) is not None and served.get(f) is not None and adapter[f] != served[f]:
+            out.append(f"{f} {adapter[f]} ≠ {served[f]}")
+    return out
+
+
+def _describe(name: Optional[str], info: dict[str, Any]) -> str:
+    shape = ", ".join(str(x) for x in (info.get("architecture") or (info.get("architectures") or [None])[0],
+                                       *(f"{f} {info[f]}" for f in ("hiddenSize", "numLayers")
+                                         if info.get(f) is not None)) if x)
+    return f"{name or '(unnamed)'!r}" + (f" ({shape})" if shape else "")
+
+
+def check_base_model(adapter: dict[str, Any], served: dict[str, Any]) -> Optional[str]:
+    """May an adapter trained on ``adapter`` be served on ``served``? None: yes; else why not.
+
+    adapter: ``{"name": the recorded base model, "info": baseModelInfo or None}``; served:
+    ``{"names": [names of the served model], "info": model_info() or None}``.
+
+    - Same name (:func:`normalise_model_name`): compatible, unless a shape field recorded on both
+      sides differs (one name can stand for two models: a path on two volumes, an id re-uploaded).
+    - Different names: compatible only when the architecture, hidden size and layer count are
+      recorded on both sides and equal; refused when one differs, or when either side does not
+      record them ("cannot tell": an adapter from an older trainer or another tool).
+    """
+    a_info = dict(adapter.get("info") or {})
+    s_info = dict(served.get("info") or {})
+    names = [n for n in served.get("names") or [] if n]
+    served_norm = {normalise_model_name(n) for n in names} - {None}
+    a_name = adapter.get("name")
+    what = f"adapter trained on {_describe(a_name, a_info)}, served model {_describe(names[0] if names else None, s_info)}"
+    diffs = _shape_diffs(a_info, s_info)
+    if diffs:
+        return f"{what}: {'; '.join(diffs)}"
+    if normalise_model_name(a_name) in served_norm:
+        return None
+    if normalise_model_name(a_name) is None:
+        return f"{what}: the adapter records no base model, so tuneop cannot tell whether it fits"
+    missing = [f for f in SHAPE_FIELDS if a_info.get(f) is None]
+    if missing:
+        return (f"{what}: different base model names and the adapter records no {', '.join(missing)} "
+                "(baseModelInfo) to compare")
+    missing = [f for f in SHAPE_FIELDS if s_info.get(f) is None]
+    if missing:
+        return f"{what}: different base model names and the served model's {', '.join(missing)} is unknown"
+    return None
+
+
+def _read_json(path: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def adapter_base(adapter_dir: str) -> Optional[dict[str, Any]]:
+    """What the adapter records of its base model (``check_base_model``'s ``adapter``): the
+    manifest's ``baseModel``/``baseModelInfo``, else adapter_config.json's
+    ``base_model_name_or_path``. None: neither file is there (not an adapter: vLLM says so)."""
+    manifest = _read_json(os.path.join(adapter_dir, MANIFEST))
+    config = _read_json(os.path.join(adapter_dir, ADAPTER_CONFIG))
+    if manifest is None and config is None:
+        return None
+    name = (manifest or {}).get("baseModel")
+    if not isinstance(name, str) or not name.strip():
+        name = (config or {}).get("base_model_name_or_path")
+    info = (manifest or {}).get("baseModelInfo")
+    return {"name": name if isinstance(name, str) else None, "info": info if isinstance(info, dict) else None}
+
+
+def served_model(state: Any, base_model: Optional[str] = None) -> dict[str, Any]:
+    """The served model (``check_base_model``'s ``served``) from vLLM's ``app.state``:
+    names = [$TUNEOP_BASE_MODEL, vLLM's --model]; shape from ``vllm_config.model_config``'s HF
+    configs, else from ``config.json`` when --model is a directory."""
+    mc = getattr(getattr(state, "vllm_config", None), "model_config", None)
+    model = getattr(mc, "model", None) or getattr(getattr(state, "args", None), "model", None)
+    names = [n for n in (base_model, model) if isinstance(n, str) and n]
+    info = None
+    hf = getattr(mc, "hf_config", None)
+    if hf is not None and hasattr(hf, "to_dict"):
+        try:
+            text = getattr(mc, "hf_text_config", None)
+            info = model_info(hf.to_dict(), text.to_dict() if text is not None and hasattr(text, "to_dict") else None)
+        except Exception:  # noqa: BLE001  (a config that does not serialise: try config.json)
+            info = None
+    if info is None:
+        for n in names:
+            cfg = _read_json(os.path.join(n, "config.json")) if os.path.isabs(n) else None
+            if cfg is not None:
+                info = model_info(cfg)
+                break
+    return {"names": names, "info": info}
+
+
 def check_request(op: str, body: bytes, roots: Sequence[str]) -> tuple[dict[str, Any], Optional[str]]:
     """The admin request's JSON body -> (body to forward to vLLM, adapter dir to verify or None)."""
     try:
@@ -204,6 +373,8 @@ def check_request(op: str, body: bytes, roots: Sequence[str]) -> tuple[dict[str,
         return data, None
     if "load_inplace" in data and not isinstance(data["load_inplace"], bool):
         raise Refused(BAD_REQUEST, "load_inplace must be a boolean")
+    if ALLOW_BASE_FIELD in data and not isinstance(data[ALLOW_BASE_FIELD], bool):
+        raise Refused(BAD_REQUEST, f"{ALLOW_BASE_FIELD} must be a boolean")
     # Forwarded as given (it passed the checks), so that /v1/models reports the very path the
     # operator asked for; what is verified is the normalised directory.
     return data, check_path(data.get("lora_path"), roots)
@@ -214,7 +385,7 @@ def check_request(op: str, body: bytes, roots: Sequence[str]) -> tuple[dict[str,
 
 METRIC = "tuneop_vllm_admin_refused"  # a counter: tuneop_vllm_admin_refused_total{reason}
 REASONS = (MISSING_CREDENTIAL, BAD_CREDENTIAL, NO_CREDENTIAL_CONFIGURED, BAD_METHOD, BAD_REQUEST, BAD_NAME,
-           BAD_PATH, OUTSIDE_ROOT, SYMLINK_OUT, NOT_FOUND, INTEGRITY, BLOCKED_ROUTE)
+           BAD_PATH, OUTSIDE_ROOT, SYMLINK_OUT, NOT_FOUND, INTEGRITY, BLOCKED_ROUTE, BASE_MISMATCH)
 
 
 class _Counter:
@@ -258,11 +429,35 @@ Send = Callable[[dict], Awaitable[None]]
 class AdminGuard:
     """Pure ASGI middleware (``app.add_middleware(AdminGuard)``); settings from the environment."""
 
-    def __init__(self, app: Any, token_file: Optional[str] = None, roots: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, app: Any, token_file: Optional[str] = None, roots: Optional[Sequence[str]] = None,
+                 base_model: Optional[str] = None) -> None:
         self.app = app
         self.token_file = token_file or os.environ.get(TOKEN_FILE_ENV) or DEFAULT_TOKEN_FILE
         self.roots = list(roots) if roots is not None else parse_roots(os.environ.get(ROOTS_ENV))
+        self.base_model = base_model or os.environ.get(BASE_MODEL_ENV) or None
+        self._served: Optional[dict[str, Any]] = None
         REFUSED.export()
+
+    # -- base model
+
+    def served(self, scope: Scope) -> dict[str, Any]:
+        """The served model, read from vLLM's app state once (kept once its shape is known)."""
+        if self._served is not None:
+            return self._served
+        app = scope.get("app")
+        served = served_model(getattr(app, "state", None), self.base_model)
+        if served["info"] is not None:
+            self._served = served
+        return served
+
+    def check_base(self, scope: Scope, adapter_dir: str) -> None:
+        recorded = adapter_base(adapter_dir)
+        if recorded is None:
+            return
+        why = check_base_model(recorded, self.served(scope))
+        if why:
+            raise Refused(BASE_MISMATCH, f"{why}; set allowBaseModelMismatch: true on the adapter to serve it "
+                                         "anyway", 409)
 
     # -- credential
 
@@ -337,8 +532,14 @@ class AdminGuard:
             body = await _read_body(receive)
             data, adapter_dir = check_request(op, body, self.roots)
             expected = data.pop(SHA_FIELD, None)
+            allow_base = data.pop(ALLOW_BASE_FIELD, False)
             if adapter_dir is not None:
                 await asyncio.to_thread(verify_adapter, adapter_dir, expected)
+                if allow_base:
+                    log.info("tuneop guard: base model check of %s skipped (allowBaseModelMismatch)",
+                             data.get("lora_name"))
+                else:
+                    self.check_base(scope, adapter_dir)
         except Refused as e:
             return await self._refuse(scope, send, path, e)
         new_body = json.dumps(data).encode()

@@ -72,6 +72,8 @@ def server_env(spec: AdapterDeploymentSpec) -> dict[str, str]:
         "PYTHONPATH": GUARD_DIR,
         guard.TOKEN_FILE_ENV: f"{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}",
         guard.ROOTS_ENV: ":".join(ADAPTER_ROOTS),
+        # what the guard compares each adapter's recorded base model with (guard.check_base_model)
+        guard.BASE_MODEL_ENV: spec.base_model,
     }
 
 
