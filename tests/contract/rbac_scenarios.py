@@ -191,11 +191,12 @@ def kubernetes_backend(api: KMockThread) -> None:
         finish_job(api, "k8s-validate", container="validate",
                    message=json.dumps({"event": "validated", "dataset": summary}))
         wait_for(lambda: api.get(f"{JOBS}/k8s-train"), what="training Job")
-        _phase(api, "k8s", "Running")
+        _phase(api, "k8s", "Pending")  # until its pod runs
         api.create(PODS, {"apiVersion": "v1", "kind": "Pod",
                           "metadata": {"name": "k8s-train-x0", "labels": {
                               "batch.kubernetes.io/job-name": "k8s-train", "tuneop.dev/finetunejob": "k8s"}},
                           "status": {"phase": "Running"}})
+        _phase(api, "k8s", "Running")
         wait_for(lambda: _status(api, "k8s").get("progress"), what="progress")
         api.patch(f"{FTJ_PATH}/k8s", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
         wait_for(lambda: api.get(f"{JOBS}/k8s-train")["spec"]["suspend"] is True, what="Job suspended")
