@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between polls of a running Together fine-tuning job")
     s.add_argument("--together-base-url", default=None,
                    help="Together API base URL (default: $TOGETHER_BASE_URL, else Together's)")
-    s.add_argument("--vllm-image", default=os.environ.get("TUNEOP_VLLM_IMAGE"),
+    s.add_argument("--vllm-image", default=os.environ.get("TUNEOP_VLLM_IMAGE") or None,
                    help="vLLM image of AdapterDeployments (default: $TUNEOP_VLLM_IMAGE, else upstream vllm/vllm-openai)")
     s.add_argument("--adapter-interval", type=float, default=10.0,
                    help="seconds between checks of what each vLLM pod serves")

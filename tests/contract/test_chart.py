@@ -135,7 +135,8 @@ def test_operator_deployment():
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert f"--trainer-image={env['TUNEOP_TRAINER_IMAGE']}" in c["args"]
-    assert env["TUNEOP_VLLM_IMAGE"]
+    # no vLLM image set: the operator's own default (serving/vllm.py, the release its guard is tested with)
+    assert "TUNEOP_VLLM_IMAGE" not in env
     # The metrics Service selects the operator pod.
     svc = by_kind(render(), "Service")[0]
     labels = spec["template"]["metadata"]["labels"]
@@ -377,27 +378,28 @@ def test_pods_tuneop_creates_are_restricted(body):
 
 
 def test_vllm_pods_are_restricted():
-    """The vLLM Deployment of an AdapterDeployment (once builders/adapterdeployment.py exists)."""
-    ad = pytest.importorskip("tuneop.builders.adapterdeployment")
+    """The vLLM Deployment of every example AdapterDeployment: restricted, vLLM included (uid 10001,
+    read-only root filesystem, caches and /tmp on emptyDirs), and so are the fetch init containers."""
+    from tuneop.builders import adapterdeployment as ad
+
     docs = [d for p in sorted(ROOT.glob("examples/**/*.yaml")) for d in yaml.safe_load_all(p.read_text())
             if isinstance(d, dict) and d.get("kind") == "AdapterDeployment"]
     assert docs
-    builders = [getattr(ad, n) for n in ("build_all", "build_children", "build_deployment") if hasattr(ad, n)]
-    assert builders, "builders/adapterdeployment.py: no build_all/build_children/build_deployment"
     for doc in docs:
         body = {**doc, "metadata": {"namespace": "ns", "uid": "u-1", "generation": 1, **doc["metadata"]}}
-        out = builders[0](body)
-        objs = out if isinstance(out, list) else [out]
-        pods = _pods(objs)
+        pods = _pods(ad.build_all(body))
         assert pods
         for what, pod in pods:
-            # The documented exception (builders/adapterdeployment.py, docs/operating.md): the
-            # upstream vLLM image runs as root, so its container cannot set runAsNonRoot. Everything
-            # else of "restricted" holds, and the fetch init containers pass it fully.
-            assert set(restricted_violations(pod)) <= VLLM_EXCEPTIONS, what
-
-
-VLLM_EXCEPTIONS = {"container vllm: runAsNonRoot must be true (pod or container)"}
+            assert restricted_violations(pod) == [], what
+            vllm = pod["containers"][0]
+            assert vllm["securityContext"]["readOnlyRootFilesystem"] is True
+            env = {e["name"]: e.get("value") for e in vllm["env"]}
+            writable = {m["mountPath"] for m in vllm["volumeMounts"]
+                        if any(v["name"] == m["name"] and "emptyDir" in v for v in pod["volumes"])}
+            for var in ("HOME", "HF_HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR",
+                        "TORCHINDUCTOR_CACHE_DIR"):
+                assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), (var, env[var])
+            assert "/tmp" in writable
 
 
 def test_the_checker_catches_each_rule():

@@ -62,7 +62,7 @@ def test_deployment_runs_upstream_vllm_with_lora_and_no_adapter_in_args() -> Non
     validate(dep)
     c = container(dep)
     assert dep["metadata"]["name"] == "qwen-vllm"
-    assert c["image"] == "vllm/vllm-openai:v0.11.0"
+    assert c["image"] == "vllm/vllm-openai:v0.32.0"
     assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     args = c["args"]
     assert args[args.index("--model") + 1] == "Qwen/Qwen3-8B"

@@ -24,11 +24,11 @@ built only from what needs a restart (base model, vLLM settings, image, resource
 URL adapters). Adding or removing an adapter from an already-mounted PVC (or a FineTuneJob whose
 output PVC is already mounted) leaves the template, hence the hash, unchanged: no rollout.
 
-Security context: the upstream vLLM image runs as root and writes caches (HF, torch compile,
-triton) under ``/root/.cache`` and elsewhere, so the vLLM container gets no ``runAsNonRoot`` and
-no read-only root filesystem; it does get ``allowPrivilegeEscalation: false``, all capabilities
-dropped and the RuntimeDefault seccomp profile. The fetch init containers (trainer image, uid
-10001) run fully restricted.
+Security context: every container passes Pod Security "restricted" with a read-only root
+filesystem: the vLLM container runs as uid 10001 (the upstream image defaults to root, but needs
+only a writable HOME and caches), with HOME, HF_HOME, XDG_CACHE_HOME, VLLM_CACHE_ROOT and the
+triton / torch-inductor / numba caches on the ``cache`` emptyDir (``/cache``) and ``/tmp`` on an
+emptyDir of its own. The fetch init containers (trainer image, uid 10001) are restricted as well.
 """
 from __future__ import annotations
 
@@ -57,7 +57,20 @@ COMPONENT_VLLM = "vllm"
 CONTAINER = "vllm"
 CONTAINER_PORT = 8000
 URL_ROOT = sa.URL_ADAPTER_ROOT
-HF_HOME = "/root/.cache/huggingface"
+CACHE_ROOT = "/cache"  # emptyDir: everything vLLM, torch, triton and the HF hub write
+HF_HOME = f"{CACHE_ROOT}/huggingface"
+# Where the vLLM container's writers go (its root filesystem is read-only; it runs as RUN_AS_USER).
+CACHE_ENV = {
+    "HOME": f"{CACHE_ROOT}/home",
+    "HF_HOME": HF_HOME,
+    "XDG_CACHE_HOME": CACHE_ROOT,
+    "VLLM_CACHE_ROOT": f"{CACHE_ROOT}/vllm",
+    "TRITON_CACHE_DIR": f"{CACHE_ROOT}/triton",
+    "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_ROOT}/torchinductor",
+    "NUMBA_CACHE_DIR": f"{CACHE_ROOT}/numba",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
 FETCH_RESOURCES = {
     "requests": {"cpu": "100m", "memory": "256Mi"},
     "limits": {"cpu": "1", "memory": "1Gi"},
@@ -176,12 +189,8 @@ def _restricted() -> dict[str, Any]:
 
 
 def _vllm_security_context() -> dict[str, Any]:
-    # The upstream image runs as root and writes caches: see the module docstring.
-    return {
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    # Writable: only the cache and /tmp emptyDirs (CACHE_ENV), see the module docstring.
+    return _restricted()
 
 
 def template_hash(template: Mapping[str, Any]) -> str:
@@ -202,8 +211,7 @@ def build_pod_template(
     spec = _spec_of(ad, spec)
     name = ad["metadata"]["name"]
     ftjs = finetunejobs or {}
-    env = [{"name": k, "value": v} for k, v in sorted(vllm.server_env(spec).items())]
-    env.append({"name": "HF_HOME", "value": HF_HOME})
+    env = [{"name": k, "value": v} for k, v in sorted({**vllm.server_env(spec), **CACHE_ENV}.items())]
     if spec.hf_token_secret_ref is not None:
         env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
     if spec.auth.api_key_secret_ref is not None:
@@ -212,10 +220,12 @@ def build_pod_template(
     volumes: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "cache", "mountPath": "/root/.cache"},
+        {"name": "cache", "mountPath": CACHE_ROOT},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]
     volumes += [
         {"name": "tuneop-guard", "configMap": {"name": guard_configmap_name(name), "defaultMode": 0o444,
@@ -287,6 +297,7 @@ def build_pod_template(
         annotations[URL_ADAPTERS_ANNOTATION] = ",".join(n for n, _, _ in urls)
     pod_spec: dict[str, Any] = {
         "securityContext": {
+            "runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
             "fsGroup": RUN_AS_USER, "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },

