@@ -4,7 +4,7 @@
 VENV ?= .venv
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-test quickstart test test-fast crds images
+.PHONY: setup setup-test quickstart test test-fast test-images crds images base-image lock
 
 setup:
 	bash scripts/setup.sh
@@ -15,8 +15,14 @@ quickstart: setup
 setup-test:
 	bash scripts/setup.sh --serving
 
+# The suite, then the images built and run as a cluster runs them (where Docker can be started;
+# elsewhere scripts/test-images.sh says so in one line and goes on).
 test: setup-test
 	$(VENV)/bin/python -m pytest -q
+	bash scripts/test-images.sh
+
+test-images: setup-test
+	bash scripts/test-images.sh
 
 test-fast: setup-test
 	$(VENV)/bin/python -m pytest -q -m "not slow"
@@ -25,5 +31,14 @@ crds: setup
 	$(VENV)/bin/tuneop crds --out crds --reference docs/reference.md
 	cp crds/*.yaml charts/tuneop/crds/
 
+# operator, trainer-cpu, vllm-cpu (IMAGES="operator trainer" for others); BASE_IMAGE=... to build on
+# another base, e.g. the one `make base-image` makes from Debian's packages where no registry is reachable.
 images:
-	bash scripts/build-images.sh
+	bash scripts/build-images.sh $(IMAGES)
+
+base-image:
+	bash scripts/base-image.sh
+
+# constraints.txt from the full environment (after a dependency change)
+lock: setup-test
+	bash scripts/lock.sh

