@@ -74,15 +74,9 @@ def build_tiny(dest: Path) -> tuple[Path, int]:
 def convert_smollm2(dest: Path) -> tuple[Path, int]:
     """The quickstart's GGUF, dequantized with the trainer's own loader and saved as a plain HF dir."""
     if not (dest / "config.json").exists():
-        from tuneop.api.finetunejob import AdapterType
-        from tuneop.trainer.model import load_model, load_tokenizer
-        from tuneop.trainer.paths import resolve_model
+        from tuneop.trainer.export import export_model  # `tuneop export-model`
 
-        src = resolve_model(SMOLLM2)
-        tok = load_tokenizer(src)
-        model = load_model(src, "float32", AdapterType.lora, "fp32")
-        model.save_pretrained(dest)
-        tok.save_pretrained(dest)
+        export_model(SMOLLM2, dest)
     return dest, 512
 
 

