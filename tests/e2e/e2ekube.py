@@ -3,7 +3,8 @@
 Runs only with ``pytest -m e2e`` (deselected by default) and skips cleanly unless kubectl exists,
 a cluster answers and the operator Deployment is there. Env: TUNEOP_E2E_NAMESPACE (the operator's
 namespace, tuneop-system), TUNEOP_E2E_CONTEXT (a kubectl context; default: the current one),
-TUNEOP_E2E_TRAIN=1 (also train the CPU quickstart to Succeeded; needs the e2e trainer image).
+TUNEOP_E2E_TRAINER_IMAGE and TUNEOP_E2E_VLLM_IMAGE (the trainer-cpu and vllm-cpu images: train the quickstart
+and serve its adapter; scripts/e2e.sh sets them).
 """
 from __future__ import annotations
 
