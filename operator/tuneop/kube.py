@@ -270,12 +270,17 @@ class KubeClient:
         namespace: Optional[str] = None,
         *,
         label_selector: Optional[str | dict[str, str]] = None,
+        field_selector: Optional[str | dict[str, str]] = None,
     ) -> list[dict[str, Any]]:
         params: dict[str, Any] = {}
         if isinstance(label_selector, dict):
             label_selector = ",".join(f"{k}={v}" for k, v in label_selector.items())
         if label_selector:
             params["labelSelector"] = label_selector
+        if isinstance(field_selector, dict):
+            field_selector = ",".join(f"{k}={v}" for k, v in field_selector.items())
+        if field_selector:
+            params["fieldSelector"] = field_selector
         out = await self.request("GET", resource_path(api_version, kind, namespace), params=params)
         items = out.get("items") or []
         for item in items:  # list items come without apiVersion/kind

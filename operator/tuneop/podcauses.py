@@ -39,10 +39,13 @@ UNSCHEDULABLE = "Unschedulable"
 EVICTED = "PodEvicted"
 POD_FAILED = "PodFailed"
 PROGRESS_DEADLINE = "ProgressDeadlineExceeded"
+VOLUME_MOUNT_FAILED = "VolumeMountFailed"
 
 # Most relevant first.
-REASONS = (ADMISSION_REFUSED, CREATE_FAILED, IMAGE_PULL_FAILED, CONTAINER_CONFIG_ERROR, OOM_KILLED, CRASH_LOOP,
-           UNSCHEDULABLE, EVICTED, POD_FAILED, PROGRESS_DEADLINE)
+REASONS = (ADMISSION_REFUSED, CREATE_FAILED, IMAGE_PULL_FAILED, CONTAINER_CONFIG_ERROR, VOLUME_MOUNT_FAILED,
+           OOM_KILLED, CRASH_LOOP, UNSCHEDULABLE, EVICTED, POD_FAILED, PROGRESS_DEADLINE)
+# The kubelet's Warning Events of a pod whose volumes cannot be set up (the pod only says ContainerCreating).
+VOLUME_EVENTS = ("FailedMount", "FailedAttachVolume", "FailedMapVolume")
 _RANK = {r: i for i, r in enumerate(REASONS)}
 
 IMAGE_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
@@ -166,6 +169,24 @@ def _pod_causes(pod: Mapping[str, Any], short: bool) -> list[dict[str, Any]]:
     return out
 
 
+def _volume_cause(pod: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """The newest FailedMount-like Warning Event of a pod that has not started (still Pending)."""
+    if (pod.get("status") or {}).get("phase") not in (None, "Pending"):
+        return None
+    pname, uid = _name(pod), ((pod.get("metadata") or {}).get("uid"))
+    mine = [e for e in events if e.get("reason") in VOLUME_EVENTS and e.get("message")
+            and (e.get("involvedObject") or {}).get("kind", "Pod") == "Pod"
+            and (e.get("involvedObject") or {}).get("name") == pname
+            and (not uid or not (e.get("involvedObject") or {}).get("uid") or e["involvedObject"]["uid"] == uid)]
+    if not mine:
+        return None
+    ev = sorted(mine, key=_event_time)[-1]
+    msg = str(ev["message"])
+    return {"reason": VOLUME_MOUNT_FAILED, "pod": pname, "container": None, "restarts": 0,
+            "key": f"{VOLUME_MOUNT_FAILED}|{_normalise(msg)}",
+            "message": f"pod {pname} cannot mount its volumes: {ev.get('reason')}: {msg}"}
+
+
 def _event_time(ev: Mapping[str, Any]) -> str:
     return str(ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp") or "")
 
@@ -180,8 +201,9 @@ def pod_cause(
 ) -> Optional[dict[str, Any]]:
     """The most relevant reason why `workload`'s `pods` do not work (see the module docstring),
     or None. `pods`: the workload's pods (any phase); `replicasets`: a Deployment's ReplicaSets
-    (the Deployment copies their ``ReplicaFailure`` already; optional); `events`: Warning Events
-    of the workload, of which only ``FailedCreate`` ones are used, and only while no pod exists."""
+    (the Deployment copies their ``ReplicaFailure`` already; optional); `events`: Warning Events of
+    the workload (``FailedCreate``, used only while no pod exists) and of its pods (``FailedMount`` and
+    the like: a pod whose volumes cannot be set up stays Pending with ContainerCreating and says no more)."""
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     causes: list[dict[str, Any]] = []
     kind = (workload or {}).get("kind") or "workload"
@@ -197,6 +219,9 @@ def pod_cause(
     short = _short_of_pods(workload)
     for pod in sorted(live, key=_name):
         causes += _pod_causes(pod, short)
+        mount = _volume_cause(pod, events)
+        if mount is not None:
+            causes.append(mount)
     prog = _cond(workload, "Progressing")
     if prog is not None and prog.get("status") == "False" and prog.get("reason") == PROGRESS_DEADLINE:
         causes.append({"reason": PROGRESS_DEADLINE, "pod": None, "container": None, "restarts": 0,

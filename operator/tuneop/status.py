@@ -541,11 +541,11 @@ def pods_started(job: dict[str, Any], pods: Iterable[dict[str, Any]], *, was_sta
     return False if active else was_started
 
 
-def pending_cause(pods: Iterable[dict[str, Any]]) -> Optional[dict[str, str]]:
+def pending_cause(pods: Iterable[dict[str, Any]], events: Iterable[dict[str, Any]] = ()) -> Optional[dict[str, str]]:
     """Why a Job's active pods do not start ({"reason", "message"}: Unschedulable with the
-    scheduler's message, ImagePullFailed, ContainerConfigError, ... see :mod:`tuneop.podcauses`);
-    None while they are simply starting."""
-    cause = podcauses.pod_cause(list(pods), limit=MAX_MESSAGE - 200)
+    scheduler's message, ImagePullFailed, ContainerConfigError, VolumeMountFailed from the pods'
+    Warning `events`, ... see :mod:`tuneop.podcauses`); None while they are simply starting."""
+    cause = podcauses.pod_cause(list(pods), events=list(events), limit=MAX_MESSAGE - 200)
     if cause is None:
         return None
     return {"reason": str(cause["reason"]), "message": str(cause["message"])}
@@ -704,6 +704,8 @@ class Observed:
     missing: list[str] = field(default_factory=list)
     # The operator's own checks of ConfigMap datasets: split -> DatasetReport.to_dict().
     inline_datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Warning Events of pods that have not started (read only while the job waits on them).
+    pod_events: list[dict[str, Any]] = field(default_factory=list)
     # backend: together
     upload_job: Optional[dict[str, Any]] = None
     upload_pods: list[dict[str, Any]] = field(default_factory=list)
@@ -781,6 +783,7 @@ class _Builder:
         self.status = copy.deepcopy(self.old)
         self.status.setdefault("conditions", [])
         self.decision = Decision()
+        self.pod_events: list[dict[str, Any]] = []
 
     def cond(self, type_: str, status: bool | str, reason: str, message: str = "") -> None:
         self.status["conditions"] = set_condition(
@@ -800,7 +803,7 @@ class _Builder:
     def pending_pods(self, cond_type: str, step_reason: str, message: str, pods: list[dict[str, Any]]) -> Decision:
         """Phase Pending while a Job's pods have not started: the reason is the cause the pods give
         (:func:`pending_cause`) or else `step_reason`; condition `cond_type` keeps `step_reason`."""
-        cause = pending_cause(active_pods(pods))
+        cause = pending_cause(active_pods(pods), self.pod_events)
         if cause is not None:
             message = f"{message}: {cause['message']}"
         status = "Unknown" if cond_type == VALIDATED else False
@@ -874,6 +877,7 @@ def reconcile(
     the training Job's pods where the spec leaves them empty; the spec hash is unaffected."""
     obs = observed if isinstance(observed, Observed) else Observed(**observed)
     bld = _Builder(body, now)
+    bld.pod_events = list(obs.pod_events or [])
     name = (body.get("metadata") or {}).get("name", "")
 
     # --- the spec itself

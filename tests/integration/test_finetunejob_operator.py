@@ -607,3 +607,31 @@ def test_a_training_pod_that_cannot_be_scheduled_is_named_in_the_status(api: KMo
     warning = [e for e in api.events() if e["reason"] == "Unschedulable"]
     assert len(warning) == 1 and warning[0]["type"] == "Warning"
     assert reasons(api) == ["DatasetValid", "TrainingPending", "Unschedulable", "TrainingStarted"]
+
+
+def test_a_volume_that_cannot_be_mounted_is_named_in_the_status(api: KMockThread) -> None:
+    """The kubelet says it only in an Event (FailedMount): read while the job waits on its pod."""
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    events = f"/api/v1/namespaces/{NS}/events"
+    with Operator(retry_interval=0.2):
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job")
+        wait_phase(api, "Pending")
+        assert [r for r in api.requests("GET", events) if "fieldSelector" in str(r.url.query)] == []  # no pod yet
+        api.create(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "news-train-x0", "uid": "pod-1", "labels": {"batch.kubernetes.io/job-name": "news-train"}},
+            "status": {"phase": "Pending", "containerStatuses": [
+                {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}]},
+        })
+        api.create(events, {
+            "apiVersion": "v1", "kind": "Event", "metadata": {"name": "news-train-x0.mount"},
+            "involvedObject": {"kind": "Pod", "name": "news-train-x0", "uid": "pod-1"},
+            "reason": "FailedMount", "type": "Warning", "lastTimestamp": "2026-01-01T00:01:00Z",
+            "message": 'MountVolume.SetUp failed for volume "pvc-1" : hostPath type check failed: /data is not a directory',
+        })
+        wait_for(lambda: status_of(api).get("reason") == "VolumeMountFailed", what="VolumeMountFailed in status")
+        assert "hostPath type check failed" in status_of(api)["message"]
+        assert status_of(api)["phase"] == "Pending"
+        wait_for(lambda: "VolumeMountFailed" in reasons(api), what="VolumeMountFailed event")

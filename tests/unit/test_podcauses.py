@@ -277,3 +277,24 @@ def test_is_new_posts_once_per_distinct_cause() -> None:
     assert not pc.is_new(a, None, shown)
     assert pc.is_new(a, None, {**shown, "reason": "CrashLoop"})
     assert pc.is_new(a, None, {**shown, "status": "True", "reason": "PodsHealthy"})
+
+
+def test_a_pod_whose_volume_cannot_be_mounted_says_so_from_its_events() -> None:
+    from tuneop import podcauses as pc
+
+    pod = {"metadata": {"name": "news-train-x", "uid": "u1"},
+           "status": {"phase": "Pending", "containerStatuses": [
+               {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}]}}
+    mount = {"reason": "FailedMount", "type": "Warning", "lastTimestamp": "2026-01-01T00:01:00Z",
+             "involvedObject": {"kind": "Pod", "name": "news-train-x", "uid": "u1"},
+             "message": 'MountVolume.SetUp failed for volume "pvc-0" : persistentvolumeclaim "adapters" not found'}
+    assert pc.pod_cause([pod]) is None  # ContainerCreating alone: simply starting
+    cause = pc.pod_cause([pod], events=[mount])
+    assert cause["reason"] == "VolumeMountFailed" and 'persistentvolumeclaim "adapters" not found' in cause["message"]
+    assert cause["message"].startswith("pod news-train-x cannot mount its volumes: FailedMount:")
+    # Another pod's event, an older pod of the same name (other uid) or a running pod: no cause.
+    other = {**mount, "involvedObject": {"kind": "Pod", "name": "other"}}
+    stale = {**mount, "involvedObject": {"kind": "Pod", "name": "news-train-x", "uid": "old"}}
+    assert pc.pod_cause([pod], events=[other, stale]) is None
+    running = {**pod, "status": {"phase": "Running"}}
+    assert pc.pod_cause([running], events=[mount]) is None

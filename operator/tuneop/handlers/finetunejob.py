@@ -304,6 +304,13 @@ async def observe(
         obs.training_pods = st.pods_of(obs.training_job, pods)
     if spec is not None and spec.resources.nodes > 1:
         obs.service = results.pop(0)
+    waiting = [p for p in st.active_pods([*obs.validation_pods, *obs.training_pods]) if not st.pod_running(p)]
+    if waiting and st.waiting_for_pods(body.get("status")):
+        # a pod whose volumes cannot be mounted says so only in Events (FailedMount): read them while
+        # the job is already known to wait on its pods, never on the happy path
+        names = {(p.get("metadata") or {}).get("name") for p in waiting}
+        events = await kc.list("v1", "Event", ns, field_selector={"involvedObject.kind": "Pod", "type": "Warning"})
+        obs.pod_events = [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
     if spec is None or not deps:
         return obs
     contents: dict[str, dict[str, Any]] = {}
