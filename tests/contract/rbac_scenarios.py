@@ -195,7 +195,11 @@ def kubernetes_backend(api: KMockThread) -> None:
         api.create(PODS, {"apiVersion": "v1", "kind": "Pod",
                           "metadata": {"name": "k8s-train-x0", "labels": {
                               "batch.kubernetes.io/job-name": "k8s-train", "tuneop.dev/finetunejob": "k8s"}},
-                          "status": {"phase": "Running"}})
+                          "status": {"phase": "Pending"}})
+        # a pod that waits: its Warning Events are read (a FailedMount says why)
+        wait_for(lambda: [r for r in api.requests("GET", f"/api/v1/namespaces/{NS}/events")
+                          if "fieldSelector" in str(r.url.query)], what="the waiting pod's events read")
+        api.patch(f"{PODS}/k8s-train-x0", {"status": {"phase": "Running"}})
         _phase(api, "k8s", "Running")
         wait_for(lambda: _status(api, "k8s").get("progress"), what="progress")
         api.patch(f"{FTJ_PATH}/k8s", {"metadata": {"generation": 2}, "spec": {"suspend": True}})

@@ -91,8 +91,9 @@ verb is missing here, or granted here but never used.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create]
-# Events about tuneop's resources (kopf and the reconcilers).
+# Events about tuneop's resources (kopf and the reconcilers); list: the kubelet's Warning Events of a
+# training pod that waits (FailedMount), read only while a FineTuneJob is Pending on it.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end -}}
