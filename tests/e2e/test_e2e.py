@@ -31,7 +31,7 @@ def test_crds_established_and_operator_available():
 
 
 @pytest.mark.parametrize("verb,resource,allowed", [
-    ("get", "secrets", True), ("list", "secrets", False), ("create", "secrets", False),
+    ("get", "secrets", True), ("list", "secrets", False), ("create", "secrets", True),  # the vLLM admin token
     ("create", "jobs.batch", True), ("watch", "finetunejobs.tuneop.dev", True),
     ("patch", "finetunejobs.tuneop.dev/status", True), ("delete", "pods", False),
     ("create", "deployments.apps", True), ("create", "roles.rbac.authorization.k8s.io", False),

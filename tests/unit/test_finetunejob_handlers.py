@@ -290,3 +290,18 @@ def test_plain_copies_the_body() -> None:
     out = h._plain(src)
     assert out == src and out is not src and out["spec"] is not src["spec"]
     assert h._plain(object()) is None
+
+
+def test_in_cluster_login_uses_the_service_address_not_cluster_dns(tmp_path) -> None:
+    """A real cluster without working DNS for kubernetes.default.svc (kopf's default) still lets the
+    operator in: the kubelet's KUBERNETES_SERVICE_HOST/PORT, as client-go does."""
+    (tmp_path / "token").write_text("tok\n")
+    (tmp_path / "namespace").write_text("tuneop-system")
+    (tmp_path / "ca.crt").write_text("ca")
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    info = h.login_in_cluster(env, str(tmp_path))
+    assert info.server == "https://10.96.0.1:443" and info.token == "tok" and info.scheme == "Bearer"
+    assert info.default_namespace == "tuneop-system" and info.ca_path == str(tmp_path / "ca.crt")
+    assert h.in_cluster_server({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}) == "https://[fd00::1]:6443"
+    assert h.login_in_cluster({}, str(tmp_path)) is None  # not in a pod: kopf's own login functions
+    assert h.login_in_cluster(env, str(tmp_path / "nowhere")) is None

@@ -209,13 +209,44 @@ async def cleanup(**_: Any) -> None:
     await kube.close()
 
 
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def in_cluster_server(environ: Any) -> Optional[str]:
+    """The API server as every in-cluster client finds it (client-go's InClusterConfig): the
+    KUBERNETES_SERVICE_HOST/PORT the kubelet puts in each pod's environment, not the DNS name
+    kubernetes.default.svc (kopf's service-account login), which needs cluster DNS to resolve."""
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+def login_in_cluster(environ: Any = os.environ, account_dir: str = SERVICE_ACCOUNT_DIR) -> Optional[kopf.ConnectionInfo]:
+    """The pod's service account at the API server's service address (None outside a pod)."""
+    server = in_cluster_server(environ)
+    token_path = os.path.join(account_dir, "token")
+    if server is None or not os.path.exists(token_path):
+        return None
+    with open(token_path, encoding="utf-8") as f:
+        token = f.read().strip()
+    namespace = None
+    if os.path.exists(os.path.join(account_dir, "namespace")):
+        with open(os.path.join(account_dir, "namespace"), encoding="utf-8") as f:
+            namespace = f.read().strip() or None
+    ca = os.path.join(account_dir, "ca.crt")
+    return kopf.ConnectionInfo(server=server, ca_path=ca if os.path.exists(ca) else None, token=token,
+                               scheme="Bearer", default_namespace=namespace)
+
+
 async def login(settings: kopf.OperatorSettings, logger: logging.Logger, **kwargs: Any) -> Any:
-    """kopf's own login functions; the result is also kept for kube.py."""
+    """The pod's service account (at the API server's service address), else kopf's own login
+    functions; the result is also kept for kube.py."""
     info = None
     if os.environ.get("KUBECONFIG"):
         info = kopf.login_with_kubeconfig(settings=settings, logger=logger, **kwargs)
-    elif os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
-        info = kopf.login_with_service_account(settings=settings, logger=logger, **kwargs)
+    elif os.path.exists(os.path.join(SERVICE_ACCOUNT_DIR, "token")):
+        info = login_in_cluster() or kopf.login_with_service_account(settings=settings, logger=logger, **kwargs)
     elif os.path.exists(os.path.expanduser("~/.kube/config")):
         info = kopf.login_with_kubeconfig(settings=settings, logger=logger, **kwargs)
     if info is None:
