@@ -119,6 +119,8 @@ for path, text in sorted(out.items()):
         print(text)
 PYEOF
 fi
+# the images may be new under the same tag (a re-run): start the operator from the one just loaded
+kubectl -n "$NS" rollout restart deploy/tuneop
 kubectl -n "$NS" rollout status deploy/tuneop --timeout=180s
 
 TUNEOP_E2E_NAMESPACE=$NS TUNEOP_E2E_TRAINER_IMAGE=$REGISTRY/trainer-cpu:$TAG \

@@ -1044,6 +1044,9 @@ def reconcile(
         progress = dict(bld.status.get("progress") or {})
         if progress.get("totalSteps") is not None:
             progress["step"] = progress["totalSteps"]
+        if progress.pop("evaluation", None) is not None:
+            progress["etaSeconds"] = 0  # the evaluation is over with the Job
+        if progress:
             bld.status["progress"] = progress
         msg = f"adapter at {adapter['location']}"
         if adapter["sha256"]:

@@ -187,7 +187,7 @@ def test_quickstart_trains_to_succeeded(quickstart):
     assert all(p["totalSteps"] == 30 for p in quickstart["progress_seen"])
     assert st["adapter"]["location"] == "pvc://adapters/quickstart/adapter"
     assert re.fullmatch(r"[0-9a-f]{64}", st["adapter"]["sha256"])
-    assert st["adapter"]["baseModelInfo"]["architecture"] == "LlamaForCausalLM"
+    assert st["adapter"]["baseModelInfo"]["modelType"] == "llama" and st["adapter"]["baseModelInfo"]["hiddenSize"] == 576
     assert st["evaluation"]["samples"] == 60
     assert _health("FineTuneJob", get_json("finetunejob", "quickstart", "-n", TENANT))["status"] == "Healthy"
 
@@ -219,6 +219,7 @@ def test_the_adapter_is_served_and_everything_is_collected(tenant, quickstart):
     ad = {"apiVersion": "tuneop.dev/v1alpha1", "kind": "AdapterDeployment",
           "metadata": {"name": "quickstart", "namespace": tenant},
           "spec": {"baseModel": "smollm2-135m-instruct", "modelVolume": {"claimName": "models"},
+                   "resources": {"gpus": 0},
                    "adapters": [{"name": "quickstart", "fineTuneJobRef": {"name": "quickstart"}}],
                    "vllm": {"image": VLLM_IMAGE, "dtype": "float32", "maxLoras": 1, "maxLoraRank": 16,
                             "maxModelLen": 512}}}

@@ -839,6 +839,7 @@ def test_the_reducer_keeps_evaluating_while_the_job_runs() -> None:
     done = run(ftj, now=LATER, training_job=job(ftj, "train", "succeeded"),
                training_pods=[pod("news-train", "trainer", message=json.dumps({"event": "done", "adapter": {"sha256": SHA}}))])
     assert done.status["phase"] == "Succeeded"
+    assert "evaluation" not in done.status["progress"] and done.status["progress"]["etaSeconds"] == 0
 
 
 def test_a_reused_adapter_is_said_so() -> None:
