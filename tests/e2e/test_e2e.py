@@ -221,8 +221,10 @@ def test_the_adapter_is_served_and_everything_is_collected(tenant, quickstart):
           "spec": {"baseModel": "smollm2-135m-instruct", "modelVolume": {"claimName": "models"},
                    "resources": {"gpus": 0},
                    "adapters": [{"name": "quickstart", "fineTuneJobRef": {"name": "quickstart"}}],
+                   # on CPU the "GPU" memory fraction is of the node's memory, 0.92 by default: too much
+                   # on a node that runs anything else
                    "vllm": {"image": VLLM_IMAGE, "dtype": "float32", "maxLoras": 1, "maxLoraRank": 16,
-                            "maxModelLen": 512}}}
+                            "maxModelLen": 512, "gpuMemoryUtilization": 0.2}}}
     kubectl("apply", "-f", "-", input=yaml.safe_dump(ad))
 
     def loaded():
