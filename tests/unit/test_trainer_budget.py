@@ -85,7 +85,7 @@ def state(step, max_steps=1000, main=True):
 
 
 def control():
-    return SimpleNamespace(should_training_stop=False, should_log=False)
+    return SimpleNamespace(should_training_stop=False, should_log=False, should_save=False)
 
 
 def run_steps(cb, clock, seconds_per_step, until, max_steps=1000, start=0):
@@ -100,7 +100,7 @@ def run_steps(cb, clock, seconds_per_step, until, max_steps=1000, start=0):
         c = control()
         cb.on_step_end(args, state(step, max_steps), c)
         if c.should_training_stop:
-            assert c.should_log
+            assert c.should_log and c.should_save  # the last loss and a checkpoint at the budget's end
             break
     return step, lrs
 

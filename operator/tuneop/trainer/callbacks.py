@@ -317,6 +317,9 @@ class TimeBudget(TrainerCallback):
             self.stopped = True
             control.should_training_stop = True
             control.should_log = True  # the last loss of a run the budget ended
+            # and its checkpoint: a pod restarted later (evicted during the test evaluation) resumes at the
+            # end of the budget instead of training again from the last periodic save
+            control.should_save = True
         return control
 
 
