@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from . import podcauses
 from .api.finetunejob import AdapterType, Backend, FineTuneJobSpec, parse_spec
@@ -272,17 +272,25 @@ def progress_from_event(event: dict[str, Any], *, now: Optional[str] = None) -> 
     return out
 
 
-def parse_progress(log_text: str, *, now: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """The newest ``{"event": "progress", ...}`` line of a log tail -> status.progress."""
-    for line in reversed((log_text or "").splitlines()):
-        line = line.strip()
+def json_events(log_text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line index, event) of each JSON object line of a log tail, newest first; other lines skipped."""
+    lines = (log_text or "").splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
         if not line.startswith("{"):
             continue
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if isinstance(event, dict) and event.get("event") == "progress":
+        if isinstance(event, dict):
+            yield i, event
+
+
+def parse_progress(log_text: str, *, now: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The newest ``{"event": "progress", ...}`` line of a log tail -> status.progress."""
+    for _, event in json_events(log_text):
+        if event.get("event") == "progress":
             out = progress_from_event(event, now=now)
             if "step" in out:
                 return out
@@ -293,16 +301,8 @@ def newest_events(log_text: str, kinds: Iterable[str]) -> dict[str, tuple[int, d
     """The newest JSON event of each kind in a log tail: kind -> (line index, event)."""
     wanted = set(kinds)
     out: dict[str, tuple[int, dict[str, Any]]] = {}
-    lines = (log_text or "").splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        line = lines[i].strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        kind = event.get("event") if isinstance(event, dict) else None
+    for i, event in json_events(log_text):
+        kind = event.get("event")
         if kind in wanted and kind not in out:
             out[kind] = (i, event)
             if len(out) == len(wanted):

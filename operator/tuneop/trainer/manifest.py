@@ -149,12 +149,12 @@ def swap_into_place(tmp: str, final: str, exchange: Callable[[str, str], bool] =
     then the new one: swapped in one atomic step where the filesystem supports it; elsewhere `final` is
     renamed aside and `tmp` renamed into place right after (two renames: for that instant there is no
     `final`, never a partial one). The old directory is removed afterwards."""
-    from .paths import fsync_dir
+    from .paths import fsync_path
 
     parent = os.path.dirname(final)
     if not os.path.lexists(final):
         os.replace(tmp, final)
-        fsync_dir(parent)
+        fsync_path(parent)
         return
     if exchange(tmp, final):
         old = tmp  # the exchange left the old directory at tmp's name
@@ -164,7 +164,7 @@ def swap_into_place(tmp: str, final: str, exchange: Callable[[str, str], bool] =
             shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
-    fsync_dir(parent)
+    fsync_path(parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -226,20 +226,12 @@ def fsync_tree(root: str) -> None:
     """Flush a directory's files (and the directories) to stable storage before it is declared complete."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
-def fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or directory; one that cannot be opened or synced is left as it is."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -260,7 +252,7 @@ def write_marker(checkpoint: str, fingerprint: str, step: int, extra: Optional[d
     fsync_tree(checkpoint)
     marker = {"fingerprint": fingerprint, "step": int(step), **(extra or {})}
     atomic_write_text(os.path.join(checkpoint, CHECKPOINT_MARKER), json.dumps(marker, sort_keys=True) + "\n")
-    fsync_dir(checkpoint)
+    fsync_path(checkpoint)
 
 
 def safe_join(root: str, relative: str) -> str:
