@@ -3,7 +3,14 @@
 Shared by the Together download pod (``tuneop.together_job download``) and, later, adapter URL
 downloads. No torch here.
 
-``safe_extract(archive_path, dest_dir, *, max_bytes, max_files) -> list[str]``
+``size_limit(*, adapter_type, lora_r, models, free_bytes) -> (max_bytes, source)``
+    How much an adapter archive may expand to: a bound from the LoRA rank and the base model's
+    parameter count (read from its name, :func:`model_params`), or for full weights from the
+    parameter count alone, never more than the free space of the output volume; the default
+    (64 GiB) only when the model's size is unknown. ``source`` says where the limit came from, for
+    the error message.
+
+``safe_extract(archive_path, dest_dir, *, max_bytes, max_files, limit_source) -> list[str]``
     Extracts a tar archive — gzip, zstd or uncompressed, recognised by magic bytes, never by file
     name — streaming. Rejects (:class:`ArchiveError`): absolute member names, ``..`` components,
     symlinks or hard links whose target would leave the archive root, device files and FIFOs, more
@@ -37,18 +44,21 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import stat
 import tarfile
 import tempfile
 import zlib
-from typing import IO, Any, Optional
+from typing import IO, Any, Iterable, Optional
 
 __all__ = [
     "ArchiveError",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_FILES",
     "detect_format",
+    "model_params",
+    "size_limit",
     "safe_extract",
     "find_adapter_dir",
     "write_adapter_layout",
@@ -58,6 +68,13 @@ __all__ = [
 DEFAULT_MAX_BYTES = 64 << 30  # 64 GiB of extracted content
 DEFAULT_MAX_FILES = 10_000
 _CHUNK = 1 << 20
+# size_limit: an adapted matrix (d_in x d_out) gets r * (d_in + d_out) LoRA weights, at most
+# 2r / min(d_in, d_out) of its own size; hidden sizes of LLMs are >= 512. Weights counted as fp32.
+MIN_HIDDEN = 512
+BYTES_PER_PARAM = 4
+LORA_MARGIN = 2  # x the largest adapter the rank allows
+FULL_MARGIN = 1.25  # x the fp32 weights of the whole model
+EXTRA_FILES_BYTES = 256 << 20  # tokenizer, configs, README next to the weights
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -78,6 +95,56 @@ def detect_format(path: str) -> str:
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar"
     raise ArchiveError("not a tar.gz, tar.zst or tar archive (unrecognised magic bytes)")
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def model_params(name: Optional[str]) -> Optional[float]:
+    """The parameter count a model name states (``Meta-Llama-3.1-8B-Instruct`` -> 8e9,
+    ``SmolLM2-135M`` -> 1.35e8, ``Mixtral-8x7B`` -> 5.6e10), or None."""
+    base = str(name or "").rsplit("/", 1)[-1]
+    found: Optional[float] = None
+    for m in re.finditer(r"(?<![A-Za-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)([BbMm])(?![A-Za-z0-9])", base):
+        count = float(m.group(2)) * (1e9 if m.group(3) in "Bb" else 1e6) * (int(m.group(1)) if m.group(1) else 1)
+        found = max(found or 0.0, count)
+    return found if found else None
+
+
+def size_limit(
+    *,
+    adapter_type: str,
+    lora_r: int = 0,
+    models: Iterable[Optional[str]] = (),
+    free_bytes: Optional[int] = None,
+    default: int = DEFAULT_MAX_BYTES,
+) -> tuple[int, str]:
+    """``(max_bytes, source)``: the most an adapter archive may hold once extracted, and where that
+    figure came from. LoRA (and qlora): ``LORA_MARGIN x params x 2r/MIN_HIDDEN x 4 bytes +
+    EXTRA_FILES_BYTES``; full: ``FULL_MARGIN x params x 4 bytes + EXTRA_FILES_BYTES``; the first of
+    ``models`` whose name states a size (:func:`model_params`) gives ``params``; without one,
+    ``default``. Never more than ``free_bytes`` (the output volume's free space), when known."""
+    named = [(m, model_params(m)) for m in models if m]
+    model, params = next(((m, p) for m, p in named if p), (None, None))
+    size = "?" if not params else (f"{params / 1e9:g}B" if params >= 1e9 else f"{params / 1e6:g}M")
+    if params and adapter_type == "full":
+        limit = int(FULL_MARGIN * params * BYTES_PER_PARAM) + EXTRA_FILES_BYTES
+        source = f"full weights of the {size}-parameter base model {model}"
+    elif params:
+        rank = max(1, int(lora_r or 0))
+        limit = int(LORA_MARGIN * params * 2 * rank / MIN_HIDDEN * BYTES_PER_PARAM) + EXTRA_FILES_BYTES
+        source = f"estimated from LoRA rank {rank} and the {size}-parameter base model {model}"
+    else:
+        limit = int(default)
+        source = "the default limit: the base model's size is unknown"
+    if free_bytes is not None and 0 <= free_bytes < limit:
+        return int(free_bytes), f"the free space of the output volume; {source} would allow {_human(limit)}"
+    return limit, source
 
 
 def _member_path(name: str) -> str:
@@ -134,7 +201,12 @@ def _mkdirs(root: str, rel: str) -> str:
     return path
 
 
-def _write_file(root: str, rel: str, src: IO[bytes], budget: list[int]) -> None:
+def _too_big(max_bytes: int, limit_source: str) -> ArchiveError:
+    return ArchiveError(f"archive content exceeds the size limit of {_human(max_bytes)}"
+                        + (f" ({limit_source})" if limit_source else ""))
+
+
+def _write_file(root: str, rel: str, src: IO[bytes], budget: list[Any]) -> None:
     parent = _mkdirs(root, posixpath.dirname(rel))
     full = os.path.join(parent, posixpath.basename(rel))
     try:
@@ -152,13 +224,14 @@ def _write_file(root: str, rel: str, src: IO[bytes], budget: list[int]) -> None:
                 break
             budget[0] -= len(chunk)
             if budget[0] < 0:
-                raise ArchiveError("archive content exceeds the size limit")
+                raise _too_big(budget[1], budget[2])
             out.write(chunk)
 
 
-def _extract_into(archive_path: str, root: str, max_bytes: int, max_files: int) -> list[str]:
+def _extract_into(archive_path: str, root: str, max_bytes: int, max_files: int,
+                  limit_source: str = "") -> list[str]:
     fmt = detect_format(archive_path)
-    budget = [int(max_bytes)]
+    budget: list[Any] = [int(max_bytes), int(max_bytes), limit_source]  # left, limit, its source
     files: list[str] = []
     count = 0
     with open(archive_path, "rb") as raw:
@@ -189,7 +262,7 @@ def _extract_into(archive_path: str, root: str, max_bytes: int, max_files: int) 
                     if not member.isfile():
                         raise ArchiveError(f"archive member {member.name!r} has an unsupported type")
                     if member.size > budget[0]:
-                        raise ArchiveError("archive content exceeds the size limit")
+                        raise _too_big(budget[1], budget[2])
                     fobj = tar.extractfile(member)
                     if fobj is None:  # pragma: no cover
                         raise ArchiveError(f"cannot read archive member {member.name!r}")
@@ -208,15 +281,17 @@ def safe_extract(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_files: int = DEFAULT_MAX_FILES,
+    limit_source: str = "",
 ) -> list[str]:
-    """See the module docstring. Raises ArchiveError for a bad or unsafe archive."""
+    """See the module docstring. Raises ArchiveError for a bad or unsafe archive; ``limit_source``
+    (where ``max_bytes`` came from, see :func:`size_limit`) goes into the size error."""
     dest_dir = os.path.abspath(dest_dir)
     parent = os.path.dirname(dest_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest_dir)}-extract-", dir=parent)
     try:
         try:
-            files = _extract_into(archive_path, tmp, max_bytes, max_files)
+            files = _extract_into(archive_path, tmp, max_bytes, max_files, limit_source)
         except ArchiveError:
             raise
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:

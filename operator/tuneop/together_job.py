@@ -13,7 +13,9 @@
 
 ``python -m tuneop.together_job download --config FILE --job-id ft-...``
     Downloads the adapter (``checkpoint=adapter``; full weights for ``adapter.type: full``), safely
-    extracts it (:mod:`tuneop.archive`), and writes ``<paths.output>/adapter/`` with
+    extracts it (:mod:`tuneop.archive`) within :func:`tuneop.archive.size_limit` (from the LoRA
+    rank, the base model's size and the output volume's free space: a small archive that would
+    expand past it is refused with ArchiveInvalid before it fills the volume), and writes ``<paths.output>/adapter/`` with
     ``tuneop-manifest.json`` (``source: together``). Result::
 
         {"event": "done", "adapter": {"path", "sha256", "manifestSha256", "sizeBytes"},
@@ -26,7 +28,8 @@ DatasetInvalid, ArchiveInvalid, TogetherAuth, TogetherRejected, TogetherFileInva
 for the rest (TogetherUnavailable, TogetherRateLimited, unexpected errors; the Job may retry).
 
 Environment: ``TOGETHER_API_KEY`` (from a secretKeyRef; never printed), ``TOGETHER_BASE_URL``
-(optional, tests point it at a fake server).
+(optional, the host root such as ``https://api.together.xyz``: a trailing ``/v1`` is stripped;
+tests point it at a fake server).
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ import tempfile
 import traceback
 from typing import Any, Optional
 
-from .api.finetunejob import AdapterType
+from .api.finetunejob import AdapterType, FineTuneJobSpec
+from .archive import DEFAULT_MAX_FILES, size_limit
 from .trainer.errors import CONFIG_INVALID, DATASET_INVALID, TRAINING_ERROR, TrainerError
 from .trainer.events import Emitter, shorten
 
@@ -123,6 +127,14 @@ def upload(cfg: Any, emitter: Emitter) -> dict[str, Any]:
     }
 
 
+def archive_limit(spec: FineTuneJobSpec, job: dict[str, Any], free_bytes: Optional[int]) -> tuple[int, str]:
+    """:func:`tuneop.archive.size_limit` for this spec and Together job (its ``model`` field)."""
+    models = [spec.together.model if spec.together is not None else None,
+              job.get("model") if isinstance(job.get("model"), str) else None, spec.base_model]
+    return size_limit(adapter_type=spec.adapter.type.value, lora_r=int(spec.adapter.r), models=models,
+                      free_bytes=free_bytes)
+
+
 def download(cfg: Any, job_id: str, emitter: Emitter) -> dict[str, Any]:
     from .archive import adapter_summary, find_adapter_dir, safe_extract, write_adapter_layout
     from .backends.together import download_checkpoint
@@ -137,10 +149,14 @@ def download(cfg: Any, job_id: str, emitter: Emitter) -> dict[str, Any]:
             if job.get("status") != "completed":
                 raise TrainerError(CONFIG_INVALID, f"Together job {job_id} is {job.get('status')}, not completed")
             archive = os.path.join(work, "archive")
-            size = client.download(job_id, archive, checkpoint=download_checkpoint(spec))
+            limit, source = archive_limit(spec, job, shutil.disk_usage(work).free)
+            # the archive is at most its content plus tar headers (1 KiB a member at worst)
+            size = client.download(job_id, archive, checkpoint=download_checkpoint(spec),
+                                   max_bytes=limit + DEFAULT_MAX_FILES * 1024, limit_source=source)
         emitter.emit({"event": "downloaded", "jobId": job_id, "bytes": size})
         extracted = os.path.join(work, "extracted")
-        safe_extract(archive, extracted)
+        limit, source = archive_limit(spec, job, shutil.disk_usage(work).free)
+        safe_extract(archive, extracted, max_bytes=limit, limit_source=source)
         os.unlink(archive)
         adapter_type = "full" if spec.adapter.type == AdapterType.full else "lora"
         src = find_adapter_dir(extracted, adapter_type)

@@ -20,7 +20,12 @@ the job instead of creating another), ``jobId`` (written right after), ``status`
 ``trainingFile``/``validationFile``/``datasetFormat`` (from the upload pod), ``eventCursor``
 (Together events already mirrored as Kubernetes Events), ``modelOutputName``, ``tokenCount``,
 ``costUSD``, ``cancelRequested`` (cancelled because of ``spec.suspend``), ``staleJobIds`` (jobs of
-an older spec still to cancel).
+an older spec still to cancel), ``retryAt`` (Together's ``Retry-After``, clamped by
+:func:`~tuneop.backends.together.retry_delay`: no poll or create before then, see :func:`poll_due`).
+
+Condition ``TogetherReplyUnderstood`` (only while it is False): Together's last reply had fields of
+the wrong type (reason ``TogetherReplyMalformed``, the message names them; what the status had is
+kept) or a status tuneop does not know (reason ``TogetherUnknownStatus``; polling goes on).
 
 Reasons: user errors ``UnsupportedByBackend``, ``TogetherLimits``, ``TogetherRejected``,
 ``TogetherAuth``, ``DatasetInvalid``, ``SpecInvalid``, ``TogetherUserError`` (Together's
@@ -32,6 +37,7 @@ Reasons: user errors ``UnsupportedByBackend``, ``TogetherLimits``, ``TogetherRej
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Optional
 
 from . import status as st
@@ -62,6 +68,9 @@ MIRRORED_REASONS = {
 IGNORED_SETTINGS = "SettingsIgnored"
 POLL_RETRY_SECONDS = 30.0
 NOT_FOUND = 404
+REPLY_COND = "TogetherReplyUnderstood"
+REPLY_MALFORMED = "TogetherReplyMalformed"
+UNKNOWN_STATUS = "TogetherUnknownStatus"
 
 
 def together_dependencies(spec: FineTuneJobSpec) -> list[tuple[str, str, Optional[str]]]:
@@ -100,6 +109,44 @@ def needs_poll(body: dict[str, Any]) -> bool:
         return False
     h = st.current_hash(body)
     return h is not None and status.get("specHash") == h
+
+
+def _time(text: Any) -> Optional[dt.datetime]:
+    try:
+        t = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _later(now: str, seconds: float) -> str:
+    t = (_time(now) or dt.datetime.now(dt.timezone.utc)) + dt.timedelta(seconds=seconds)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def wait_seconds(status: dict[str, Any], now: str) -> float:
+    """Seconds left before ``status.together.retryAt`` (Together's Retry-After); 0: go ahead."""
+    at, t = _time(together_of(status).get("retryAt")), _time(now)
+    if at is None or t is None:
+        return 0.0
+    return max(0.0, (at - t).total_seconds())
+
+
+def poll_due(body: dict[str, Any], now: str) -> bool:
+    """Not before the ``retryAt`` Together asked for (the monitor timer keeps ticking; polls before
+    then are skipped)."""
+    return wait_seconds(body.get("status") or {}, now) <= 0
+
+
+def retry_after_fields(tg: dict[str, Any], retry_after: Optional[float], now: str) -> float:
+    """The delay to the next attempt (:func:`~tuneop.backends.together.retry_delay`); when Together
+    sent a Retry-After, ``tg["retryAt"]`` records it."""
+    delay = T.retry_delay(retry_after, POLL_RETRY_SECONDS)
+    if retry_after is not None:
+        tg["retryAt"] = _later(now, delay)
+    else:
+        tg.pop("retryAt", None)
+    return delay
 
 
 def needs_finalizer(body: dict[str, Any]) -> bool:
@@ -188,6 +235,25 @@ def _suffix(body: dict[str, Any], spec: FineTuneJobSpec, avoid: Optional[str] = 
 
 def _job_label(tg: dict[str, Any]) -> str:
     return f"Together job {tg.get('jobId')}"
+
+
+def _reply_condition(bld: Any, view: dict[str, Any], label: str) -> list[dict[str, str]]:
+    """Condition REPLY_COND from a polled reply: False naming the malformed fields or the unknown
+    status (and one Warning Event per new message), gone when the reply is understood."""
+    notes = list(view.get("problems") or [])
+    unknown = view.get("reason") == UNKNOWN_STATUS
+    if unknown:
+        notes.insert(0, str(view.get("message")))
+    if not notes:
+        bld.drop(REPLY_COND)
+        return []
+    reason = UNKNOWN_STATUS if unknown else REPLY_MALFORMED
+    message = st.shorten(f"{label}: " + "; ".join(notes))
+    old = st.find_condition(bld.old.get("conditions") or [], REPLY_COND)
+    bld.cond(REPLY_COND, False, reason, message)
+    if old is not None and old.get("message") == message and old.get("reason") == reason:
+        return []
+    return [{"type": "Warning", "reason": reason, "message": message}]
 
 
 # ---------------------------------------------------------------------------------- reducer
@@ -348,6 +414,14 @@ def reconcile_together(
         if not tg.get("suffix"):
             tg["suffix"] = _suffix(body, spec)
             set_tg()
+        wait = wait_seconds(status, bld.now)
+        if wait > 0:  # Together asked for time (Retry-After): no create before retryAt
+            d.retry_after = wait
+            bld.phase(bld.old.get("phase") or st.PENDING, bld.old.get("reason") or st.TOGETHER_RATE_LIMITED,
+                      bld.old.get("message") or f"waiting until {tg['retryAt']} (Together's Retry-After)")
+            return _finish(bld, extra)
+        tg.pop("retryAt", None)
+        set_tg()
         params = T.create_params(
             spec,
             training_file=tg["trainingFile"],
@@ -372,24 +446,35 @@ def reconcile_together(
         reason = err.get("reason") or st.TOGETHER_UNAVAILABLE
         if reason not in st.RETRY_REASONS:
             reason = st.TOGETHER_UNAVAILABLE
-        bld.phase(bld.old.get("phase") or st.PENDING, reason, str(err.get("message") or reason))
-        d.retry_after = POLL_RETRY_SECONDS
+        d.retry_after = retry_after_fields(tg, err.get("retryAfter"), bld.now)
+        set_tg()
+        message = str(err.get("message") or reason)
+        if tg.get("retryAt"):
+            message += f" (Together asked to wait {d.retry_after:g} s: next poll at {tg['retryAt']})"
+        bld.phase(bld.old.get("phase") or st.PENDING, reason, message)
         return _finish(bld, extra)
     ft = obs.together_job
     view: Optional[dict[str, Any]] = None
-    if ft:
+    if ft is not None:
         view = T.status_view(ft)
-        tg["status"] = view["togetherStatus"]
+        if view["togetherStatus"] is not None:
+            tg["status"] = view["togetherStatus"]
         for key in ("modelOutputName", "tokenCount", "costUSD"):
             if view.get(key) is not None:
                 tg[key] = view[key]
         if obs.together_event_cursor is not None:
             tg["eventCursor"] = obs.together_event_cursor
+        tg.pop("retryAt", None)
         mirrored = _mirror_events(obs.together_events)
         progress = _progress(status.get("progress"), view.get("progress"), bld.now)
         if progress:
             status["progress"] = progress
         set_tg()
+        extra = extra + _reply_condition(bld, view, _job_label(tg))
+    else:
+        wait = wait_seconds(status, bld.now)
+        if wait > 0:
+            d.retry_after = wait
     tstatus = tg.get("status") or "pending"
     extra = extra + mirrored
 
@@ -416,14 +501,20 @@ def reconcile_together(
         msg = (view or {}).get("message") or f"{_job_label(tg)} was rejected"
         return _finish_fail(bld, extra, st.TOGETHER_USER_ERROR, f"{_job_label(tg)}: {msg}")
     if tstatus == "cancelled":
+        said = (view or {}).get("togetherMessage")
         return _finish_fail(bld, extra, st.TOGETHER_CANCELLED,
-                            f"{_job_label(tg)} was cancelled outside tuneop")
+                            f"{_job_label(tg)} was cancelled outside tuneop" + (f": {said}" if said else ""))
     if tstatus == "completed":
         return _download(bld, body, spec, obs, tg, extra, image=image, base_url=base_url,
                          ensure_config=ensure_config)
 
     # --- still training at Together
-    if view is not None:
+    if view is not None and view["reason"] == UNKNOWN_STATUS:
+        # Nothing known about this status: the phase stays (polling goes on), the reason says why.
+        phase = bld.old.get("phase") if bld.old.get("phase") in (st.PENDING, st.RUNNING) else st.PENDING
+        bld.phase(phase, UNKNOWN_STATUS, f"{_job_label(tg)}: {view['message']}")
+        return _finish(bld, extra)
+    if view is not None and view["phase"] is not None:
         phase, reason = view["phase"], view["reason"]
         msg = f"{_job_label(tg)}: {view['message']}"
     elif bld.old.get("phase") in (st.PENDING, st.RUNNING) and bld.old.get("reason") not in (
@@ -519,6 +610,7 @@ def job_created(body: dict[str, Any], job: dict[str, Any], adopted: bool, *, now
     """``create_or_adopt`` returned ``job``: record its id at once (and say so in an Event)."""
     bld = st._Builder(body, now)
     tg = together_of(bld.status)
+    tg.pop("retryAt", None)
     tg["jobId"] = job.get("id")
     status = job.get("status")
     tg["status"] = str(getattr(status, "value", status) or "pending")
@@ -535,20 +627,28 @@ def job_created(body: dict[str, Any], job: dict[str, Any], adopted: bool, *, now
 
 
 def call_failed(
-    body: dict[str, Any], op: str, reason: str, message: str, *, user_error: bool, now: str
+    body: dict[str, Any], op: str, reason: str, message: str, *, user_error: bool, now: str,
+    retry_after: Optional[float] = None,
 ) -> st.Decision:
     """A Together call of ``decision.together`` failed. A rejected create (limits, 4xx) is a
-    terminal user error; anything else (429, 5xx, network, a failed cancel) keeps the phase,
-    says why, and is retried."""
+    terminal user error; anything else (429, 5xx, network, an unreadable reply, a failed cancel)
+    keeps the phase, says why, and is retried: after ``retry_after`` (Together's Retry-After,
+    clamped by :func:`~tuneop.backends.together.retry_delay`, recorded as ``retryAt``) when given."""
     bld = st._Builder(body, now)
     if op == "create" and user_error:
         invalid = reason in (st.TOGETHER_LIMITS, st.TOGETHER_REJECTED)
         return _finish_fail(bld, [], reason, f"create Together job: {message}", invalid=invalid)
     if reason not in st.RETRY_REASONS:
         reason = st.TOGETHER_UNAVAILABLE
+    tg = together_of(bld.status)
+    delay = retry_after_fields(tg, retry_after, now)
+    if tg:
+        bld.status["together"] = tg
+    if tg.get("retryAt"):
+        message += f" (Together asked to wait {delay:g} s: next attempt at {tg['retryAt']})"
     bld.phase(bld.old.get("phase") or st.PENDING, reason, message)
     d = bld.finish()
-    d.retry_after = POLL_RETRY_SECONDS
+    d.retry_after = delay
     return d
 
 

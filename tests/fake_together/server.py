@@ -26,6 +26,8 @@ Faults, each used ``times`` times (then gone), matched on method + path regex::
     fake.fault("POST", r"^/v1/fine-tunes$", drop_after=True)     # handle (job created), then close
     fake.fault("GET", r"/download", truncate=1000)                # send 1000 bytes, then close
     fake.fault("GET", r"/v1/fine-tunes$", delay=3.0)              # slow answer
+    fake.fault("POST", r"^/v1/fine-tunes$", reply=b"")            # handle (job created), then answer
+    fake.fault("GET", r"/v1/fine-tunes/ft-", reply=b"<html>", reply_type="text/html")  # 200 + these bytes
 
 A job ends as ``fake.outcome`` ("completed", "error" or "user_error" with ``fake.outcome_message``).
 Every request is recorded in ``fake.requests`` (method, path, query, headers, body bytes) — e.g.
@@ -84,6 +86,8 @@ class Fault:
     drop_after: bool = False
     delay: float = 0.0
     truncate: Optional[int] = None
+    reply: Optional[bytes] = None
+    reply_type: str = "application/json"
     used: int = 0
 
 
@@ -218,6 +222,8 @@ class FakeTogether:
         response = await handler(request)
         if fault is not None and fault.drop_after:
             return self._drop(request)
+        if fault is not None and fault.reply is not None:
+            return web.Response(body=fault.reply, status=200, headers={"Content-Type": fault.reply_type})
         return response
 
     @staticmethod

@@ -246,6 +246,69 @@ def test_restart_between_create_and_status_patch_adopts_the_job(
     assert "TogetherJobCreated" not in reasons(api)
 
 
+def test_create_answered_200_with_an_empty_body_adopts_the_job_instead_of_failing(
+    api: KMockThread, fake: FakeTogether, tmp_path: Path
+) -> None:
+    """Together created the job but answered 200 with nothing readable: the FineTuneJob adopts the
+    job (found by its suffix) and follows it; it neither fails nor creates a second one."""
+    cluster(api)
+    api.create(FTJ_PATH, ftj())
+    fake.fault("POST", CREATE, reply=b"")
+    with together_operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-upload"), what="upload Job")
+        upload_pod(api, fake, tmp_path)
+        jid = wait_for(lambda: job_id(api), what="the Together job id in status")
+        wait_for(lambda: "TogetherJobAdopted" in reasons(api), what="TogetherJobAdopted event")
+        wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=60, what="download Job")
+    assert list(fake.jobs) == [jid] and posts(fake, CREATE) == 1
+    assert status_of(api)["phase"] == "Running" and "TogetherRejected" not in reasons(api)
+
+
+def test_malformed_replies_while_polling_are_named_and_the_status_moves_on(
+    api: KMockThread, fake: FakeTogether, tmp_path: Path
+) -> None:
+    cluster(api)
+    api.create(FTJ_PATH, ftj())
+    odd = {"status": "running", "epochs_completed": "two",
+           "events": [{"type": "checkpoint_save", "message": "saved", "step": "ten", "total_steps": 30}]}
+    # the first polls get these replies, then Together's real ones
+    fake.fault("GET", RETRIEVE, reply=json.dumps({"id": "ft-odd", **odd}).encode(), times=2)
+    fake.fault("GET", RETRIEVE, reply=b"<html>502</html>", reply_type="text/html")
+    with together_operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-upload"), what="upload Job")
+        upload_pod(api, fake, tmp_path)
+        wait_for(lambda: "TogetherReplyMalformed" in reasons(api), what="the malformed reply reported")
+        wait_for(lambda: api.get(f"{JOBS}/news-download"), timeout=60, what="download Job after the odd replies")
+    [event] = [e for e in api.events() if e["reason"] == "TogetherReplyMalformed"]
+    assert event["type"] == "Warning" and "Together reply field 'step' is not a number: 'ten'" in event["message"]
+    st = status_of(api)
+    assert st["reason"] == "Downloading" and st["progress"]["step"] == 30
+    assert not [c for c in st["conditions"] if c["type"] == "TogetherReplyUnderstood"]
+    assert posts(fake, CREATE) == 1
+
+
+def reconciles() -> float:
+    return sum(metric("tuneop_reconcile_total", kind="FineTuneJob", result=r) or 0 for r in ("success", "retry"))
+
+
+def test_retry_after_from_together_holds_the_next_poll(api: KMockThread, fake: FakeTogether, tmp_path: Path) -> None:
+    cluster(api)
+    api.create(FTJ_PATH, ftj())
+    fake.progression = ["pending", "queued"] + ["running"] * 1000
+    # the SDK's own retries follow retry-after-ms; Retry-After (600 s) is for the operator's next poll
+    fake.fault("GET", RETRIEVE, status=429, times=3, headers={**FAST, "retry-after": "600"})
+    with together_operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-upload"), what="upload Job")
+        upload_pod(api, fake, tmp_path)
+        st = wait_for(lambda: status_of(api) if (status_of(api).get("together") or {}).get("retryAt") else None,
+                      what="retryAt in status")
+        assert st["reason"] == "TogetherRateLimited" and "600 s" in st["message"]
+        polls, seen = len(fake.calls("GET", RETRIEVE)), reconciles()
+        wait_for(lambda: reconciles() >= seen + 5, what="more reconciles (monitor and retry timers)")
+        assert len(fake.calls("GET", RETRIEVE)) == polls  # none before retryAt
+    assert status_of(api)["reason"] == "TogetherRateLimited" and posts(fake, CREATE) == 1
+
+
 def test_user_error_and_error_fail_with_togethers_message_and_different_reasons(
     api: KMockThread, fake: FakeTogether, tmp_path: Path
 ) -> None:

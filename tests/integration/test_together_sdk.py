@@ -315,6 +315,114 @@ def test_create_timeout_then_adopt(fake, metrics, tmp_path):
     slow.close()
 
 
+CREATE = r"^/v1/fine-tunes$"
+
+
+@pytest.mark.parametrize("reply, ctype", [
+    (b"", "application/json"),                                       # empty
+    (b'{"id": "ft-', "application/json"),                            # truncated
+    (b"<html><body>502 Bad Gateway</body></html>", "text/html"),      # not JSON
+    (b"[1, 2]", "application/json"),                                  # JSON, not a job
+    (b'{"ok": true}', "application/json"),                            # an object without an id
+])
+def test_create_answered_200_with_an_unreadable_body_adopts_the_job(fake, client, tmp_path, reply, ctype):
+    """Together created the job but its answer cannot be read: as ambiguous as a 500, so the job
+    is looked up by its suffix and adopted (not a user error, not a second job)."""
+    tf = upload_train(client, tmp_path)
+    fake.fault("POST", CREATE, reply=reply, reply_type=ctype)
+    job, adopted = create(client, parse_spec(spec_dict()), tf)
+    assert adopted and list(fake.jobs) == [job["id"]]
+    assert len(fake.calls("POST", CREATE)) == 1
+
+
+def test_create_unreadable_and_not_listed_yet_is_transient_then_adopted(fake, client, tmp_path):
+    tf = upload_train(client, tmp_path)
+    fake.fault("POST", CREATE, reply=b"")
+    fake.fault("GET", CREATE)  # the look-up before the create goes through...
+    fake.fault("GET", CREATE, status=503, headers=FAST, times=3)  # ...the one after it does not
+    with pytest.raises(T.TogetherTransientError) as e:
+        create(client, parse_spec(spec_dict()), tf)
+    assert e.value.reason == "TogetherUnavailable" and not e.value.user_error
+    assert "unreadable reply" in e.value.message and "an empty body" in e.value.message
+    job, adopted = create(client, parse_spec(spec_dict()), tf)  # the handler's retry
+    assert adopted and list(fake.jobs) == [job["id"]] and len(fake.calls("POST", CREATE)) == 1
+
+
+@pytest.mark.parametrize("reply, ctype", [(b"<html>maintenance</html>", "text/html"), (b"", "application/json"),
+                                          (b'{"object": "list"}', "application/json")])
+def test_an_unreadable_job_list_never_leads_to_a_create(fake, client, tmp_path, reply, ctype):
+    tf = upload_train(client, tmp_path)
+    fake.fault("GET", CREATE, reply=reply, reply_type=ctype)
+    with pytest.raises(T.TogetherTransientError) as e:
+        create(client, parse_spec(spec_dict()), tf)
+    assert e.value.reason == "TogetherUnavailable" and "list fine-tunes" in e.value.message
+    assert fake.calls("POST", CREATE) == [] and fake.jobs == {}
+
+
+@pytest.mark.parametrize("reply, ctype", [(b"<html>oops</html>", "text/html"), (b"[]", "application/json"),
+                                          (b"", "application/json"), (b'{"id": "ft-', "application/json")])
+def test_retrieve_of_a_reply_that_is_no_object_is_transient(fake, client, reply, ctype):
+    job = fake.add_job(model="m", suffix="s")
+    fake.fault("GET", rf"^/v1/fine-tunes/{job['id']}$", reply=reply, reply_type=ctype)
+    with pytest.raises(T.TogetherTransientError) as e:
+        client.retrieve(job["id"])
+    assert e.value.reason == "TogetherUnavailable" and not e.value.user_error
+    assert client.retrieve(job["id"])["id"] == job["id"]
+
+
+def test_wrong_typed_fields_of_a_retrieve_reach_status_view_without_raising(fake, client):
+    job = fake.add_job(model="m", suffix="s")
+    odd = {"id": job["id"], "status": "running", "epochs_completed": "two", "total_price": "n/a",
+           "events": [{"type": "checkpoint_save", "message": "saved", "step": "ten", "total_steps": 30}]}
+    fake.fault("GET", rf"^/v1/fine-tunes/{job['id']}$", reply=json.dumps(odd).encode())
+    view = T.status_view(client.retrieve(job["id"]))
+    assert view["togetherStatus"] == "running" and view["progress"] == {"totalSteps": 30}
+    assert "Together reply field 'step' is not a number: 'ten'" in view["problems"]
+    assert "Together reply field 'epochs_completed' is not a number: 'two'" in view["problems"]
+
+
+def test_retry_after_of_a_429_comes_back_for_the_next_poll(fake):
+    import email.utils
+    from datetime import datetime, timedelta, timezone
+
+    with T.TogetherClient(KEY, fake.url, max_retries=0) as c:
+        fake.fault("GET", r"^/v1/fine-tunes/ft-x$", status=429, headers={"retry-after": "120"})
+        with pytest.raises(T.TogetherTransientError) as e:
+            c.retrieve("ft-x")
+        assert e.value.retry_after == 120 and T.retry_delay(e.value.retry_after, 30) == 120
+        later = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(hours=2), usegmt=True)
+        fake.fault("GET", r"^/v1/fine-tunes/ft-x$", status=503, headers={"retry-after": later})
+        with pytest.raises(T.TogetherTransientError) as e:
+            c.retrieve("ft-x")
+        assert e.value.retry_after > 600 and T.retry_delay(e.value.retry_after, 30) == T.RETRY_AFTER_MAX
+
+
+def test_base_url_with_a_trailing_v1_is_corrected_not_a_404(fake, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="tuneop.backends.together")
+    with T.TogetherClient(KEY, fake.url + "/v1/") as c:
+        assert c.base_url == fake.url and c.list_jobs() == []
+    monkeypatch.setenv("TOGETHER_BASE_URL", fake.url + "/v1")
+    with T.TogetherClient(KEY) as c:  # as the pods and the operator get it, from the environment
+        assert c.base_url == fake.url and c.list_jobs() == []
+    warnings = [r.getMessage() for r in caplog.records if "TOGETHER_BASE_URL" in r.getMessage()]
+    assert len(warnings) == 1 and "host root" in warnings[0]  # once
+    assert fake.requests and not any(r.path.startswith("/v1/v1") for r in fake.requests)
+    assert_no_key(*warnings)
+
+
+def test_download_past_the_limit_names_the_limit_and_its_source(fake, client, tmp_path):
+    fake.archive = b"x" * 100_000
+    jid = completed_job(fake)
+    dest = tmp_path / "archive"
+    with pytest.raises(T.TogetherUserError) as e:
+        client.download(jid, str(dest), max_bytes=10_000, limit_source="estimated from LoRA rank 8 and a 1B model")
+    assert e.value.reason == "ArchiveInvalid"
+    assert "10000 bytes" in e.value.message and "LoRA rank 8" in e.value.message
+    assert not dest.exists() and not (tmp_path / "archive.part").exists()
+
+
 def test_user_error_job(fake, client, tmp_path):
     fake.outcome = "user_error"
     fake.outcome_message = "Dataset row 17 exceeds max_seq_length 2048"

@@ -14,14 +14,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fake_together.adapter import link, make_tar, special  # noqa: E402
 
+from tuneop.api.finetunejob import parse_spec  # noqa: E402
 from tuneop.archive import (  # noqa: E402
+    DEFAULT_MAX_BYTES,
+    EXTRA_FILES_BYTES,
     ArchiveError,
     adapter_summary,
     detect_format,
     find_adapter_dir,
+    model_params,
     safe_extract,
+    size_limit,
     write_adapter_layout,
 )
+from tuneop.together_job import archive_limit  # noqa: E402
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
                      "base_model_name_or_path": "tiny"}).encode()
@@ -111,6 +117,65 @@ def test_size_and_count_caps(tmp_path, work):
     with pytest.raises(ArchiveError, match="more than 10"):
         safe_extract(path, str(work / "out"), max_files=10)
     assert_nothing_written(work)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct-Reference", 8e9),
+    ("Qwen/Qwen2.5-0.5B-Instruct", 0.5e9),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 135e6),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", 56e9),
+    ("Qwen/Qwen2.5-72B-Instruct", 72e9),
+    ("gpt2", None), ("org/model-v2", None), ("", None), (None, None),
+])
+def test_model_params_from_the_name(name, params):
+    assert model_params(name) == params
+
+
+def test_size_limit_from_rank_model_size_and_free_space():
+    limit, source = size_limit(adapter_type="lora", lora_r=16, models=["Qwen/Qwen2.5-7B-Instruct"])
+    # 2 x (7e9 params x 2*16/512 of them as LoRA weights x 4 bytes) + 256 MiB of tokenizer/config
+    assert limit == 2 * 7e9 * 32 / 512 * 4 + EXTRA_FILES_BYTES
+    assert "LoRA rank 16" in source and "7B-parameter base model Qwen/Qwen2.5-7B-Instruct" in source
+    # the bound follows the rank and the model, and stays far below the old fixed 64 GiB
+    assert size_limit(adapter_type="lora", lora_r=64, models=["Qwen/Qwen2.5-7B-Instruct"])[0] > limit
+    assert size_limit(adapter_type="lora", lora_r=16, models=["Qwen/Qwen2.5-0.5B"])[0] < limit
+    assert size_limit(adapter_type="lora", lora_r=64, models=["x/Llama-3.1-8B"])[0] < DEFAULT_MAX_BYTES / 4
+    # the first model whose name states a size counts (together.model before baseModel)
+    assert size_limit(adapter_type="lora", lora_r=16, models=[None, "custom/ft-model", "Qwen/Qwen2.5-7B"]) == (
+        limit, source.replace("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B"))
+    full, fsource = size_limit(adapter_type="full", lora_r=16, models=["meta-llama/Llama-3.2-1B-Instruct"])
+    assert full == 1.25 * 1e9 * 4 + EXTRA_FILES_BYTES and "full weights" in fsource
+    assert size_limit(adapter_type="lora", lora_r=8, models=["my/own-model"]) == (
+        DEFAULT_MAX_BYTES, "the default limit: the base model's size is unknown")
+    small, ssource = size_limit(adapter_type="lora", lora_r=16, models=["Qwen/Qwen2.5-7B"], free_bytes=1 << 30)
+    assert small == 1 << 30 and ssource.startswith("the free space of the output volume")
+    assert "3.5 GiB" in ssource
+    assert size_limit(adapter_type="lora", lora_r=16, models=["Qwen/Qwen2.5-7B"], free_bytes=1 << 50)[0] == limit
+
+
+def test_archive_limit_of_a_together_download():
+    spec = parse_spec({
+        "backend": "together", "baseModel": "meta-llama/Llama-3.1-8B-Instruct",
+        "dataset": {"train": {"pvc": {"claimName": "d", "path": "t.jsonl"}}},
+        "output": {"pvc": {"claimName": "o", "path": "x"}}, "adapter": {"r": 32},
+        "together": {"apiKeySecretRef": {"name": "t", "key": "k"}, "model": "acct/custom-ref"},
+    })
+    limit, source = archive_limit(spec, {"model": "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"}, None)
+    assert limit == 2 * 8e9 * 64 / 512 * 4 + EXTRA_FILES_BYTES and "LoRA rank 32" in source
+    assert archive_limit(spec, {"model": ["odd"]}, 10 << 20)[0] == 10 << 20
+
+
+def test_small_archive_expanding_past_the_limit_is_refused_while_streaming(tmp_path, work):
+    # ~24 KiB of gzip that expands to 24 MiB; each member alone fits the 16 MiB limit
+    data = make_tar({f"adapter/shard-{i}.bin": b"\0" * (6 << 20) for i in range(4)}, "gz")
+    assert len(data) < 256 << 10
+    limit, source = size_limit(adapter_type="lora", lora_r=8, models=["my/own-model"], free_bytes=16 << 20)
+    path = write(tmp_path, data)
+    with pytest.raises(ArchiveError) as e:
+        safe_extract(path, str(work / "out"), max_bytes=limit, limit_source=source)
+    assert "size limit of 16.0 MiB" in str(e.value) and "free space of the output volume" in str(e.value)
+    assert_nothing_written(work)
+    assert safe_extract(path, str(work / "out"), max_bytes=32 << 20)  # within a larger limit: fine
 
 
 @pytest.mark.parametrize("data", [

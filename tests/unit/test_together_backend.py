@@ -1,6 +1,7 @@
 """Pure parts of backend: together — mapping, validation, suffix, status view, events."""
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import pytest
@@ -255,6 +256,92 @@ def test_status_view_failure_message_is_togethers():
 def test_status_view_unknown_status_is_not_terminal():
     v = T.status_view(ft("hibernating"))
     assert v["phase"] == "Running" and not v["terminal"] and "hibernating" in v["message"]
+
+
+def test_status_view_wrong_typed_fields_never_raise_and_are_named():
+    events = [{"type": "checkpoint_save", "message": "saved", "step": "ten", "total_steps": 30}]
+    v = T.status_view(ft("running", events=events, epochs_completed="two", token_count="many",
+                         total_price="$3", model_output_name=["x"], queue_depth="deep",
+                         progress={"estimate_available": True, "seconds_remaining": "soon"}))
+    assert v["phase"] == "Running" and v["togetherStatus"] == "running"
+    assert "Together reply field 'step' is not a number: 'ten'" in v["problems"]
+    assert "Together reply field 'epochs_completed' is not a number: 'two'" in v["problems"]
+    for field in ("token_count", "total_price", "seconds_remaining", "model_output_name"):
+        assert any(f"'{field}'" in p for p in v["problems"]), field
+    # what is malformed is left out (the caller keeps what it had), the rest is used
+    assert v["progress"] == {"totalSteps": 30}
+    assert v["tokenCount"] is None and v["costUSD"] is None and v["modelOutputName"] is None
+    assert T.status_view(ft(True))["togetherStatus"] is None  # a non-string status
+    assert T.status_view(ft("running", events="nope"))["problems"] == [
+        "Together reply field 'events' is not a list: 'nope'"]
+    assert T.status_view(ft("running", step=True, token_count=True))["tokenCount"] is None  # bools are no numbers
+    assert T.status_view(ft("queued", queue_depth="deep"))["message"] == "queued at Together"
+    assert T.status_view(ft("running"))["problems"] == []
+
+
+@pytest.mark.parametrize("reply, words", [
+    ("<html><body>Bad gateway</body></html>", "text '<html>"),
+    ([{"id": "ft-1"}], "a JSON list"),
+    (None, "an empty body"),
+    ("", "an empty body"),
+])
+def test_status_view_of_a_reply_that_is_not_an_object(reply, words):
+    v = T.status_view(reply)
+    assert v["togetherStatus"] is None and v["phase"] is None and v["progress"] is None
+    [problem] = v["problems"]
+    assert problem.startswith("Together reply is not a JSON object") and words in problem
+
+
+def test_status_view_cancelled_keeps_togethers_last_event_message():
+    events = [{"type": "job_start", "message": "Job started"},
+              {"type": "cancel_requested", "message": "Cancelled from the Together dashboard by alice"}]
+    v = T.status_view(ft("cancelled", events=events))
+    assert v["togetherMessage"] == "Cancelled from the Together dashboard by alice"
+    assert v["message"].endswith(": Cancelled from the Together dashboard by alice")
+    assert T.status_view(ft("cancelled"))["togetherMessage"] is None
+
+
+def test_readable_job():
+    assert T.readable_job({"id": "ft-1", "status": "pending"}) == {"id": "ft-1", "status": "pending"}
+    for reply in (None, "", "<html>", [], [{"id": "ft-1"}], {}, {"id": ""}, {"id": 5}, {"error": "x"}):
+        assert T.readable_job(reply) is None, reply
+
+
+@pytest.mark.parametrize("retry_after, delay", [
+    (None, 30.0), (0, 5.0), (2.5, 5.0), (42, 42.0), (600, 600.0), (86400, 600.0),
+    ("120", 30.0), (float("nan"), 30.0), (True, 30.0),
+])
+def test_retry_delay_clamps_retry_after(retry_after, delay):
+    assert T.retry_delay(retry_after, 30.0) == delay
+    assert (T.RETRY_AFTER_MIN, T.RETRY_AFTER_MAX) == (5.0, 600.0)
+
+
+def test_parse_retry_after_seconds_and_http_dates():
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    assert T.parse_retry_after("120", now) == 120.0
+    assert T.parse_retry_after(" 1.5 ", now) == 1.5
+    assert T.parse_retry_after("Thu, 01 Jan 2026 00:02:00 GMT", now) == 120.0
+    assert T.parse_retry_after("Wed, 31 Dec 2025 00:00:00 GMT", now) == 0.0  # in the past: now
+    for bad in (None, "", "soon", "nan", "inf"):
+        assert T.parse_retry_after(bad, now) is None, bad
+
+
+@pytest.mark.parametrize("url, fixed, warned", [
+    ("https://api.together.xyz", "https://api.together.xyz", False),
+    ("https://api.together.xyz/", "https://api.together.xyz", False),
+    ("https://api.together.xyz/v1", "https://api.together.xyz", True),
+    ("https://api.together.xyz/v1/", "https://api.together.xyz", True),
+    ("http://127.0.0.1:8080/V1", "http://127.0.0.1:8080", True),
+    ("http://proxy/together/v1", "http://proxy/together", True),
+    ("http://proxy/v10", "http://proxy/v10", False),
+    (None, None, False),
+    ("  ", None, False),
+])
+def test_normalize_base_url_strips_a_trailing_v1(url, fixed, warned):
+    out, warning = T.normalize_base_url(url)
+    assert out == fixed and bool(warning) == warned
+    if warned:
+        assert "TOGETHER_BASE_URL" in warning and "host root" in warning
 
 
 # ---------------------------------------------------------------------------------- events

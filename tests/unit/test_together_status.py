@@ -3,6 +3,7 @@ no network: Together jobs are wire dicts as ``TogetherClient.retrieve`` returns 
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 from typing import Any, Optional
 
@@ -270,6 +271,121 @@ def test_user_error_and_error_fail_with_different_reasons_and_togethers_message(
 def test_cancelled_outside_tuneop_fails() -> None:
     d = run(created(body()), together_job=ft("cancelled"))
     assert d.status["phase"] == "Failed" and d.status["reason"] == "TogetherCancelled"
+
+
+def test_cancelled_outside_tuneop_keeps_togethers_last_event_message() -> None:
+    ev = [{"type": "job_start", "message": "Job started"},
+          {"type": "job_stopped", "level": "warning", "message": "Job cancelled by bob@example.com"}]
+    d = run(created(body()), together_job=ft("cancelled", events=ev), together_events=ev, together_event_cursor=2)
+    assert d.status["reason"] == "TogetherCancelled"
+    assert d.status["message"] == "Together job ft-1 was cancelled outside tuneop: Job cancelled by bob@example.com"
+    assert "Job cancelled by bob@example.com" in cond(d.status, "Failed")["message"]
+
+
+def running_with_progress() -> dict[str, Any]:
+    ftj = created(body())
+    events = [{"type": "checkpoint_save", "message": "saved", "step": 15, "total_steps": 30}]
+    d = run(ftj, together_job=ft("running", events=events, epochs_completed=1, token_count=15000,
+                                 total_price=500_000_000), together_events=events, together_event_cursor=1)
+    return after(ftj, d)
+
+
+def test_malformed_reply_fields_keep_the_status_and_name_the_field() -> None:
+    ftj = running_with_progress()
+    before = copy.deepcopy(ftj["status"])
+    bad_events = [{"type": "checkpoint_save", "message": "saved", "step": "ten", "total_steps": 30}]
+    bad = ft("running", events=bad_events, epochs_completed="two", token_count="lots", total_price="free")
+    d = run(ftj, together_job=bad, together_events=bad_events[:0], together_event_cursor=1)
+    st_ = d.status
+    assert st_["phase"] == "Running" and st_["reason"] == "TogetherRunning"
+    assert st_["progress"]["step"] == 15 and st_["progress"]["epoch"] == 1.0 and st_["progress"]["totalSteps"] == 30
+    assert st_["together"]["tokenCount"] == 15000 and st_["together"]["costUSD"] == pytest.approx(0.5)
+    c = cond(st_, "TogetherReplyUnderstood")
+    assert c["status"] == "False" and c["reason"] == "TogetherReplyMalformed"
+    assert "Together reply field 'step' is not a number: 'ten'" in c["message"]
+    assert "Together reply field 'epochs_completed' is not a number: 'two'" in c["message"]
+    assert [(e["type"], e["reason"]) for e in d.events] == [("Warning", "TogetherReplyMalformed")]
+    assert TS.needs_poll(after(ftj, d))
+    # the same reply again: no second Event; a good reply: the condition goes
+    d2 = run(after(ftj, d), together_job=bad)
+    assert d2.events == [] and cond(d2.status, "TogetherReplyUnderstood")["status"] == "False"
+    good = [{"type": "checkpoint_save", "message": "saved", "step": 20, "total_steps": 30}]
+    d3 = run(after(after(ftj, d), d2), together_job=ft("running", events=good))
+    assert s.find_condition(d3.status["conditions"], "TogetherReplyUnderstood") is None
+    assert d3.status["progress"]["step"] == 20
+    assert before["together"]["status"] == d3.status["together"]["status"] == "running"
+
+
+@pytest.mark.parametrize("reply", ["<html>502 Bad Gateway</html>", [{"id": "ft-1"}], {"id": "ft-1"}, 42])
+def test_a_reply_that_is_no_job_never_raises_and_keeps_the_status(reply: Any) -> None:
+    ftj = running_with_progress()
+    d = run(ftj, together_job=reply)
+    assert d.status["phase"] == "Running" and d.status["reason"] == "TogetherRunning"
+    assert d.status["together"]["status"] == "running" and d.status["progress"]["step"] == 15
+    c = cond(d.status, "TogetherReplyUnderstood")
+    assert c["status"] == "False" and "Together reply" in c["message"]
+    assert TS.needs_poll(after(ftj, d))
+
+
+def test_unknown_together_status_is_a_condition_and_polling_goes_on() -> None:
+    ftj = created(body())
+    d = run(ftj, together_job=ft("hibernating"))
+    st_ = d.status
+    assert st_["phase"] == "Pending" and st_["reason"] == "TogetherUnknownStatus"
+    assert "'hibernating'" in st_["message"] and "still polling" in st_["message"]
+    c = cond(st_, "TogetherReplyUnderstood")
+    assert c["status"] == "False" and c["reason"] == "TogetherUnknownStatus" and "'hibernating'" in c["message"]
+    assert [(e["type"], e["reason"]) for e in d.events] == [("Warning", "TogetherUnknownStatus")]
+    assert st_["together"]["status"] == "hibernating" and TS.needs_poll(after(ftj, d))
+    # once Together says something known again, it is mirrored and the condition goes
+    d2 = run(after(ftj, d), together_job=ft("running"))
+    assert d2.status["reason"] == "TogetherRunning"
+    assert s.find_condition(d2.status["conditions"], "TogetherReplyUnderstood") is None
+
+
+def at(seconds: int) -> str:
+    return (dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=seconds)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_retry_after_of_a_poll_delays_the_next_poll_within_bounds() -> None:
+    ftj = running_with_progress()
+    err = {"reason": "TogetherRateLimited", "message": "retrieve ft-1: HTTP 429", "statusCode": 429}
+    d = run(ftj, together_error={**err, "retryAfter": 120})
+    assert d.retry_after == 120 and d.status["together"]["retryAt"] == at(120)
+    assert d.status["reason"] == "TogetherRateLimited" and "120 s" in d.status["message"]
+    waiting = after(ftj, d)
+    assert not TS.poll_due(waiting, at(60)) and TS.poll_due(waiting, at(120))
+    assert TS.needs_poll(waiting)  # the monitor keeps ticking; observe skips the call until then
+    for given, used in ((0.2, 5), (86_400, 600)):
+        assert run(ftj, together_error={**err, "retryAfter": given}).retry_after == used
+    d = run(ftj, together_error=err)  # no Retry-After: the usual delay, nothing recorded
+    assert d.retry_after == TS.POLL_RETRY_SECONDS and "retryAt" not in d.status["together"]
+    # the next successful poll forgets it
+    d2 = run(waiting, together_job=ft("running"))
+    assert "retryAt" not in d2.status["together"]
+
+
+def test_retry_after_of_a_create_delays_the_next_create() -> None:
+    ftj = body()
+    d = run(ftj)
+    ftj = after(ftj, d)
+    d = run(ftj, config_map=d.create[0], upload_job=finished(d.create[1]),
+            upload_pods=[pod("news-upload", "upload", UPLOADED)])
+    assert d.together[0]["op"] == "create"
+    ftj = after(ftj, d)
+    failed = TS.call_failed(ftj, "create", "TogetherRateLimited", "create fine-tune: HTTP 429", user_error=False,
+                            now=NOW, retry_after=90)
+    assert failed.retry_after == 90 and failed.status["together"]["retryAt"] == at(90)
+    assert failed.status["reason"] == "TogetherRateLimited" and failed.status["together"]["suffix"]
+    ftj = after(ftj, failed)
+    obs = dict(config_map=b.build_config_map(ftj), upload_job=finished(tb.build_upload_job(ftj)),
+               upload_pods=[pod("news-upload", "upload", UPLOADED)])
+    early = s.reconcile(ftj, s.Observed(**obs), image="trainer:1", now=at(30))
+    assert early.together == [] and early.retry_after == 60
+    assert early.status["reason"] == "TogetherRateLimited" and early.status["reason"] in s.RETRY_REASONS
+    due = s.reconcile(ftj, s.Observed(**obs), image="trainer:1", now=at(90))
+    assert [a["op"] for a in due.together] == ["create"] and "retryAt" not in due.status["together"]
 
 
 # ---------------------------------------------------------------------------------- download

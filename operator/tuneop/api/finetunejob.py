@@ -474,6 +474,11 @@ class TogetherStatus(Model):
         default=None,
         description="Jobs of an older spec that still have to be cancelled.",
     )
+    retry_at: Optional[str] = Field(
+        default=None,
+        description="Together asked to wait (Retry-After, clamped to 5..600 s): no poll or create "
+        "before this time.",
+    )
 
 
 class FineTuneJobStatus(Model):

@@ -20,7 +20,16 @@ Pure parts (dict in, dict out; unit-tested without any network):
     operator finds the job it created: ``find_existing(jobs, suffix) -> dict | None``.
 ``status_view(ft) -> dict``
     A FinetuneResponse (wire dict) -> our status fields (phase, reason, message, progress,
-    tokenCount, costUSD, modelOutputName, download/terminal flags).
+    tokenCount, costUSD, modelOutputName, download/terminal flags). Never raises: a field of the
+    wrong type is left out and named in ``problems``.
+``readable_job(reply) -> dict | None``
+    The reply of a create (or a list entry) when it is a job we can use (an object with an id).
+``retry_delay(retry_after, default) -> float``
+    The next poll/requeue delay: Together's ``Retry-After`` clamped to
+    [:data:`RETRY_AFTER_MIN`, :data:`RETRY_AFTER_MAX`] seconds, else ``default``.
+``normalize_base_url(url) -> (url, warning)``
+    ``TOGETHER_BASE_URL`` is the host root (the SDK's paths carry ``/v1``): a trailing ``/v1`` is
+    stripped, with a warning to log.
 ``event_to_k8s(event) -> (type, reason, message)`` and ``new_events(events, cursor)``
     Mirroring Together's job events as Kubernetes Events, once each.
 ``download_checkpoint(spec)``
@@ -36,12 +45,16 @@ logs.
 Creating a job is the one non-idempotent call: the SDK would retry ``POST /v1/fine-tunes`` with no
 idempotency key, so :meth:`TogetherClient.create_or_adopt` lists jobs first (adopting one carrying
 our suffix), creates with retries disabled, and after an ambiguous failure (connection dropped,
-timeout, 5xx) lists again and adopts the job if it exists; otherwise it raises
-:class:`TogetherTransientError` and the next attempt starts by listing again.
+timeout, 5xx, or a 200 whose body is empty, truncated or not a job object) lists again and adopts
+the job if it exists; otherwise it raises :class:`TogetherTransientError` and the next attempt
+starts by listing again.
 """
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import hashlib
+import json
 import logging
 import os
 import re
@@ -72,6 +85,13 @@ __all__ = [
     "new_events",
     "download_checkpoint",
     "redact",
+    "readable_job",
+    "retry_delay",
+    "normalize_base_url",
+    "RETRY_AFTER_MIN",
+    "RETRY_AFTER_MAX",
+    "parse_retry_after",
+    "describe_reply",
 ]
 
 # Hugging Face id (lower case) -> Together fine-tuning model name. Modest on purpose: Together's
@@ -95,6 +115,10 @@ TERMINAL_STATES = ("completed", "cancelled", "error", "user_error")
 SUFFIX_MAX = 40
 _HASH_LEN = 10
 _EVENT_MESSAGE_LIMIT = 1024
+# Bounds of an honoured Retry-After (seconds): not hammering Together, not waiting for ever.
+RETRY_AFTER_MIN = 5.0
+RETRY_AFTER_MAX = 600.0
+_PREVIEW = 60
 
 # ------------------------------------------------------------------------------------- errors
 
@@ -411,63 +435,174 @@ def _last_event_with(events: list[dict[str, Any]], pred: Callable[[dict[str, Any
     return None
 
 
-def status_view(ft: dict[str, Any]) -> dict[str, Any]:
+def _preview(value: Any) -> str:
+    text = repr(" ".join(value.split()) if isinstance(value, str) else value)
+    return text if len(text) <= _PREVIEW else text[: _PREVIEW - 3] + "..."
+
+
+def describe_reply(reply: Any) -> str:
+    """A few words on a reply that is not what was expected (for messages, never the whole body)."""
+    if reply is None or (isinstance(reply, (str, bytes)) and not reply.strip()):
+        return "an empty body"
+    if isinstance(reply, str):
+        return f"text {_preview(reply)}"
+    if isinstance(reply, list):
+        return f"a JSON list of {len(reply)} item(s)"
+    if isinstance(reply, dict):
+        return f"a JSON object without a job id (keys {_preview(sorted(str(k) for k in reply)[:6])})"
+    return f"{type(reply).__name__} {_preview(reply)}"
+
+
+def readable_job(reply: Any) -> Optional[dict[str, Any]]:
+    """``reply`` when it is a job object we can use (a dict whose ``id`` is a non-empty string)."""
+    if isinstance(reply, dict) and isinstance(reply.get("id"), str) and reply["id"].strip():
+        return reply
+    return None
+
+
+def _number(value: Any, field: str, problems: list[str], *, integer: bool = False) -> Optional[float]:
+    """A JSON number (not a bool, not NaN/inf) or None; anything else is a problem naming ``field``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        problems.append(f"Together reply field {field!r} is not a number: {_preview(value)}")
+        return None
+    return int(value) if integer else float(value)
+
+
+def _text(value: Any, field: str, problems: list[str]) -> Optional[str]:
+    value = getattr(value, "value", value)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        problems.append(f"Together reply field {field!r} is not a string: {_preview(value)}")
+        return None
+    return value
+
+
+def _failure_event(events: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Together's own word on a failed or cancelled job: the last error-like event, else the last
+    event with a message."""
+    ev = _last_event_with(events, lambda e: e.get("type") in ("job_error", "billing_limit", "job_stopped")
+                          or e.get("level") in ("error", "legacy_ierror"))
+    return ev or _last_event_with(events, lambda e: bool(e.get("message")))
+
+
+def status_view(ft: Any) -> dict[str, Any]:
     """A FinetuneResponse as a wire dict (``model.to_dict()``) -> our status fields::
 
         {"jobId", "togetherStatus", "phase", "reason", "message", "terminal", "download",
          "progress": {"step", "totalSteps", "epoch", "etaSeconds"} | None,
-         "tokenCount", "costUSD", "modelOutputName"}
+         "tokenCount", "costUSD", "modelOutputName", "togetherMessage", "problems": [str]}
 
     ``phase`` is a FineTuneJob phase: pending/queued -> Pending; running, compressing, uploading,
     cancel_requested -> Running; completed -> Running with ``download: True`` (the adapter is not in
     our output yet: the handler starts the download pod and sets Succeeded when it is done);
     cancelled -> Failed/TogetherCancelled (the handler shows Suspended instead when it cancelled
     because of ``spec.suspend``); error -> Failed/TogetherError; user_error ->
-    Failed/TogetherUserError. For failures the message is Together's own (the last job_error
-    event). ``costUSD`` is ``total_price`` (nanodollars) / 1e9.
-    """
-    status = ft.get("status") or "pending"
-    status = str(getattr(status, "value", status))
-    phase, reason, message = _PHASES.get(status, ("Running", "TogetherUnknownStatus", f"Together status {status!r}"))
-    events = [e for e in (ft.get("events") or []) if isinstance(e, dict)]
-    if status in ("error", "user_error", "cancelled"):
-        ev = _last_event_with(events, lambda e: e.get("type") in ("job_error", "billing_limit", "job_stopped")
-                              or e.get("level") in ("error", "legacy_ierror"))
-        if ev and ev.get("message"):
-            message = f"{message}: {ev['message']}"
-    elif status == "queued" and ft.get("queue_depth") is not None:
-        message = f"{message} (queue depth {ft['queue_depth']})"
+    Failed/TogetherUserError; any other status -> Running/TogetherUnknownStatus (not terminal: polled
+    on). For failures and cancellations the message ends with Together's own (``togetherMessage``:
+    the last job_error event, else its last event). ``costUSD`` is ``total_price`` (nanodollars) / 1e9.
 
-    progress: Optional[dict[str, Any]] = None
+    Never raises. A field of the wrong type (``step: "ten"``) is left out (None: the caller keeps
+    what it had) and named in ``problems`` ("Together reply field 'step' is not a number: 'ten'");
+    a reply that is not an object at all gives ``togetherStatus``/``phase`` None.
+    """
+    problems: list[str] = []
+    view: dict[str, Any] = {
+        "jobId": None, "togetherStatus": None, "phase": None, "reason": None, "message": None,
+        "terminal": False, "download": False, "progress": None, "tokenCount": None, "costUSD": None,
+        "modelOutputName": None, "togetherMessage": None, "problems": problems,
+    }
+    if not isinstance(ft, dict):
+        problems.append(f"Together reply is not a JSON object: {describe_reply(ft)}")
+        return view
+    status = _text(ft.get("status"), "status", problems)
+    if status is None and not any("'status'" in p for p in problems):
+        problems.append("Together reply field 'status' is missing")
+    raw_events = ft.get("events")
+    if raw_events is not None and not isinstance(raw_events, list):
+        problems.append(f"Together reply field 'events' is not a list: {_preview(raw_events)}")
+        raw_events = None
+    events = [e for e in (raw_events or []) if isinstance(e, dict)]
+    if status is not None:
+        phase, reason, message = _PHASES.get(
+            status, ("Running", "TogetherUnknownStatus",
+                     f"Together reports status {status!r}, unknown to tuneop; still polling"))
+        if status in ("error", "user_error", "cancelled"):
+            ev = _failure_event(events)
+            if ev and ev.get("message"):
+                view["togetherMessage"] = " ".join(str(ev["message"]).split())[:_EVENT_MESSAGE_LIMIT]
+                message = f"{message}: {view['togetherMessage']}"
+        elif status == "queued":
+            depth = _number(ft.get("queue_depth"), "queue_depth", problems, integer=True)
+            if depth is not None:
+                message = f"{message} (queue depth {depth})"
+        view.update(togetherStatus=status, phase=phase, reason=reason, message=message,
+                    terminal=status in TERMINAL_STATES, download=status == "completed")
+
+    progress: dict[str, Any] = {}
     step_ev = _last_event_with(events, lambda e: e.get("step") is not None)
-    if step_ev is not None or ft.get("epochs_completed") is not None:
-        progress = {"step": int(step_ev["step"]) if step_ev else 0}
-        if step_ev is not None and step_ev.get("total_steps"):
-            progress["totalSteps"] = int(step_ev["total_steps"])
-        if ft.get("epochs_completed") is not None:
-            progress["epoch"] = float(ft["epochs_completed"])
+    epochs = _number(ft.get("epochs_completed"), "epochs_completed", problems)
+    if step_ev is not None:
+        step = _number(step_ev.get("step"), "step", problems, integer=True)
+        total = _number(step_ev.get("total_steps"), "total_steps", problems, integer=True)
+        if step is not None:
+            progress["step"] = step
+        if total:
+            progress["totalSteps"] = total
+    elif ft.get("epochs_completed") is not None:
+        progress["step"] = 0
+    if epochs is not None:
+        progress["epoch"] = epochs
     prog = ft.get("progress")
-    if isinstance(prog, dict) and prog.get("estimate_available") and prog.get("seconds_remaining") is not None:
-        progress = progress or {"step": 0}
-        progress["etaSeconds"] = int(prog["seconds_remaining"])
-    if status == "completed" and progress and progress.get("totalSteps"):
+    if prog is not None and not isinstance(prog, dict):
+        problems.append(f"Together reply field 'progress' is not an object: {_preview(prog)}")
+    elif isinstance(prog, dict) and prog.get("estimate_available") and prog.get("seconds_remaining") is not None:
+        eta = _number(prog["seconds_remaining"], "seconds_remaining", problems, integer=True)
+        if eta is not None:
+            if step_ev is None:
+                progress.setdefault("step", 0)
+            progress["etaSeconds"] = eta
+    if status == "completed" and progress.get("totalSteps"):
         progress["step"] = progress["totalSteps"]
         progress.pop("etaSeconds", None)
+    view["progress"] = progress or None
 
-    price = ft.get("total_price")
-    return {
-        "jobId": ft.get("id"),
-        "togetherStatus": status,
-        "phase": phase,
-        "reason": reason,
-        "message": message,
-        "terminal": status in TERMINAL_STATES,
-        "download": status == "completed",
-        "progress": progress,
-        "tokenCount": ft.get("token_count"),
-        "costUSD": (price / 1e9 if isinstance(price, (int, float)) else None),
-        "modelOutputName": ft.get("model_output_name") or ft.get("output_name"),
-    }
+    price = _number(ft.get("total_price"), "total_price", problems)
+    view.update(
+        jobId=_text(ft.get("id"), "id", problems),
+        tokenCount=_number(ft.get("token_count"), "token_count", problems, integer=True),
+        costUSD=price / 1e9 if price is not None else None,
+        modelOutputName=_text(ft.get("model_output_name") or ft.get("output_name"), "model_output_name", problems),
+    )
+    view["problems"] = list(dict.fromkeys(problems))
+    return view
+
+
+def retry_delay(retry_after: Optional[float], default: float) -> float:
+    """Seconds until the next poll/requeue: Together's ``Retry-After`` clamped to
+    [RETRY_AFTER_MIN, RETRY_AFTER_MAX] (5 s .. 10 min), ``default`` when there is none (or it is
+    not a number)."""
+    if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or retry_after != retry_after:
+        return float(default)
+    return float(min(max(float(retry_after), RETRY_AFTER_MIN), RETRY_AFTER_MAX))
+
+
+def normalize_base_url(url: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """``(url, warning)``. TOGETHER_BASE_URL is the host root (``https://api.together.xyz``): the
+    SDK's paths already start with ``/v1``, so a trailing ``/v1`` would make every call a 404. It
+    is stripped, and ``warning`` says so (None when the URL was fine)."""
+    if not url or not url.strip():
+        return None, None
+    clean = url.strip().rstrip("/")
+    fixed = clean
+    while fixed.lower().endswith("/v1"):
+        fixed = fixed[:-3].rstrip("/")
+    if fixed == clean:
+        return clean, None
+    return fixed, (f"TOGETHER_BASE_URL {clean!r} ends in /v1; it is the host root (the SDK adds /v1): "
+                   f"using {fixed!r}")
 
 
 _WARNING_TYPES = {"job_error", "warning", "billing_limit", "job_stopped", "job_restarted", "cancel_requested"}
@@ -504,6 +639,8 @@ def new_events(events: list[dict[str, Any]], cursor: int = 0) -> tuple[list[dict
 
 # ------------------------------------------------------------------------------- the client
 
+_BASE_URL_WARNED: set[str] = set()  # normalize_base_url's warning: logged once per process
+
 
 def _to_dict(obj: Any) -> Any:
     if obj is None or isinstance(obj, (dict, list, str, int, float, bool)):
@@ -538,7 +675,10 @@ class TogetherClient:
         if not api_key:
             raise TogetherUserError("TogetherAuth", "no Together API key (the Secret's key is empty)")
         self._key = api_key
-        self.base_url = base_url or os.environ.get("TOGETHER_BASE_URL") or None
+        self.base_url, warning = normalize_base_url(base_url or os.environ.get("TOGETHER_BASE_URL"))
+        if warning and warning not in _BASE_URL_WARNED:
+            _BASE_URL_WARNED.add(warning)
+            log.warning(warning)
         self._on_request = on_request
         self._sleep = sleep or time.sleep
         counter = self._count
@@ -598,6 +738,13 @@ class TogetherClient:
 
         if isinstance(e, TogetherBackendError):
             return e
+        if isinstance(e, json.JSONDecodeError):
+            # An answer came back but cannot be read (empty, truncated, not JSON): not the user's fault.
+            return TogetherTransientError("TogetherUnavailable", self._safe(
+                f"{what}: unreadable reply from Together ({describe_reply(e.doc)}: {e.msg})"), 200)
+        if isinstance(e, together.APIResponseValidationError):
+            return TogetherTransientError("TogetherUnavailable", self._safe(
+                f"{what}: unreadable reply from Together: {str(e)[:300]}"), 200)
         if isinstance(e, together.APIConnectionError):  # includes APITimeoutError
             kind = "timed out" if isinstance(e, together.APITimeoutError) else "connection failed"
             return TogetherTransientError("TogetherUnavailable", f"{what}: {kind}")
@@ -627,15 +774,35 @@ class TogetherClient:
     def model_limits(self, model: str) -> dict[str, Any]:
         return _to_dict(self._call("model limits", lambda: self._sdk.fine_tuning.model_limits(model_name=model)))
 
+    def _data(self, what: str, reply: Any, *, required: bool = True) -> list[Any]:
+        """The ``data`` list of a list reply; TogetherTransientError when the reply has none (we
+        cannot tell what exists, so nothing may be created on its strength). ``required=False``: a
+        missing or null ``data`` is an empty list."""
+        reply = _to_dict(reply)
+        data = reply.get("data") if isinstance(reply, dict) else None
+        if isinstance(reply, dict) and data is None and not required:
+            return []
+        if not isinstance(data, list):
+            shown = describe_reply(reply) if not isinstance(reply, dict) else f"'data' is {_preview(data)}"
+            raise TogetherTransientError("TogetherUnavailable", self._safe(f"{what}: unreadable reply from Together: {shown}"))
+        return data
+
     def list_jobs(self) -> list[dict[str, Any]]:
         res = self._call("list fine-tunes", lambda: self._sdk.fine_tuning.list())
-        return list(_to_dict(res).get("data") or [])
+        return [j for j in self._data("list fine-tunes", res) if isinstance(j, dict)]
 
     def find(self, suffix: str) -> Optional[dict[str, Any]]:
         return find_existing(self.list_jobs(), suffix)
 
     def retrieve(self, ft_id: str) -> dict[str, Any]:
-        return _to_dict(self._call(f"retrieve {ft_id}", lambda: self._sdk.fine_tuning.retrieve(ft_id)))
+        """The job as a wire dict (its fields unchecked: see :func:`status_view`).
+        TogetherTransientError when the reply is not a JSON object at all (HTML, a list...)."""
+        job = _to_dict(self._call(f"retrieve {ft_id}", lambda: self._sdk.fine_tuning.retrieve(ft_id)))
+        if not isinstance(job, dict):
+            raise TogetherTransientError(
+                "TogetherUnavailable", self._safe(f"retrieve {ft_id}: Together reply is not a JSON object: "
+                                                  f"{describe_reply(job)}"), 200)
+        return job
 
     def cancel(self, ft_id: str) -> dict[str, Any]:
         return _to_dict(self._call(f"cancel {ft_id}", lambda: self._sdk.fine_tuning.cancel(ft_id)))
@@ -643,7 +810,7 @@ class TogetherClient:
     def list_events(self, ft_id: str, cursor: int = 0) -> tuple[list[dict[str, Any]], int]:
         """(events after ``cursor``, new cursor); see :func:`new_events`."""
         res = self._call(f"events of {ft_id}", lambda: self._sdk.fine_tuning.list_events(ft_id))
-        return new_events(list(_to_dict(res).get("data") or []), cursor)
+        return new_events(list(self._data(f"events of {ft_id}", res, required=False)), cursor)
 
     def create_or_adopt(self, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create the fine-tune described by ``params`` (from :func:`create_params`) unless one with
@@ -654,7 +821,7 @@ class TogetherClient:
 
         suffix = params["suffix"]
         existing = self.find(suffix)
-        if existing is not None:
+        if readable_job(existing) is not None:
             return existing, True
         model = params.get("model") or str(params.get("from_checkpoint") or "").split(":")[0]
         limits_obj = self._call("model limits", lambda: self._sdk.fine_tuning.model_limits(model_name=model))
@@ -666,21 +833,28 @@ class TogetherClient:
             limits_obj = FinetuneModelLimits.model_construct(**limits)
         once = self._sdk.with_options(max_retries=0)
         try:
-            job = once.fine_tuning.create(**params, model_limits=limits_obj)
-            return _to_dict(job), False
+            reply = _to_dict(once.fine_tuning.create(**params, model_limits=limits_obj))
         except Exception as e:  # noqa: BLE001
             err = self._translate(e, "create fine-tune")
-            ambiguous = isinstance(e, together.APIConnectionError) or (
+            ambiguous = isinstance(e, (together.APIConnectionError, json.JSONDecodeError,
+                                       together.APIResponseValidationError)) or (
                 isinstance(e, together.APIStatusError) and (e.status_code >= 500 or e.status_code == 408)
             )
             if not ambiguous:
                 raise err from None
+        else:
+            job = readable_job(reply)
+            if job is not None:
+                return job, False
+            # A 2xx Together processed, with a body we cannot read: as ambiguous as a 500.
+            err = TogetherTransientError("TogetherUnavailable", self._safe(
+                f"create fine-tune: unreadable reply from Together ({describe_reply(reply)})"), 200)
         # The POST may have created the job even though we got no (good) answer: look for it.
         try:
             existing = self.find(suffix)
         except TogetherBackendError:
             existing = None
-        if existing is not None:
+        if readable_job(existing) is not None:
             log.info("adopted Together job %s after a failed create", existing.get("id"))
             return existing, True
         raise err
@@ -723,10 +897,11 @@ class TogetherClient:
     # -- download
 
     def download(self, ft_id: str, dest: str, *, checkpoint: str = "adapter",
-                 max_bytes: int = 64 << 30, attempts: int = 4) -> int:
+                 max_bytes: int = 64 << 30, limit_source: str = "", attempts: int = 4) -> int:
         """Stream ``GET /v1/finetune/download?ft_id=..&checkpoint=..`` into ``dest`` (written as
         ``dest + ".part"`` then renamed); a broken stream resumes with ``Range: bytes=N-``.
-        Returns the size. TogetherUserError when the archive is bigger than ``max_bytes``."""
+        Returns the size. TogetherUserError (ArchiveInvalid) as soon as more than ``max_bytes``
+        arrived; ``limit_source`` (where the limit comes from) goes into its message."""
         part = dest + ".part"
         written = 0
         last: Optional[TogetherBackendError] = None
@@ -745,9 +920,9 @@ class TogetherClient:
                             for chunk in resp.iter_bytes():
                                 written += len(chunk)
                                 if written > max_bytes:
-                                    raise TogetherUserError(
-                                        "ArchiveInvalid", f"download of {ft_id} exceeds {max_bytes} bytes"
-                                    )
+                                    raise TogetherUserError("ArchiveInvalid", (
+                                        f"download of {ft_id} exceeds the limit of {max_bytes} bytes"
+                                        + (f" ({limit_source})" if limit_source else "")))
                                 out.write(chunk)
                         last = None
                         break
@@ -786,9 +961,31 @@ def _error_detail(body: Any) -> str:
     return ""
 
 
+def parse_retry_after(value: Optional[str], now: Optional[dt.datetime] = None) -> Optional[float]:
+    """Seconds from a ``Retry-After`` header: a number of seconds or an HTTP date (None: absent or
+    unreadable). Unclamped: :func:`retry_delay` bounds it."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        seconds = (when - (now or dt.datetime.now(dt.timezone.utc))).total_seconds()
+    if seconds != seconds or abs(seconds) == float("inf"):
+        return None
+    return max(0.0, seconds)
+
+
 def _retry_after(e: Any) -> Optional[float]:
     try:
-        value = e.response.headers.get("retry-after")
-        return float(value) if value is not None else None
+        return parse_retry_after(e.response.headers.get("retry-after"))
     except (AttributeError, TypeError, ValueError):
         return None

@@ -131,7 +131,7 @@ async def observe(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSp
                 obs.inline_datasets[split] = await _h().check_inline_dataset(
                     text, spec.dataset.format.value, f"configMap {cm}/{key}"
                 )
-    if TS.needs_poll(body):
+    if TS.needs_poll(body) and TS.poll_due(body, _h().now_iso()):
         await poll(kc, body, spec, obs)
     return obs
 
@@ -156,7 +156,8 @@ async def poll(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec,
     try:
         ft, events, new_cursor = await with_client(key, fetch)
     except T.TogetherBackendError as e:
-        obs.together_error = {"reason": e.reason, "message": e.message, "statusCode": e.status_code}
+        obs.together_error = {"reason": e.reason, "message": e.message, "statusCode": e.status_code,
+                              "retryAfter": e.retry_after}
         return
     finally:
         del key
@@ -210,7 +211,8 @@ async def run_actions(
                     job, adopted = await with_client(key, lambda c: c.create_or_adopt(params))
                 except T.TogetherBackendError as e:
                     logger.warning(f"Together create for {ns}/{name} failed: {e.reason}: {e.message}")
-                    result = TS.call_failed(body, op, e.reason, e.message, user_error=e.user_error, now=now)
+                    result = TS.call_failed(body, op, e.reason, e.message, user_error=e.user_error, now=now,
+                                            retry_after=e.retry_after)
                 else:
                     result = TS.job_created(body, job, adopted, now=h.now_iso())
             elif op == "cancel":
@@ -222,7 +224,8 @@ async def run_actions(
                         result = TS.stale_cancelled(body, jid, now=now)
                     else:
                         logger.warning(f"Together cancel of {jid} failed: {e.reason}: {e.message}")
-                        result = TS.call_failed(body, op, e.reason, e.message, user_error=False, now=now)
+                        result = TS.call_failed(body, op, e.reason, e.message, user_error=False, now=now,
+                                                retry_after=e.retry_after)
                 else:
                     logger.info(f"Together job {jid} cancelled")
                     if action.get("stale"):
