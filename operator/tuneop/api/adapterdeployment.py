@@ -79,6 +79,12 @@ class AdapterRef(Model):
         "an adapter is refused (status reason BaseModelMismatch) unless the names match or, when they differ, "
         "its recorded architecture, hidden size and layer count equal the served model's.",
     )
+    allow_unverified: Optional[bool] = Field(
+        default=None,
+        description="Serve the adapter although its directory has no tuneop-manifest.json listing every file "
+        "with its sha256 (an adapter made by another tool): by default such an adapter is refused (reason "
+        "unverified). Either way vLLM loads a private copy the guard made, never the volume's files.",
+    )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
         (

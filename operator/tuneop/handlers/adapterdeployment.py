@@ -271,6 +271,7 @@ async def sync_adapters(
     until the refusal no longer stands (:func:`tuneop.serving.basemodel.held`)."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     allow = bm.allowed(spec) if spec is not None else {}
+    unverified = {a.name: bool(a.allow_unverified) for a in spec.adapters} if spec is not None else {}
     early = bm.early_refusals(spec, finetunejobs or {}, desired) if spec is not None else {}
     by_name = {d["name"]: d for d in desired}
     ready = sorted((p for p in pods if sa.pod_ready(p)), key=lambda p: p["metadata"]["name"])
@@ -319,7 +320,8 @@ async def sync_adapters(
         try:
             if act.op == "load":
                 await _timed("load", admin.load(url, act.name, act.path or "", sha256=sha.get(act.name),
-                                                allow_base_model_mismatch=allow.get(act.name, False), **kw))
+                                                allow_base_model_mismatch=allow.get(act.name, False),
+                                                allow_unverified=unverified.get(act.name, False), **kw))
                 _base_refused.pop((ns, name, act.name), None)
                 loaded[act.pod][act.name] = act.path
                 _event(body, "Normal", "AdapterLoaded", f"adapter {act.name} loaded on pod {act.pod} from {act.path}")

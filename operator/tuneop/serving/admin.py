@@ -103,17 +103,20 @@ async def list_adapters(base_url: str, **kw: Any) -> set[str]:
 async def load(
     base_url: str, name: str, path: str, *, api_key: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
     session: Optional[aiohttp.ClientSession] = None, admin_token: Optional[str] = None,
-    sha256: Optional[str] = None, allow_base_model_mismatch: bool = False,
+    sha256: Optional[str] = None, allow_base_model_mismatch: bool = False, allow_unverified: bool = False,
 ) -> bool:
     """Load adapter `name` from `path`. True: loaded now; False: it was already loaded.
     sha256 (only behind tuneop's guard): the expected sha256 of the weights file;
-    allow_base_model_mismatch: skip the guard's base model check (the adapter's allowBaseModelMismatch)."""
+    allow_base_model_mismatch: skip the guard's base model check (the adapter's allowBaseModelMismatch);
+    allow_unverified: load an adapter that has no tuneop-manifest.json (the adapter's allowUnverified)."""
     url = base_url.rstrip("/") + "/v1/load_lora_adapter"
     body: dict[str, Any] = {"lora_name": name, "lora_path": path}
     if sha256:
         body["tuneop_sha256"] = sha256
     if allow_base_model_mismatch:
         body["tuneop_allow_base_model_mismatch"] = True
+    if allow_unverified:
+        body["tuneop_allow_unverified"] = True
     status, text = await _request(
         "POST", url, json=body, api_key=api_key, timeout=timeout,
         op="load", session=session, admin_token=admin_token,

@@ -250,13 +250,14 @@ class VllmClient:
         return {m.id: m for m in self.models() if m.is_adapter}
 
     def load_adapter(self, name: str, path: str, *, replace: bool = False,
-                     sha256: Optional[str] = None, allow_base_model_mismatch: bool = False) -> AdapterChange:
+                     sha256: Optional[str] = None, allow_base_model_mismatch: bool = False,
+                     allow_unverified: bool = False) -> AdapterChange:
         """Load a PEFT adapter directory (a path the *server* can read) under `name`.
 
         Already loaded from the same path: ALREADY_LOADED. Loaded from another path: AdapterConflict,
         unless replace=True (vLLM's load_inplace: RELOADED). sha256: the expected sha256 of the
         weights file, checked by tuneop's guard. allow_base_model_mismatch: skip the guard's base model
-        check. A refusal by the guard: AdminRefused (``reason`` e.g. base_model_mismatch, status 409)."""
+        check. allow_unverified: load an adapter without tuneop-manifest.json. A refusal by the guard: AdminRefused (``reason`` e.g. base_model_mismatch, status 409)."""
         body: dict[str, Any] = {"lora_name": name, "lora_path": path}
         if replace:
             body["load_inplace"] = True
@@ -264,6 +265,8 @@ class VllmClient:
             body["tuneop_sha256"] = sha256
         if allow_base_model_mismatch:
             body["tuneop_allow_base_model_mismatch"] = True
+        if allow_unverified:
+            body["tuneop_allow_unverified"] = True
         method, route = "POST", "/v1/load_lora_adapter"
         status, raw = self._request(method, route, body)
         if status < 300:

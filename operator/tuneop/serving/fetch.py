@@ -5,7 +5,9 @@ Downloads the archive (.tar.gz / .tar.zst / .tar; recognised by magic bytes), ex
 :func:`tuneop.archive.safe_extract` (no path escapes, size and file limits), finds the adapter
 directory (the shallowest one with ``adapter_config.json``) and puts it at ``DIR``. Then checks
 the sha256 of ``adapter_model.safetensors`` against ``--sha256``, else against the archive's
-``tuneop-manifest.json`` when it has one. Exit 0 on success, 2 for a bad archive or a sha256
+``tuneop-manifest.json`` when it has one; an archive without a manifest whose weights matched
+``--sha256`` gets one listing every extracted file (the guard refuses an adapter without a
+manifest unless the AdapterDeployment allows it: ``allowUnverified``). Exit 0 on success, 2 for a bad archive or a sha256
 mismatch (the pod stays in Init:Error, visible in its termination message), 1 for download errors.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.request
 from typing import Optional
 
 from ..archive import ArchiveError, find_adapter_dir, safe_extract
-from ..trainer.manifest import MANIFEST, sha256_file, weights_file
+from ..trainer.manifest import MANIFEST, file_hashes, sha256_file, weights_file
 
 CHUNK = 1 << 20
 
@@ -51,6 +53,16 @@ def expected_sha256(adapter_dir: str, given: Optional[str]) -> tuple[Optional[st
     return weights, (files or {}).get(weights) if weights else None
 
 
+def write_manifest(adapter_dir: str, url: str, weights_sha256: str) -> None:
+    """The archive had no tuneop-manifest.json but its weights matched the sha256 the
+    AdapterDeployment pins: record every extracted file, so that the guard verifies each file vLLM
+    loads (without a manifest the adapter is served only with allowUnverified)."""
+    manifest = {"source": "url", "url": url.split("?", 1)[0], "weightsSha256": weights_sha256,
+                "files": file_hashes(adapter_dir)}
+    with open(os.path.join(adapter_dir, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
 def fetch(url: str, dest: str, sha256: Optional[str] = None) -> dict[str, Optional[str]]:
     """Download + extract + verify; returns {"path", "sha256"}. Raises ArchiveError."""
     dest = os.path.abspath(dest)
@@ -69,6 +81,8 @@ def fetch(url: str, dest: str, sha256: Optional[str] = None) -> dict[str, Option
         got = sha256_file(os.path.join(adapter, weights))
         if want and got != want:
             raise ArchiveError(f"sha256 mismatch of {weights}: expected {want}, got {got}")
+        if want and not os.path.exists(os.path.join(adapter, MANIFEST)):
+            write_manifest(adapter, url, got)
         if os.path.lexists(dest):
             shutil.rmtree(dest)
         os.replace(adapter, dest)

@@ -15,9 +15,16 @@ vLLM API server (no extra hop, no second image) and lets only the operator throu
   ``$TUNEOP_ADAPTER_ROOTS`` (``:``-separated; the pod's PVC mounts and the URL-adapter directory),
   still under it after resolving symlinks, and no file or directory inside the adapter may be a
   symlink that leads out of the roots. Refused with 400 before vLLM sees the request.
-- **Integrity.** When the adapter directory holds ``tuneop-manifest.json``, every file it lists
-  must match its sha256; when the request carries ``tuneop_sha256`` (the operator sends the
-  expected sha256 of the weights file), the weights file must match it. Mismatch: 400.
+- **Integrity, on what vLLM reads.** The adapter is copied into a private directory of the pod
+  (``$TUNEOP_VERIFIED_DIR``, ``/tmp/tuneop-verified`` in the pods; else a private temp dir) and
+  the copy is verified: ``tuneop-manifest.json`` must list every file of the adapter directory (a
+  file it does not list is refused) and each copied file must match its sha256; when the request
+  carries ``tuneop_sha256`` (the operator sends the expected sha256 of the weights file), the
+  copied weights must match it. vLLM loads the copy, so nobody who can write the volume (a training
+  pod) can swap a file between the check and the load. An adapter without a manifest is refused
+  (``unverified``) unless the request carries ``tuneop_allow_unverified: true`` (the adapter's
+  ``allowUnverified``). Mismatch: 400. ``/v1/models`` reports each adapter's ``root`` as the path
+  the operator asked for; a copy is removed when its adapter is unloaded or replaced.
 - **Base model.** The adapter's recorded base model (``baseModel`` and ``baseModelInfo`` of
   ``tuneop-manifest.json``, else ``base_model_name_or_path`` of ``adapter_config.json``) must be the
   served one (``$TUNEOP_BASE_MODEL``, the AdapterDeployment's ``baseModel``, or vLLM's ``--model``;
@@ -25,17 +32,21 @@ vLLM API server (no extra hop, no second image) and lets only the operator throu
   ``config.json``): see :func:`check_base_model`. Mismatch, or a different name with no recorded
   shape to compare: 409 ``base_model_mismatch``, unless the request carries
   ``tuneop_allow_base_model_mismatch: true`` (the adapter's ``allowBaseModelMismatch``).
-- Everything else (inference, ``/v1/models``, ``/health``, ``/metrics``) passes untouched. A request
-  that carries a *valid* admin token (the operator listing ``/v1/models``) gets vLLM's own API key
-  put into its ``Authorization`` header, so the operator never needs the users' serving key; the
-  admin header itself is never passed on to vLLM.
+- **Allow-list.** Only the routes of ``ALLOWED_ROUTES`` (completions, chat completions, embeddings,
+  ``/v1/models``, ``/health``, ``/metrics``, ``/version``), with their methods, pass untouched; every
+  other route vLLM registers (and any a newer vLLM adds) is refused with 403 ``blocked_route``, a
+  wrong method with 405, a WebSocket with close code 1008. ``GET /tuneop/routes`` (admin token)
+  lists the app's routes with the policy of each. A request to an allowed route that carries a
+  *valid* admin token (the operator listing ``/v1/models``) gets vLLM's own API key put into its
+  ``Authorization`` header, so the operator never needs the users' serving key; the admin header
+  itself is never passed on to vLLM.
 
 Refusals are counted in ``tuneop_vllm_admin_refused_total{reason}`` (prometheus_client, served by
 vLLM's ``/metrics``) and logged with the reason and peer address, never the token.
 
 This file is shipped into the pods as a ConfigMap (the operator renders its source), so it imports
 only the standard library (prometheus_client when present). The pure checks are
-:func:`check_name`, :func:`check_path`, :func:`verify_adapter` and :func:`check_base_model` (which
+:func:`check_name`, :func:`check_path`, :func:`copy_verified` and :func:`check_base_model` (which
 the operator also uses before it asks a pod at all).
 """
 from __future__ import annotations
@@ -48,6 +59,8 @@ import logging
 import os
 import posixpath
 import re
+import shutil
+import tempfile
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 TOKEN_FILE_ENV = "TUNEOP_ADMIN_TOKEN_FILE"
@@ -58,10 +71,28 @@ DEFAULT_ROOTS = "/mnt/pvc:/adapters"
 HEADER = "x-tuneop-admin-token"
 SHA_FIELD = "tuneop_sha256"
 ALLOW_BASE_FIELD = "tuneop_allow_base_model_mismatch"
+ALLOW_UNVERIFIED_FIELD = "tuneop_allow_unverified"
+VERIFIED_DIR_ENV = "TUNEOP_VERIFIED_DIR"  # where the verified copies go (default: a private temp dir)
 ADMIN_PATHS = {"/v1/load_lora_adapter": "load", "/v1/unload_lora_adapter": "unload"}
-# vLLM also registers SageMaker-style adapter routes (POST /adapters, DELETE /adapters/{name}) that
-# load and unload too, outside vLLM's own API-key check (it guards /v1 only): always refused.
-BLOCKED_PREFIX = "/adapters"
+# Deny by default: the only routes any client reaches (vLLM's own API key, when set, still applies),
+# with their methods. Everything else vLLM registers is refused with 403 and counted (reason
+# blocked_route): its state-changing routes that its --api-key does not cover (/sleep, /wake_up,
+# /reset_prefix_cache, /collective_rpc, /pause, /start_profile, /scale_elastic_ep, the SageMaker-style
+# /adapters that load adapters, ...), the routes that skip the API key (/invocations, /pooling,
+# /score, /rerank, /tokenize, ...), and any route a newer vLLM adds, until it is allowed here on
+# purpose. Embeddings are listed for models that serve them (vLLM registers the route only then).
+ALLOWED_ROUTES: dict[str, frozenset[str]] = {
+    "/v1/completions": frozenset({"POST"}),
+    "/v1/chat/completions": frozenset({"POST"}),
+    "/v1/embeddings": frozenset({"POST"}),
+    "/v1/models": frozenset({"GET", "HEAD"}),
+    "/health": frozenset({"GET", "HEAD"}),
+    "/metrics": frozenset({"GET", "HEAD"}),
+    "/version": frozenset({"GET", "HEAD"}),
+}
+# GET with the admin token: every route the vLLM app registers, with the guard's policy for it
+# (what tests/process check against the real server; what an operator checks after an upgrade).
+ROUTES_PATH = "/tuneop/routes"
 MANIFEST = "tuneop-manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -70,7 +101,8 @@ MAX_PATH = 1024
 MAX_FILES = 10_000
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
 _SHA = re.compile(r"[0-9a-f]{64}", re.ASCII)
-_FIELDS = {"load": {"lora_name", "lora_path", "load_inplace", SHA_FIELD, ALLOW_BASE_FIELD}, "unload": {"lora_name", "lora_int_id"}}
+_FIELDS = {"load": {"lora_name", "lora_path", "load_inplace", SHA_FIELD, ALLOW_BASE_FIELD, ALLOW_UNVERIFIED_FIELD},
+           "unload": {"lora_name", "lora_int_id"}}
 
 log = logging.getLogger("tuneop.guard")
 
@@ -88,6 +120,8 @@ NOT_FOUND = "not_found"
 INTEGRITY = "sha256_mismatch"
 BLOCKED_ROUTE = "blocked_route"
 BASE_MISMATCH = "base_model_mismatch"
+UNVERIFIED = "unverified"
+COPY_FAILED = "copy_failed"
 
 
 class Refused(Exception):
@@ -161,43 +195,110 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def verify_adapter(adapter_dir: str, expected_weights_sha256: Optional[str] = None) -> dict[str, str]:
-    """Checks the adapter's files against its manifest and the expected weights sha256.
-    Returns the verified ``{file: sha256}`` (empty: nothing to verify against)."""
-    verified: dict[str, str] = {}
-    mpath = os.path.join(adapter_dir, MANIFEST)
-    if os.path.isfile(mpath):
+def _listing(src: str, roots: Sequence[str]) -> dict[str, str]:
+    """Every file under the adapter directory ``src``: relative POSIX name -> the path to read.
+    A symlinked file must lead to a file under the roots; a symlinked directory is refused."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                rel = os.path.relpath(os.path.join(dirpath, d), src)
+                raise Refused(BAD_PATH, f"{rel} in {src} is a symlinked directory; adapters are plain files")
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, src).replace(os.sep, "/")
+            if len(out) >= MAX_FILES:
+                raise Refused(BAD_PATH, f"{src} holds more than {MAX_FILES} files")
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if not any(_within(target, r) for r in real_roots) or not os.path.isfile(target):
+                    raise Refused(SYMLINK_OUT, f"{rel} in {src} is a symlink that does not lead to a file under the "
+                                               "adapter roots")
+                out[rel] = target
+            elif os.path.isfile(full):
+                out[rel] = full
+            else:
+                raise Refused(BAD_PATH, f"{rel} in {src} is not a regular file")
+    return out
+
+
+def _copy_hashing(src: str, dst: str) -> str:
+    """Copies one file, returning the sha256 of the bytes written (what vLLM will read)."""
+    h = hashlib.sha256()
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(src, flags)
+    os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+    with os.fdopen(fd, "rb") as fin, open(dst, "xb") as fout:
+        for block in iter(lambda: fin.read(1 << 20), b""):
+            h.update(block)
+            fout.write(block)
+    os.chmod(dst, 0o400)
+    return h.hexdigest()
+
+
+def copy_verified(adapter_dir: str, dest: str, roots: Sequence[str], expected_weights_sha256: Optional[str] = None,
+                  allow_unverified: bool = False) -> dict[str, str]:
+    """Copies the adapter into ``dest`` (an empty private directory: the copy vLLM loads, so that
+    nobody who can write the volume can swap a file between the check and the load) and verifies
+    the copy: ``tuneop-manifest.json`` must list every file of the adapter and each copied file
+    must match its sha256; the weights file must match ``expected_weights_sha256`` when given.
+    Without a manifest the adapter is refused (reason ``unverified``) unless ``allow_unverified``
+    (the AdapterDeployment's ``allowUnverified`` for that adapter): then it is copied as found.
+    Returns ``{file: sha256}`` of the copy."""
+    if expected_weights_sha256 is not None and not _SHA.fullmatch(str(expected_weights_sha256)):
+        raise Refused(BAD_REQUEST, f"{SHA_FIELD} must be 64 lowercase hex digits")
+    found = _listing(adapter_dir, roots)
+    manifest_raw: Optional[bytes] = None
+    if MANIFEST in found:
         try:
-            with open(mpath, encoding="utf-8") as f:
-                files = json.load(f).get("files") or {}
+            with open(found.pop(MANIFEST), "rb") as f:
+                manifest_raw = f.read(MAX_BODY * 16 + 1)
+            if len(manifest_raw) > MAX_BODY * 16:
+                raise ValueError("too large")
+            listed = json.loads(manifest_raw).get("files")
         except (OSError, ValueError, AttributeError) as e:
             raise Refused(INTEGRITY, f"{MANIFEST} in {adapter_dir} is unreadable: {e}") from None
-        if not isinstance(files, dict):
+        if not isinstance(listed, dict) or not listed:
             raise Refused(INTEGRITY, f"{MANIFEST} in {adapter_dir} has no file list")
-        for rel, want in sorted(files.items()):
+        want: dict[str, str] = {}
+        for rel, sha in listed.items():
             rel_norm = posixpath.normpath(str(rel))
-            if rel_norm.startswith(("/", "..")):
+            if rel_norm.startswith(("/", "..")) or rel_norm in (".", MANIFEST):
                 raise Refused(INTEGRITY, f"{MANIFEST} in {adapter_dir} lists {rel!r}, outside the adapter")
-            full = os.path.join(adapter_dir, rel_norm)
-            if not os.path.isfile(full):
+            if rel_norm not in found:
                 raise Refused(INTEGRITY, f"{rel} is listed in {MANIFEST} but missing from {adapter_dir}")
-            got = sha256_file(full)
-            if not hmac.compare_digest(got, str(want)):
-                raise Refused(INTEGRITY, f"{rel} in {adapter_dir}: sha256 {got[:12]}… does not match the "
-                                         f"manifest's {str(want)[:12]}…")
-            verified[rel_norm] = got
+            want[rel_norm] = str(sha)
+        unlisted = sorted(set(found) - set(want))
+        if unlisted:
+            raise Refused(INTEGRITY, f"{', '.join(unlisted[:5])} in {adapter_dir} not listed in {MANIFEST}: "
+                                     "the manifest must cover every file of the adapter")
+    elif not allow_unverified:
+        raise Refused(UNVERIFIED, f"{adapter_dir} has no {MANIFEST}, so tuneop cannot verify what vLLM would load; "
+                                  "set allowUnverified: true on the adapter to serve it anyway")
+    else:
+        want = {}
+    got: dict[str, str] = {}
+    try:
+        for rel, src in sorted(found.items()):
+            got[rel] = _copy_hashing(src, os.path.join(dest, *rel.split("/")))
+            if rel in want and not hmac.compare_digest(got[rel], want[rel]):
+                raise Refused(INTEGRITY, f"{rel} in {adapter_dir}: sha256 {got[rel][:12]}… does not match the "
+                                         f"manifest's {want[rel][:12]}…")
+        if manifest_raw is not None:
+            with open(os.path.join(dest, MANIFEST), "xb") as f:
+                f.write(manifest_raw)
+    except OSError as e:
+        raise Refused(COPY_FAILED, f"copying {adapter_dir} into the pod's verified adapters failed: "
+                                   f"{e.strerror or e}", 507) from None
     if expected_weights_sha256:
-        if not _SHA.fullmatch(expected_weights_sha256):
-            raise Refused(BAD_REQUEST, f"{SHA_FIELD} must be 64 lowercase hex digits")
-        weights = next((w for w in WEIGHT_FILES if os.path.isfile(os.path.join(adapter_dir, w))), None)
+        weights = next((w for w in WEIGHT_FILES if w in got), None)
         if weights is None:
             raise Refused(INTEGRITY, f"{adapter_dir} has no weights file ({', '.join(WEIGHT_FILES)})")
-        got = verified.get(weights) or sha256_file(os.path.join(adapter_dir, weights))
-        if not hmac.compare_digest(got, expected_weights_sha256):
-            raise Refused(INTEGRITY, f"{weights} in {adapter_dir}: sha256 {got[:12]}… is not the expected "
+        if not hmac.compare_digest(got[weights], expected_weights_sha256):
+            raise Refused(INTEGRITY, f"{weights} in {adapter_dir}: sha256 {got[weights][:12]}… is not the expected "
                                      f"{expected_weights_sha256[:12]}…")
-        verified[weights] = got
-    return verified
+    return got
 
 
 # ------------------------------------------------------------------------------ base model
@@ -373,8 +474,9 @@ def check_request(op: str, body: bytes, roots: Sequence[str]) -> tuple[dict[str,
         return data, None
     if "load_inplace" in data and not isinstance(data["load_inplace"], bool):
         raise Refused(BAD_REQUEST, "load_inplace must be a boolean")
-    if ALLOW_BASE_FIELD in data and not isinstance(data[ALLOW_BASE_FIELD], bool):
-        raise Refused(BAD_REQUEST, f"{ALLOW_BASE_FIELD} must be a boolean")
+    for flag in (ALLOW_BASE_FIELD, ALLOW_UNVERIFIED_FIELD):
+        if flag in data and not isinstance(data[flag], bool):
+            raise Refused(BAD_REQUEST, f"{flag} must be a boolean")
     # Forwarded as given (it passed the checks), so that /v1/models reports the very path the
     # operator asked for; what is verified is the normalised directory.
     return data, check_path(data.get("lora_path"), roots)
@@ -385,7 +487,8 @@ def check_request(op: str, body: bytes, roots: Sequence[str]) -> tuple[dict[str,
 
 METRIC = "tuneop_vllm_admin_refused"  # a counter: tuneop_vllm_admin_refused_total{reason}
 REASONS = (MISSING_CREDENTIAL, BAD_CREDENTIAL, NO_CREDENTIAL_CONFIGURED, BAD_METHOD, BAD_REQUEST, BAD_NAME,
-           BAD_PATH, OUTSIDE_ROOT, SYMLINK_OUT, NOT_FOUND, INTEGRITY, BLOCKED_ROUTE, BASE_MISMATCH)
+           BAD_PATH, OUTSIDE_ROOT, SYMLINK_OUT, NOT_FOUND, INTEGRITY, BLOCKED_ROUTE, BASE_MISMATCH, UNVERIFIED,
+           COPY_FAILED)
 
 
 class _Counter:
@@ -430,13 +533,70 @@ class AdminGuard:
     """Pure ASGI middleware (``app.add_middleware(AdminGuard)``); settings from the environment."""
 
     def __init__(self, app: Any, token_file: Optional[str] = None, roots: Optional[Sequence[str]] = None,
-                 base_model: Optional[str] = None) -> None:
+                 base_model: Optional[str] = None, verified_dir: Optional[str] = None) -> None:
         self.app = app
         self.token_file = token_file or os.environ.get(TOKEN_FILE_ENV) or DEFAULT_TOKEN_FILE
         self.roots = list(roots) if roots is not None else parse_roots(os.environ.get(ROOTS_ENV))
         self.base_model = base_model or os.environ.get(BASE_MODEL_ENV) or None
         self._served: Optional[dict[str, Any]] = None
+        self._verified_root: Optional[str] = verified_dir or os.environ.get(VERIFIED_DIR_ENV) or None
+        self._copies: dict[str, str] = {}  # adapter name -> the verified copy vLLM loaded it from
+        self._origin: dict[str, str] = {}  # verified copy -> the lora_path the operator asked for
         REFUSED.export()
+
+    # -- verified copies
+
+    def _new_copy_dir(self, name: str) -> str:
+        if self._verified_root is None:
+            self._verified_root = tempfile.mkdtemp(prefix="tuneop-verified-")
+        os.makedirs(self._verified_root, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"{name}-", dir=self._verified_root)
+
+    def _loaded(self, name: str, copy_dir: str, requested: str) -> None:
+        old = self._copies.get(name)
+        self._copies[name] = copy_dir
+        self._origin[copy_dir] = requested
+        if old and old != copy_dir:
+            self._drop(old)
+
+    def _drop(self, copy_dir: str) -> None:
+        self._origin.pop(copy_dir, None)
+        shutil.rmtree(copy_dir, ignore_errors=True)
+
+    def _rewrite_models(self, raw: bytes) -> bytes:
+        """/v1/models as the operator asked: each adapter's ``root`` is the path it was loaded from,
+        not the verified copy vLLM reads."""
+        try:
+            doc = json.loads(raw)
+            for m in doc.get("data") or []:
+                if isinstance(m, dict) and m.get("root") in self._origin:
+                    m["root"] = self._origin[m["root"]]
+        except (ValueError, AttributeError, TypeError):
+            return raw
+        return json.dumps(doc).encode()
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def buffered(m: dict) -> None:
+            if m["type"] == "http.response.start":
+                start.update(m)
+                return
+            if m["type"] != "http.response.body":
+                return await send(m)
+            chunks.append(m.get("body") or b"")
+            if m.get("more_body"):
+                return
+            raw = b"".join(chunks)
+            hdrs = start.get("headers") or []
+            if not any(k.lower() == b"content-encoding" for k, _ in hdrs) and start.get("status") == 200:
+                raw = self._rewrite_models(raw)
+            hdrs = [(k, v) for k, v in hdrs if k.lower() != b"content-length"]
+            await send(dict(start, headers=[*hdrs, (b"content-length", str(len(raw)).encode())]))
+            await send({"type": "http.response.body", "body": raw, "more_body": False})
+
+        await self.app(scope, receive, buffered)
 
     # -- base model
 
@@ -506,21 +666,31 @@ class AdminGuard:
     # -- ASGI
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "websocket":
+            # No WebSocket route is allowed: closed before vLLM accepts it (the client sees 403).
+            REFUSED.inc(BLOCKED_ROUTE)
+            log.warning("tuneop guard refused WebSocket %s: %s", _route(scope), BLOCKED_ROUTE)
+            return await send({"type": "websocket.close", "code": 1008})
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
         path = _route(scope)
         op = ADMIN_PATHS.get(path)
         headers = scope.get("headers") or []
-        if op is None and (path == BLOCKED_PREFIX or path.startswith(BLOCKED_PREFIX + "/")):
-            return await self._refuse(scope, send, path, Refused(
-                BLOCKED_ROUTE, f"{path} is disabled; adapters are managed by the tuneop operator", 403))
+        if op is None and path == ROUTES_PATH:
+            return await self._routes(scope, send, path)
         if op is None:
+            try:
+                check_route(path, scope.get("method") or "GET")
+            except Refused as e:
+                return await self._refuse(scope, send, path, e)
             if any(k.lower() == HEADER.encode() for k, _ in headers):
                 # The operator (e.g. listing /v1/models): a valid token stands in for the API key.
                 if self._credential(headers) is None:
                     scope = dict(scope, headers=self._forward_headers(scope))
                 else:
                     scope = dict(scope, headers=[(k, v) for k, v in headers if k.lower() != HEADER.encode()])
+            if path == "/v1/models" and self._origin:
+                return await self._models(scope, receive, send)
             return await self.app(scope, receive, send)
         try:
             reason = self._credential(headers)
@@ -533,13 +703,24 @@ class AdminGuard:
             data, adapter_dir = check_request(op, body, self.roots)
             expected = data.pop(SHA_FIELD, None)
             allow_base = data.pop(ALLOW_BASE_FIELD, False)
+            allow_unverified = data.pop(ALLOW_UNVERIFIED_FIELD, False)
+            copy_dir: Optional[str] = None
             if adapter_dir is not None:
-                await asyncio.to_thread(verify_adapter, adapter_dir, expected)
-                if allow_base:
-                    log.info("tuneop guard: base model check of %s skipped (allowBaseModelMismatch)",
-                             data.get("lora_name"))
-                else:
-                    self.check_base(scope, adapter_dir)
+                # vLLM loads the verified copy, never the volume's files (see copy_verified).
+                copy_dir = self._new_copy_dir(data["lora_name"])
+                try:
+                    await asyncio.to_thread(copy_verified, adapter_dir, copy_dir, self.roots, expected,
+                                            allow_unverified)
+                    if allow_base:
+                        log.info("tuneop guard: base model check of %s skipped (allowBaseModelMismatch)",
+                                 data.get("lora_name"))
+                    else:
+                        self.check_base(scope, copy_dir)
+                except BaseException:
+                    shutil.rmtree(copy_dir, ignore_errors=True)
+                    raise
+                requested = data["lora_path"]
+                data["lora_path"] = copy_dir
         except Refused as e:
             return await self._refuse(scope, send, path, e)
         new_body = json.dumps(data).encode()
@@ -554,9 +735,36 @@ class AdminGuard:
                 return {"type": "http.request", "body": new_body, "more_body": False}
             return await receive()
 
-        log.info("tuneop guard: %s %s", op, data.get("lora_name"))
-        return await self.app(dict(scope, headers=hdrs), replay, send)
+        status: dict[str, int] = {}
 
+        async def watched(m: dict) -> None:
+            if m.get("type") == "http.response.start":
+                status["code"] = int(m.get("status") or 0)
+            await send(m)
+
+        log.info("tuneop guard: %s %s", op, data.get("lora_name"))
+        try:
+            await self.app(dict(scope, headers=hdrs), replay, watched)
+        finally:
+            ok = 200 <= status.get("code", 0) < 300
+            if copy_dir is not None:
+                if ok:
+                    self._loaded(data["lora_name"], copy_dir, requested)
+                else:  # not loaded (e.g. already loaded: vLLM keeps reading the previous copy)
+                    self._drop(copy_dir)
+            elif op == "unload" and ok and data["lora_name"] in self._copies:
+                self._drop(self._copies.pop(data["lora_name"]))
+
+
+    async def _routes(self, scope: Scope, send: Send, path: str) -> None:
+        reason = self._credential(scope.get("headers") or [])
+        if reason is not None:
+            status = 401 if reason == MISSING_CREDENTIAL else 403
+            return await self._refuse(scope, send, path, Refused(reason, "only the tuneop operator may list routes",
+                                                                 status))
+        if scope.get("method") not in ("GET", "HEAD"):
+            return await self._refuse(scope, send, path, Refused(BAD_METHOD, f"{path} accepts GET only", 405))
+        await _json_response(send, 200, {"routes": route_policies(app_routes(scope.get("app")))})
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, path: str, e: Refused) -> None:
@@ -566,6 +774,51 @@ class AdminGuard:
                     e.reason, e)
         await _json_response(send, e.status, {"error": {
             "message": str(e), "type": "tuneop_admin_refused", "reason": e.reason, "code": e.status}})
+
+
+def check_route(path: str, method: str) -> None:
+    """May any client call ``method path`` (a non-admin route, as :func:`_route` normalised it)?
+    :class:`Refused` (403 not allowed, 405 wrong method) unless ``ALLOWED_ROUTES`` lists it."""
+    methods = ALLOWED_ROUTES.get(path)
+    if methods is None:
+        raise Refused(BLOCKED_ROUTE, f"{path} is not served through tuneop's guard (allowed: "
+                                     f"{', '.join(sorted(ALLOWED_ROUTES))}; adapters are managed by the "
+                                     "tuneop operator)", 403)
+    if method.upper() not in methods:
+        raise Refused(BAD_METHOD, f"{path} accepts {', '.join(sorted(methods))} only", 405)
+
+
+def route_policy(path: str, methods: Sequence[str]) -> str:
+    """``admin`` (the admin token), ``allowed`` (any client) or ``refused``, for a registered route."""
+    if path in ADMIN_PATHS or path == ROUTES_PATH:
+        return "admin"
+    allowed = ALLOWED_ROUTES.get(path)
+    # A mount (no methods of its own, e.g. /metrics) is allowed as a path: the guard checks the method.
+    if allowed is not None and all(m.upper() in allowed for m in methods):
+        return "allowed"
+    return "refused"
+
+
+def app_routes(app: Any, prefix: str = "") -> list[dict[str, Any]]:
+    """Every route a Starlette/FastAPI app registers (mounted apps included): path and methods
+    (``["WEBSOCKET"]`` for WebSocket routes, ``[]`` for a mount that is not an app with routes)."""
+    out: list[dict[str, Any]] = []
+    for r in getattr(app, "routes", None) or []:
+        path = prefix + str(getattr(r, "path", "") or "")
+        sub = getattr(r, "app", None)
+        if type(r).__name__ == "Mount" or (sub is not None and getattr(sub, "routes", None) and not hasattr(r, "methods")):
+            inner = app_routes(sub, path) if getattr(sub, "routes", None) else []
+            out += inner or [{"path": path or "/", "methods": []}]
+        elif type(r).__name__ in ("WebSocketRoute", "APIWebSocketRoute"):
+            out.append({"path": path, "methods": ["WEBSOCKET"]})
+        else:
+            out.append({"path": path, "methods": sorted(m for m in (getattr(r, "methods", None) or []) if m != "HEAD")})
+    return out
+
+
+def route_policies(routes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`app_routes` with the guard's policy of each (``policy``: admin, allowed, refused)."""
+    return [dict(r, policy=route_policy(r["path"].rstrip("/") or "/", r["methods"])) for r in routes]
 
 
 def _route(scope: Scope) -> str:

@@ -70,7 +70,8 @@ class LocalVllm:
         token_file.write_text(token)
         token_file.chmod(0o600)
         env = {**server_env(spec), **CPU_ENV, "PYTHONPATH": str(pod), guard.TOKEN_FILE_ENV: str(token_file),
-               guard.ROOTS_ENV: ":".join(str(r) for r in adapter_roots), **(extra_env or {})}
+               guard.ROOTS_ENV: ":".join(str(r) for r in adapter_roots),
+               guard.VERIFIED_DIR_ENV: str(pod / "verified"), **(extra_env or {})}
         srv = cls(args, env, log_path=log_path)
         srv.admin_token = token
         return srv

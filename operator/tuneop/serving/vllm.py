@@ -29,6 +29,9 @@ ADMIN_TOKEN_KEY = "token"
 ADAPTER_ROOTS = ("/mnt/pvc", "/adapters")  # PVC mounts (jobconfig.pod_pvc_dir), URL adapters
 
 
+VERIFIED_DIR = "/tmp/tuneop-verified"
+
+
 def served_model_name(spec: AdapterDeploymentSpec) -> str:
     """The name clients use for the base model (the last path component of baseModel)."""
     return spec.base_model.rstrip("/").split("/")[-1] if spec.base_model.startswith("/") else spec.base_model
@@ -77,6 +80,8 @@ def server_env(spec: AdapterDeploymentSpec) -> dict[str, str]:
         guard.ROOTS_ENV: ":".join(ADAPTER_ROOTS),
         # what the guard compares each adapter's recorded base model with (guard.check_base_model)
         guard.BASE_MODEL_ENV: spec.base_model,
+        # the verified copies of the adapters vLLM loads (the pod's /tmp emptyDir)
+        guard.VERIFIED_DIR_ENV: VERIFIED_DIR,
     }
 
 
