@@ -280,6 +280,47 @@ def build_config_map(
     }
 
 
+def job_skeleton(
+    meta: dict[str, Any],
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+    *,
+    backoff_limit: int,
+    sigterm_ignored: bool = False,
+    pod: Optional[dict[str, Any]] = None,
+    job: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The one Job every tuneop Job is made from (validation, training, Together upload and
+    download): one container, restricted security contexts (Pod Security "restricted"), no
+    service-account token (no tuneop pod talks to the API server), restartPolicy Never, the
+    termination message the status reads, exit code 2 fails the Job at once (podFailurePolicy),
+    the pod template labelled and annotated as the Job. ``pod`` and ``job`` add fields."""
+    container = {
+        **container,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security_context(),
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+        **(pod or {}),
+    }
+    job_spec: dict[str, Any] = {
+        "backoffLimit": backoff_limit,
+        "podFailurePolicy": _exit_code_2_fails_job(container["name"], sigterm_ignored=sigterm_ignored),
+        "template": {
+            "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
+            "spec": pod_spec,
+        },
+        **(job or {}),
+    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
 def build_validation_job(
     ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None, *, image: str = DEFAULT_IMAGE
 ) -> dict[str, Any]:
@@ -295,32 +336,10 @@ def build_validation_job(
         "env": _env(spec, hf_home="/tmp/hf-home"),
         "resources": VALIDATE_RESOURCES,
         "volumeMounts": mounts,
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": _container_security_context(),
-    }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,  # the trainer never talks to the API server
-        "securityContext": _pod_security_context(),
-        "containers": [container],
-        "volumes": volumes,
     }
     # No GPU and no nodeSelector/tolerations of the training pods: it must not wait for a GPU node.
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
-        "spec": {
-            "backoffLimit": VALIDATE_BACKOFF_LIMIT,
-            "activeDeadlineSeconds": VALIDATE_DEADLINE_SECONDS,
-            "podFailurePolicy": _exit_code_2_fails_job(VALIDATOR_CONTAINER),
-            "template": {
-                "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
-                "spec": pod_spec,
-            },
-        },
-    }
+    return job_skeleton(meta, container, volumes, backoff_limit=VALIDATE_BACKOFF_LIMIT,
+                        job={"activeDeadlineSeconds": VALIDATE_DEADLINE_SECONDS})
 
 
 def trainer_command(ftj: dict[str, Any], spec: FineTuneJobSpec) -> list[str]:
@@ -391,45 +410,26 @@ def build_training_job(
         "command": trainer_command(ftj, spec),
         "env": env,
         "volumeMounts": mounts,
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": _container_security_context(),
     }
     resources = _resources(spec)
     if resources:
         container["resources"] = resources
     if nodes > 1:
         container["ports"] = [{"name": "rdzv", "containerPort": RDZV_PORT}]
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,  # the trainer never talks to the API server
-        "terminationGracePeriodSeconds": grace_seconds(spec),
-        "securityContext": _pod_security_context(),
-        "containers": [container],
-        "volumes": volumes,
-    }
+    pod: dict[str, Any] = {"terminationGracePeriodSeconds": grace_seconds(spec)}
     if spec.resources.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+        pod["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.resources.tolerations:
-        pod_spec["tolerations"] = [t.to_dict() for t in spec.resources.tolerations]
+        pod["tolerations"] = [t.to_dict() for t in spec.resources.tolerations]
     if nodes > 1:
-        pod_spec["subdomain"] = service_name(name)
-    job_spec: dict[str, Any] = {
-        "backoffLimit": spec.max_retries,
-        "suspend": bool(spec.suspend),
-        "podFailurePolicy": _exit_code_2_fails_job(TRAINER_CONTAINER, sigterm_ignored=True),
-        "template": {
-            "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
-            "spec": pod_spec,
-        },
-    }
+        pod["subdomain"] = service_name(name)
+    job: dict[str, Any] = {"suspend": bool(spec.suspend)}
     if spec.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+        job["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if nodes > 1:
-        job_spec.update(
-            {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
-        )
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+        job.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes})
+    return job_skeleton(meta, container, volumes, backoff_limit=spec.max_retries, sigterm_ignored=True,
+                        pod=pod, job=job)
 
 
 def build_headless_service(

@@ -124,32 +124,9 @@ def _job(
         "env": _env(spec, base_url),
         "resources": POD_RESOURCES,
         "volumeMounts": mounts,
-        "terminationMessagePath": b.TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": b._container_security_context(),
     }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "securityContext": b._pod_security_context(),
-        "automountServiceAccountToken": False,
-        "containers": [container],
-        "volumes": volumes,
-    }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
-        "spec": {
-            "backoffLimit": backoff_limit,
-            "activeDeadlineSeconds": deadline,
-            "suspend": bool(suspend),
-            "podFailurePolicy": b._exit_code_2_fails_job(container_name),
-            "template": {
-                "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
-                "spec": pod_spec,
-            },
-        },
-    }
+    return b.job_skeleton(meta, container, volumes, backoff_limit=backoff_limit,
+                          job={"activeDeadlineSeconds": deadline, "suspend": bool(suspend)})
 
 
 def build_upload_job(
