@@ -41,6 +41,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("tuneop.dev/v1alpha1", "FineTuneJob"): ("finetunejobs", True),
     ("tuneop.dev/v1alpha1", "AdapterDeployment"): ("adapterdeployments", True),
     ("apps/v1", "Deployment"): ("deployments", True),
+    ("apps/v1", "ReplicaSet"): ("replicasets", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("horizontalpodautoscalers", True),
 }
 

@@ -272,7 +272,7 @@ def adapterdeployment(api: KMockThread) -> bool:
     if _adapterdeployment_handlers() is None:
         return False
     try:
-        from test_adapterdeployment_operator import FakeVllm
+        from test_adapterdeployment_operator import FakeVllm, start_pod
     except ImportError:  # the pod part needs the fake vLLM of the integration tests
         FakeVllm = None  # noqa: N806
     _obj(api, PVCS, "PersistentVolumeClaim", "adapters")
@@ -293,15 +293,11 @@ def adapterdeployment(api: KMockThread) -> bool:
 
     try:
         with Operator():
-            dep = wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+            wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
             wait_for(lambda: api.get(f"/api/v1/namespaces/{NS}/services/qwen-vllm"), what="Service")
             if fake is not None:
-                tmpl = dep["spec"]["template"]
-                meta = {**tmpl["metadata"], "name": "qwen-vllm-p1"}
-                meta["annotations"] = {**meta.get("annotations", {}), "tuneop.dev/admin-url": fake.url}
-                api.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": tmpl["spec"],
-                                  "status": {"phase": "Running", "podIP": "10.0.0.1",
-                                             "conditions": [{"type": "Ready", "status": "True"}]}})
+                # a ReplicaSet of the Deployment and its pod (the operator trusts no other)
+                start_pod(api, fake, "qwen-vllm-p1")
                 api.patch(f"{DEPLOYS}/qwen-vllm/status", {"status": {
                     "replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}})
                 wait_for(lambda: "news" in fake.loaded, what="adapter loaded")

@@ -243,6 +243,7 @@ def test_scenarios_exercise_the_handlers(recorded):
         ("batch", "jobs", "create"), ("batch", "jobs", "delete"), ("batch", "jobs", "patch"),
         ("", "pods/log", "get"), ("", "secrets", "get"), ("", "events", "create"),
         ("", "services", "create"), ("", "secrets", "create"), ("", "events", "list"),
+        ("apps", "replicasets", "list"),  # which vLLM pods are the Deployment's own
     }
     assert must <= recorded, "scenario did not get as far as expected:\n" + "\n".join(map(str, sorted(must - recorded)))
 

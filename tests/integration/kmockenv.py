@@ -4,7 +4,7 @@ kmock runs in its own thread and event loop; kopf runs in another thread (KopfRu
 itself is synchronous and talks to kmock over HTTP, like kubectl would. Known gaps of kmock that
 the tests live with: no garbage collection, no server-side apply, no schema validation, label
 selectors are ignored (the operator filters pods itself), watches replay every object on connect.
-Two gaps are patched in :class:`Emulator` (resourceVersion bumps, generateName).
+Three gaps are patched in :class:`Emulator` (resourceVersion bumps, generateName, metadata.uid).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ RESOURCES = {
     "tuneop.dev/v1alpha1/finetunejobs": ("FineTuneJob", {"status"}),
     "tuneop.dev/v1alpha1/adapterdeployments": ("AdapterDeployment", {"status"}),
     "apps/v1/deployments": ("Deployment", {"status"}),
+    "apps/v1/replicasets": ("ReplicaSet", {"status"}),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", set()),
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/pods": ("Pod", {"status", "log"}),
@@ -54,7 +55,8 @@ _rv = iter(range(1000, 10**9))
 class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator made a bit more like a real API server: every write gets a new
     resourceVersion (kopf's optimistic JSON-patch tests then work as in a cluster), a failed
-    JSON-patch is a 422 (not a 500), and ``generateName`` gets a name (Events do not collide)."""
+    JSON-patch is a 422 (not a 500), ``generateName`` gets a name (Events do not collide) and a
+    created object without ``metadata.uid`` gets one (ownerReferences match by uid)."""
 
     # (METHOD, path) -> (status, reason, message): refuse such requests, like quota or RBAC would.
     refusals: dict[tuple[str, str], tuple[int, str, str]]
@@ -70,6 +72,8 @@ class Emulator(kmock.KubernetesEmulator):
                 meta = request.data.setdefault("metadata", {})
                 if request.action == kmock.action.CREATE and not meta.get("name") and meta.get("generateName"):
                     meta["name"] = f"{meta['generateName']}{rv}"
+                if request.action == kmock.action.CREATE and not meta.get("uid"):
+                    meta["uid"] = f"uid-{meta.get('name')}-{rv}"  # the API server assigns one to every object
                 meta["resourceVersion"] = rv
             elif isinstance(request.data, list):
                 request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})

@@ -241,9 +241,37 @@ def patch_spec(api: KMockThread, spec: dict[str, Any], name: str = "qwen") -> No
     api.patch(f"{AD_PATH}/{name}", {"metadata": {"generation": gen}, "spec": spec})
 
 
+REPLICASETS = f"/apis/apps/v1/namespaces/{NS}/replicasets"
+
+
+def replicaset_of(api: KMockThread, deployment: str = "qwen-vllm") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Play the Deployment controller: the ReplicaSet of the Deployment's current template (created
+    once per template: controller ownerReference to the Deployment's uid, ``pod-template-hash``
+    label) and a copy of that template, labelled and owned like the ReplicaSet's pods."""
+    dep = api.get(f"{DEPLOYS}/{deployment}")
+    tmpl = copy.deepcopy(dep["spec"]["template"])
+    pth = tmpl["metadata"]["annotations"]["tuneop.dev/template-hash"][:10]
+    rs_name = f"{deployment}-{pth}"
+    rs = api.get(f"{REPLICASETS}/{rs_name}")
+    if rs is None:
+        rs = api.create(REPLICASETS, {
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": rs_name, "labels": {**tmpl["metadata"]["labels"], "pod-template-hash": pth},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment,
+                                              "uid": dep["metadata"]["uid"], "controller": True,
+                                              "blockOwnerDeletion": True}]},
+            "spec": {"template": tmpl},
+        })
+    tmpl["metadata"]["labels"]["pod-template-hash"] = pth
+    tmpl["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs_name,
+                                            "uid": rs["metadata"]["uid"], "controller": True,
+                                            "blockOwnerDeletion": True}]
+    return rs, tmpl
+
+
 def start_pod(api: KMockThread, server: FakeVllm, pod_name: str, deployment: str = "qwen-vllm") -> None:
     """Play the ReplicaSet + kubelet: a ready pod from the Deployment's current template."""
-    tmpl = copy.deepcopy(api.get(f"{DEPLOYS}/{deployment}")["spec"]["template"])
+    _, tmpl = replicaset_of(api, deployment)
     meta = tmpl["metadata"]
     meta["name"] = pod_name
     meta.setdefault("annotations", {})["tuneop.dev/admin-url"] = server.url
@@ -529,6 +557,60 @@ def test_admin_credential_is_generated_mounted_used_and_recreated_without_restar
     assert "AdminCredentialCreated" in reasons(api)
 
 
+def test_look_alike_pods_never_get_an_admin_call_and_one_warning_each(
+    api: KMockThread, vllm_pods: Callable[[], FakeVllm]
+) -> None:
+    """Labels are not identity: a pod with the vLLM pods' labels that its Deployment's ReplicaSet did
+    not create (no owner, or a ReplicaSet of someone else's) never hears from the operator."""
+    api.create(AD_PATH, ad(adapters=[pvc_adapter("news")], replicas=1))
+    own, bare, foreign = vllm_pods(), vllm_pods(), vllm_pods()
+    own.token = bare.token = foreign.token = lambda: admin_token(api)
+    with Operator():
+        wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        start_pod(api, own, "qwen-vllm-a")
+        deployment_ready(api, 1)
+        wait_for(lambda: pods_serving(api, "news") == ["qwen-vllm-a"], what="news on the own pod")
+
+        # Same labels, same template, ready, reachable: one without an owner, one whose controller is
+        # a ReplicaSet (with a pod-template-hash) of another Deployment.
+        _, tmpl = replicaset_of(api)
+        ready = {"phase": "Running", "podIP": "10.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
+        for pod_name, server, owners in (
+            ("qwen-vllm-x", bare, []),
+            ("qwen-vllm-y", foreign, [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "lookalike-1",
+                                       "uid": "uid-lookalike-1", "controller": True}]),
+        ):
+            meta = copy.deepcopy(tmpl["metadata"])
+            meta.update(name=pod_name, ownerReferences=owners)
+            meta["annotations"]["tuneop.dev/admin-url"] = server.url
+            api.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": tmpl["spec"],
+                              "status": ready})
+        api.create(REPLICASETS, {
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": "lookalike-1", "uid": "uid-lookalike-1",
+                         "labels": {**tmpl["metadata"]["labels"]},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "lookalike",
+                                              "uid": "uid-someone-else", "controller": True}]},
+        })
+        wait_for(lambda: len(warnings_named(api, "UntrustedPod")) == 2, what="one warning per look-alike")
+        # Adding an adapter loads it on the own pod only; later reconciles warn no more.
+        patch_spec(api, {"adapters": [pvc_adapter("news"), pvc_adapter("legal")]})
+        wait_for(lambda: pods_serving(api, "legal") == ["qwen-vllm-a"], what="legal on the own pod")
+        n = reconciles(api)
+        wait_for(lambda: reconciles(api) >= n + 4, what="four more reconciles")
+        assert pods_serving(api, "news") == ["qwen-vllm-a"] and cond(api, "Ready")["status"] == "True"
+    assert bare.calls == [] and foreign.calls == [] and bare.refused == foreign.refused == 0
+    assert set(own.loaded) == {"news", "legal"} and own.refused == 0
+    warned = {e["message"].split()[1]: e["message"] for e in warnings_named(api, "UntrustedPod")}
+    assert sorted(warned) == ["qwen-vllm-x", "qwen-vllm-y"] and len(warnings_named(api, "UntrustedPod")) == 2
+    assert "no controller ownerReference" in warned["qwen-vllm-x"]
+    assert "ReplicaSet lookalike-1" in warned["qwen-vllm-y"] and "not one of Deployment qwen-vllm's" in warned["qwen-vllm-y"]
+    assert all(e["involvedObject"]["kind"] == "AdapterDeployment" for e in warnings_named(api, "UntrustedPod"))
+    rs_lists = [r for r in api.requests("GET", REPLICASETS) if r.url.path == REPLICASETS]
+    assert rs_lists and all(r.params.get("labelSelector") == "tuneop.dev/adapterdeployment=qwen,"
+                            "app.kubernetes.io/component=vllm" for r in rs_lists)
+
+
 def test_platform_defaults_fill_what_the_spec_leaves_empty(api: KMockThread) -> None:
     from tuneop import workload_defaults as wd
 
@@ -572,8 +654,8 @@ def warn_on_deployment_create(api: KMockThread, text: str) -> None:
 
 
 def make_pod(api: KMockThread, pod_name: str, status: dict[str, Any], deployment: str = "qwen-vllm") -> None:
-    """A pod of the Deployment's template in the given state (kubelet's part)."""
-    tmpl = copy.deepcopy(api.get(f"{DEPLOYS}/{deployment}")["spec"]["template"])
+    """A pod of the Deployment's template in the given state (the ReplicaSet's and kubelet's part)."""
+    _, tmpl = replicaset_of(api, deployment)
     tmpl["metadata"]["name"] = pod_name
     api.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": tmpl["metadata"], "spec": tmpl["spec"],
                       "status": status})

@@ -240,3 +240,78 @@ def test_a_new_guard_changes_the_template_hash(monkeypatch) -> None:
     src = vllm.guard_source()
     monkeypatch.setattr(vllm, "guard_source", lambda: src + "\n# v2\n")
     assert template_hash(b.build_deployment(ad(), finetunejobs=FTJS)) != before
+
+
+def test_vllm_pods_mount_no_service_account_token() -> None:
+    """vLLM never calls the Kubernetes API; a token in the pod would only be there to be stolen."""
+    dep = b.build_deployment(ad(), finetunejobs=FTJS)
+    validate(dep)
+    assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+# ---------------------------------------------------------------------------------- trusted pods
+
+DEP = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "qwen-vllm", "uid": "dep-uid"}}
+
+
+def rs(name: str = "qwen-vllm-abc", uid: str = "rs-uid", *, owner_uid: str = "dep-uid", pth: str = "abc",
+       controller: bool = True, owner_kind: str = "Deployment") -> dict[str, Any]:
+    return {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": name, "uid": uid, "labels": {**b.selector_labels("qwen"), "pod-template-hash": pth},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": owner_kind, "name": "qwen-vllm",
+                                              "uid": owner_uid, "controller": controller}]}}
+
+
+def pod(name: str, *, owner: Any = ("qwen-vllm-abc", "rs-uid"), pth: Any = "abc", kind: str = "ReplicaSet",
+        controller: bool = True) -> dict[str, Any]:
+    labels = {**b.labels("qwen")}
+    if pth is not None:
+        labels["pod-template-hash"] = pth
+    meta: dict[str, Any] = {"name": name, "labels": labels}
+    if owner is not None:
+        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": kind, "name": owner[0], "uid": owner[1],
+                                    "controller": controller}]
+    return {"metadata": meta, "status": {"podIP": "10.0.0.1"}}
+
+
+def test_only_pods_of_the_deployments_own_replicasets_are_trusted() -> None:
+    pods = [
+        pod("own"),
+        pod("own-old", owner=("qwen-vllm-old", "rs-old"), pth="old"),  # an older ReplicaSet mid-rollout
+        pod("bare", owner=None),
+        pod("not-controller", controller=False),
+        pod("statefulset", kind="StatefulSet", owner=("web", "ss-uid")),
+        pod("foreign-rs", owner=("lookalike", "rs-foreign")),
+        pod("fake-rs-same-name", owner=("qwen-vllm-abc", "rs-other-uid")),
+        pod("wrong-hash", pth="zzz"),
+        pod("no-hash", pth=None),
+    ]
+    replicasets = [
+        rs(), rs("qwen-vllm-old", "rs-old", pth="old"),
+        rs("lookalike", "rs-foreign", owner_uid="someone-else"),  # another Deployment's
+        rs("qwen-vllm-abc", "rs-other-uid", controller=False),    # claims the Deployment, not as controller
+    ]
+    trusted, refused = b.trusted_pods(pods, replicasets, DEP)
+    assert [p["metadata"]["name"] for p in trusted] == ["own", "own-old"]
+    assert sorted(refused) == ["bare", "fake-rs-same-name", "foreign-rs", "no-hash", "not-controller",
+                               "statefulset", "wrong-hash"]
+    assert refused["bare"] == refused["not-controller"] == "it has no controller ownerReference"
+    assert refused["statefulset"] == "its controller is StatefulSet web, not a ReplicaSet"
+    assert refused["foreign-rs"] == ("its controller ReplicaSet lookalike (uid rs-foreign) is not one of "
+                                     "Deployment qwen-vllm's")
+    assert "rs-other-uid" in refused["fake-rs-same-name"]
+    assert refused["wrong-hash"] == "its pod-template-hash label 'zzz' is not its ReplicaSet qwen-vllm-abc's 'abc'"
+    assert "None" in refused["no-hash"]
+
+
+def test_a_replicaset_without_a_hash_or_of_another_kind_of_owner_trusts_nothing() -> None:
+    for bad in (rs(pth=""), rs(owner_kind="StatefulSet"), rs(owner_uid="")):
+        trusted, refused = b.trusted_pods([pod("own", pth="")] if bad["metadata"]["labels"][
+            "pod-template-hash"] == "" else [pod("own")], [bad], DEP)
+        assert trusted == [] and list(refused) == ["own"]
+
+
+def test_without_the_deployments_uid_no_pod_is_trusted() -> None:
+    for dep in (None, {"metadata": {"name": "qwen-vllm"}}):
+        trusted, refused = b.trusted_pods([pod("own")], [rs()], dep)
+        assert trusted == [] and "no uid" in refused["own"]

@@ -165,3 +165,18 @@ def test_api_warnings_become_one_event_per_distinct_text(events: list) -> None:
         ("Warning", "DeploymentWarning", f"the API server warned when creating Deployment qwen-vllm: {psa}"),
         ("Warning", "DeploymentWarning", "the API server warned when patching Deployment qwen-vllm: other"),
     ]
+
+
+def test_one_untrusted_pod_warning_per_pod_again_after_it_was_gone(events: list) -> None:
+    log = logging.getLogger("test")
+    h._warn_untrusted(AD, {"x": "it has no controller ownerReference"}, log)
+    h._warn_untrusted(AD, {"x": "it has no controller ownerReference", "y": "its controller is Job j, not a ReplicaSet"},
+                      log)
+    h._warn_untrusted(AD, {"x": "it has no controller ownerReference"}, log)  # every reconcile: nothing new
+    assert [(t, r, m.split()[1]) for t, r, m in events] == [
+        ("Warning", "UntrustedPod", "x"), ("Warning", "UntrustedPod", "y")]
+    assert events[0][2] == ("pod x has the labels of qwen-vllm's pods but is not its own (it has no controller "
+                            "ownerReference): it gets no admin call and does not count in the status")
+    h._warn_untrusted(AD, {}, log)  # both gone
+    h._warn_untrusted(AD, {"y": "its controller is Job j, not a ReplicaSet"}, log)  # a new look-alike named y
+    assert [m.split()[1] for _, _, m in events] == ["x", "y", "y"]

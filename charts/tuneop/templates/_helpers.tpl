@@ -62,6 +62,10 @@ verb is missing here, or granted here but never used.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
+# The vLLM Deployment's ReplicaSets: a pod gets the admin token only when its controller is one of them.
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [list]
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [get, create, patch, delete]

@@ -5,7 +5,7 @@ The single source of truth for the CRD in crds/adapterdeployments.yaml (`tuneop 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Optional
+from typing import Annotated, Any, ClassVar, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -107,6 +107,151 @@ class AdapterRef(Model):
         return self
 
 
+# --------------------------------------------------------------------------- vllm.extraArgs
+# The vLLM flags spec.vllm.extraArgs must not carry, each with why: the one list behind both the
+# model's validator (refused_vllm_arg) and the CRD's CEL rule (REFUSED_VLLM_ARG_REGEX). vLLM's parser
+# (FlexibleArgumentParser, an argparse.ArgumentParser with allow_abbrev on) also accepts
+# `--flag=value`, `--flag_with_underscores`, `--flag.key value` (JSON fields) and any unambiguous
+# abbreviation (`--lora-mod`), so an argument is refused when its flag name, underscores read as
+# dashes, is a refused flag or a prefix of one; and single-dash (short) options are refused
+# altogether (`-tp` is --tensor-parallel-size; write the long form).
+_HTTP = "the pods serve plain HTTP on port 8000 at / (probes, Service, the operator's admin calls)"
+_CORS = "the API's cross-origin policy is tuneop's (none: clients are in the cluster)"
+_ENGINE_PORTS = "opens engine ports that the admin guard does not see (one pod is one vLLM server)"
+_CODE = "runs Python code named by the argument"
+REFUSED_VLLM_FLAGS: dict[str, str] = {
+    # rendered by tuneop (serving/vllm.py server_args): set the spec field instead
+    "--model": "tuneop sets it from spec.baseModel and spec.modelVolume",
+    "--served-model-name": "tuneop sets it from spec.baseModel",
+    "--host": _HTTP,
+    "--port": _HTTP,
+    "--enable-lora": "tuneop always turns LoRA on",
+    "--no-enable-lora": "tuneop always turns LoRA on",
+    "--max-loras": "use spec.vllm.maxLoras",
+    "--max-lora-rank": "use spec.vllm.maxLoraRank",
+    "--max-cpu-loras": "use spec.vllm.maxCpuLoras",
+    "--max-model-len": "use spec.vllm.maxModelLen",
+    "--dtype": "use spec.vllm.dtype",
+    "--gpu-memory-utilization": "use spec.vllm.gpuMemoryUtilization",
+    "--device-memory-utilization": "use spec.vllm.gpuMemoryUtilization",  # vLLM's alias of the above
+    "--tensor-parallel-size": "use spec.vllm.tensorParallelSize",
+    "--trust-remote-code": "use spec.vllm.trustRemoteCode",
+    "--no-trust-remote-code": "use spec.vllm.trustRemoteCode",
+    "--middleware": "tuneop's admin guard is the pods' middleware",
+    # adapters are loaded only by the operator, through the admin guard
+    "--lora-modules": "it loads adapters at start-up without the admin guard, from any path: list them in spec.adapters",
+    "--default-mm-loras": "it loads LoRA adapters from any path without the admin guard",
+    # credentials never go into arguments (anyone who can read the pod spec reads them)
+    "--api-key": "use spec.auth.apiKeySecretRef",
+    "--hf-token": "use spec.hfTokenSecretRef",
+    # the pods' HTTP contract
+    "--root-path": _HTTP,
+    "--uds": _HTTP,
+    "--grpc": _HTTP,
+    "--grpc-port": "it serves a gRPC API that the admin guard does not see",
+    "--headless": _HTTP,
+    "--ssl-keyfile": _HTTP,
+    "--ssl-certfile": _HTTP,
+    "--ssl-ca-certs": _HTTP,
+    "--ssl-cert-reqs": _HTTP,
+    "--ssl-ciphers": _HTTP,
+    "--enable-ssl-refresh": _HTTP,
+    "--no-enable-ssl-refresh": _HTTP,
+    "--allowed-origins": _CORS,
+    "--allowed-methods": _CORS,
+    "--allowed-headers": _CORS,
+    "--allow-credentials": _CORS,
+    "--no-allow-credentials": _CORS,
+    "--data-parallel-address": _ENGINE_PORTS,
+    "--data-parallel-rpc-port": _ENGINE_PORTS,
+    "--data-parallel-supervisor-port": _ENGINE_PORTS,
+    "--master-port": _ENGINE_PORTS,
+    "--nnodes": _ENGINE_PORTS,
+    "--node-rank": _ENGINE_PORTS,
+    "--kv-transfer-config": _ENGINE_PORTS,
+    "--kv-events-config": _ENGINE_PORTS,
+    "--ec-transfer-config": _ENGINE_PORTS,
+    # files of the pod and code
+    "--config": "a file of more vLLM flags could carry any refused one",
+    "--chat-template": "it reads any file of the pod (the admin token too) into prompts; the model's own "
+                       "template is used",
+    "--allowed-local-media-path": "it lets requests read the pod's files",
+    "--download-dir": "model files go to the cache volume (HF_HOME), never into a directory of tuneop's",
+    "--tool-parser-plugin": _CODE,
+    "--reasoning-parser-plugin": _CODE,
+    "--log-config-file": "a logging dictConfig calls any Python callable it names",
+    "--logging-config": "a logging dictConfig calls any Python callable it names",
+}
+# Real vLLM flags that are prefixes of refused ones (so not abbreviations of them): accepted as written.
+VLLM_FLAGS_NOT_ABBREVIATIONS = frozenset({"--reasoning-parser"})
+EXTRA_ARG_MAX_LENGTH = 1024
+
+
+def _flag_name(arg: str) -> str:
+    """The flag of a long option as vLLM's parser reads it: `--a_b.c=v` -> `--a-b`."""
+    return "--" + arg[2:].split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+
+
+def refused_vllm_arg(arg: str) -> Optional[str]:
+    """Why one element of vllm.extraArgs is refused (None: accepted), naming the flag."""
+    if arg.startswith("-") and not arg.startswith("--"):
+        if len(arg) > 1 and arg[1].isascii() and arg[1].isalpha():
+            return f"{arg!r}: short options are refused (vLLM's -tp, -q, -O ...): write the long form"
+        return None  # a value such as -1
+    if not arg.startswith("--"):
+        return None  # a value
+    flag = _flag_name(arg)
+    if flag in VLLM_FLAGS_NOT_ABBREVIATIONS:
+        return None
+    if flag == "--":
+        return f"{arg!r}: an empty flag name (a bare '--' ends vLLM's options) is refused"
+    if flag in REFUSED_VLLM_FLAGS:
+        return f"{arg!r}: {flag} is refused: {REFUSED_VLLM_FLAGS[flag]}"
+    hits = sorted(f for f in REFUSED_VLLM_FLAGS if f.startswith(flag))
+    if len(hits) == 1:
+        return (f"{arg!r}: {flag} abbreviates {hits[0]} (vLLM's parser accepts abbreviations), which is "
+                f"refused: {REFUSED_VLLM_FLAGS[hits[0]]}")
+    if hits:
+        more = f" and {len(hits) - 3} more" if len(hits) > 3 else ""
+        return f"{arg!r}: {flag} may abbreviate refused flags ({', '.join(hits[:3])}{more}): write the whole flag"
+    return None
+
+
+def _prefix_regex(names: list[str], exact_ok: frozenset[str]) -> str:
+    """RE2 (no lookaround) matching every prefix, the empty one too, of `names` except the names in
+    `exact_ok`; '-' in a name also matches '_'."""
+    trie: dict[str, Any] = {}
+    for n in names:
+        node = trie
+        for ch in n:
+            node = node.setdefault(ch, {})
+
+    def alt(node: dict[str, Any], path: str) -> str:
+        parts = []
+        for ch in sorted(node):
+            sub, here = node[ch], path + ch
+            piece = "[-_]" if ch == "-" else ch
+            if sub:
+                piece += f"(?:{alt(sub, here)})" + ("" if here in exact_ok else "?")
+            parts.append(piece)
+        return "|".join(parts)
+
+    return f"(?:{alt(trie, '')})?"
+
+
+# What the CEL rule refuses: the same arguments as refused_vllm_arg (tests/unit check both agree).
+REFUSED_VLLM_ARG_REGEX = "^(?:-[A-Za-z]|--{}(?:[=.]|$))".format(
+    _prefix_regex([f[2:] for f in REFUSED_VLLM_FLAGS], frozenset(f[2:] for f in VLLM_FLAGS_NOT_ABBREVIATIONS))
+)
+_EXTRA_ARGS_DOC = (
+    "More vLLM flags, appended as given. Refused (the flags tuneop renders from the fields above, or "
+    "that would bypass the admin guard, load adapters from elsewhere, change the pods' HTTP contract or "
+    "run code named by an argument): " + ", ".join(REFUSED_VLLM_FLAGS)
+    + "; also their `--flag=value`, `--flag_with_underscores` and abbreviated forms, and every "
+    "single-dash short option (write the long form)."
+)
+
+
 class VllmSpec(Model):
     """vLLM server settings. Changing any of them rolls the Deployment; adapters change live."""
 
@@ -126,9 +271,32 @@ class VllmSpec(Model):
         default=None, gt=0, le=1, description="--gpu-memory-utilization."
     )
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="--tensor-parallel-size (GPUs per pod).")
-    extra_args: list[str] = Field(
-        default_factory=list, max_length=64, description="More vLLM flags, appended as given."
+    trust_remote_code: bool = Field(
+        default=False,
+        description="--trust-remote-code: run the Python code shipped with the base model (its repository or "
+        "directory) inside the vLLM server, which holds the admin credential. Only for models whose code you "
+        "trust; refused in extraArgs.",
     )
+    extra_args: list[Annotated[str, Field(max_length=EXTRA_ARG_MAX_LENGTH)]] = Field(
+        default_factory=list, max_length=64, description=_EXTRA_ARGS_DOC
+    )
+
+    cel_rules: ClassVar[list[tuple[str, str]]] = [
+        (
+            f"!has(self.extraArgs) || self.extraArgs.all(a, !a.matches('{REFUSED_VLLM_ARG_REGEX}'))",
+            "vllm.extraArgs must not contain a flag tuneop renders or one that bypasses the admin guard "
+            "(--lora-modules, --api-key, --middleware, --host, --port, --root-path, --model, ...: the list is in "
+            "the field's description), an abbreviation or --flag_with_underscores form of one, or a short option",
+        )
+    ]
+
+    @field_validator("extra_args")
+    @classmethod
+    def _refused_flags(cls, v: list[str]) -> list[str]:
+        why = [f"extraArgs[{i}] {msg}" for i, a in enumerate(v) if (msg := refused_vllm_arg(a)) is not None]
+        if why:
+            raise ValueError("; ".join(why))
+        return v
 
 
 class Resources(Model):

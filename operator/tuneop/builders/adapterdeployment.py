@@ -108,6 +108,61 @@ def labels(name: str) -> dict[str, str]:
     return {MANAGED_BY: "tuneop", APP_NAME: "tuneop", **selector_labels(name)}
 
 
+POD_TEMPLATE_HASH_LABEL = "pod-template-hash"  # set by the Deployment controller on its ReplicaSets and pods
+
+
+def _controller_of(obj: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r for r in refs if isinstance(r, Mapping) and r.get("controller") is True), None)
+
+
+def trusted_pods(
+    pods: list[dict[str, Any]],
+    replicasets: list[dict[str, Any]],
+    deployment: Optional[Mapping[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The pods that are ``deployment``'s own (the only ones the operator sends its admin token to),
+    and the others: pod name -> why not. A pod is the Deployment's when its controller
+    ownerReference is an apps/v1 ReplicaSet (matched by uid) whose controller ownerReference is the
+    Deployment (by uid), and its ``pod-template-hash`` label is that ReplicaSet's. Labels alone are
+    not identity: anyone who may create a pod can copy them. Without the Deployment's uid no pod is
+    trusted."""
+    dep_meta = (deployment or {}).get("metadata") or {}
+    dep_uid, dep_name = dep_meta.get("uid"), dep_meta.get("name", "?")
+    owned_rs: dict[str, dict[str, Any]] = {}
+    for rs in replicasets:
+        ref = _controller_of(rs)
+        uid = (rs.get("metadata") or {}).get("uid")
+        if (dep_uid and uid and ref is not None and ref.get("kind") == "Deployment"
+                and ref.get("apiVersion") == "apps/v1" and ref.get("uid") == dep_uid):
+            owned_rs[uid] = rs
+    trusted: list[dict[str, Any]] = []
+    refused: dict[str, str] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        pname = meta.get("name", "?")
+        ref = _controller_of(pod)
+        if not dep_uid:
+            refused[pname] = f"Deployment {dep_name} is not known (no uid) yet"
+        elif ref is None:
+            refused[pname] = "it has no controller ownerReference"
+        elif ref.get("kind") != "ReplicaSet" or ref.get("apiVersion") != "apps/v1":
+            refused[pname] = f"its controller is {ref.get('kind')} {ref.get('name')}, not a ReplicaSet"
+        elif ref.get("uid") not in owned_rs:
+            refused[pname] = (f"its controller ReplicaSet {ref.get('name')} (uid {ref.get('uid')}) is not one "
+                              f"of Deployment {dep_name}'s")
+        else:
+            rs = owned_rs[ref["uid"]]
+            want = ((rs.get("metadata") or {}).get("labels") or {}).get(POD_TEMPLATE_HASH_LABEL)
+            have = (meta.get("labels") or {}).get(POD_TEMPLATE_HASH_LABEL)
+            if not want or have != want:
+                refused[pname] = (f"its {POD_TEMPLATE_HASH_LABEL} label {have!r} is not its ReplicaSet "
+                                  f"{(rs.get('metadata') or {}).get('name')}'s {want!r}")
+            else:
+                trusted.append(pod)
+    return trusted, refused
+
+
 def owner_reference(ad: Mapping[str, Any]) -> dict[str, Any]:
     return common.owner_reference(ad, api_version=API_VERSION, kind=KIND)
 
@@ -301,6 +356,8 @@ def build_pod_template(
             "fsGroup": RUN_AS_USER, "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        # vLLM never talks to the Kubernetes API: no service-account token in the pods.
+        "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 60,

