@@ -4,7 +4,7 @@
 VENV ?= .venv
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-test quickstart test test-fast test-images crds images base-image lock
+.PHONY: setup setup-test quickstart test test-fast test-images lint crds images base-image lock
 
 setup:
 	bash scripts/setup.sh
@@ -17,9 +17,13 @@ setup-test:
 
 # The suite, then the images built and run as a cluster runs them (where Docker can be started;
 # elsewhere scripts/test-images.sh says so in one line and goes on).
-test: setup-test
+test: setup-test lint
 	$(VENV)/bin/python -m pytest -q
 	bash scripts/test-images.sh
+
+# ruff (pyflakes, pycodestyle, bugbear, import order; pyproject [tool.ruff])
+lint: setup-test
+	$(VENV)/bin/ruff check .
 
 test-images: setup-test
 	bash scripts/test-images.sh

@@ -214,6 +214,7 @@ class KMockApi:
     def __init__(self) -> None:
         sys.path.insert(0, str(ROOT / "tests" / "integration"))
         import kmock
+
         from kmockenv import Emulator, KMockThread
 
         rec = self.rec = Recorder()

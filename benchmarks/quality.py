@@ -146,9 +146,9 @@ class Evaluator:
     def __init__(self, base_model: str, threads: int):
         import torch
 
+        from tuneop.api.finetunejob import AdapterType
         from tuneop.trainer import model as M
         from tuneop.trainer.paths import resolve_model
-        from tuneop.api.finetunejob import AdapterType
 
         torch.set_num_threads(threads)
         self.torch = torch

@@ -65,8 +65,9 @@ def log(msg: str) -> None:
 # -- models -------------------------------------------------------------------------------------
 
 def build_tiny(dest: Path) -> tuple[Path, int]:
-    import tinymodel
     import torch
+
+    import tinymodel
 
     torch.set_num_threads(1)
     return tinymodel.build(dest, heads=2), 128

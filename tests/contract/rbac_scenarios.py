@@ -22,9 +22,10 @@ for p in (TESTS, TESTS / "integration"):
         sys.path.insert(0, str(p))
 
 import kopf  # noqa: E402
+from kopf.testing import KopfRunner  # noqa: E402
+
 from kmockenv import FTJ_PATH, NS, KMockThread  # noqa: E402
 from kmockenv import wait_for as _wait_for  # noqa: E402
-from kopf.testing import KopfRunner  # noqa: E402
 
 
 def wait_for(check: Any, timeout: float = 30.0, what: str = "") -> Any:
@@ -218,7 +219,6 @@ def kubernetes_backend(api: KMockThread) -> None:
 
 def together_backend(api: KMockThread, tmp_path: Path) -> None:
     from fake_together.server import FakeTogether
-
     from tuneop.backends import together as T
 
     _obj(api, PVCS, "PersistentVolumeClaim", "datasets")

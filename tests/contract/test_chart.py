@@ -19,7 +19,6 @@ from typing import Any, Optional
 import kubernetes_validate
 import pytest
 import yaml
-
 from podsecurity import pod_spec_of, restricted_violations
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the test extra) renders the chart")
@@ -202,8 +201,8 @@ NOT_RECORDED = {
 def recorded(tmp_path_factory) -> set[tuple[str, str, str]]:
     """Every (group, resource, verb) the operator used in the scenarios, both backends."""
     import rbac_scenarios as rs
-    from kmockenv import KMockThread
 
+    from kmockenv import KMockThread
     from tuneop import kube
 
     out: set[tuple[str, str, str]] = set()

@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 import pytest
+
 from tuneop.api import adapterdeployment as api
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")

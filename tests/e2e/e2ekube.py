@@ -14,7 +14,6 @@ import subprocess
 import time
 from typing import Any, Callable, Optional
 
-
 NS = os.environ.get("TUNEOP_E2E_NAMESPACE", "tuneop-system")
 TENANT = "team-a"
 

@@ -90,7 +90,7 @@ def test_examples_get_a_status_from_the_operator(tenant):
     for doc in docs:
         kind, name = doc["kind"].lower(), doc["metadata"]["name"]
 
-        def observed():
+        def observed(kind: str = kind, name: str = name):
             obj = get_json(kind, name, "-n", tenant)
             st = (obj or {}).get("status") or {}
             if st.get("phase") and st.get("observedGeneration") == obj["metadata"]["generation"]:
@@ -109,7 +109,7 @@ def test_examples_get_a_status_from_the_operator(tenant):
     # The AdapterDeployment got its vLLM Deployment.
     for doc in docs:
         if doc["kind"] == "AdapterDeployment":
-            dep = wait_for(lambda: get_json("deployment", f"{doc['metadata']['name']}-vllm", "-n", tenant), 60,
+            dep = wait_for(lambda doc=doc: get_json("deployment", f"{doc['metadata']['name']}-vllm", "-n", tenant), 60,
                            "the vLLM Deployment")
             assert restricted_violations(dep["spec"]["template"]["spec"]) == []
 

@@ -40,6 +40,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import re
 import threading
 import uuid
@@ -47,8 +48,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from aiohttp import web
-
-import logging
 
 logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # dropped connections are on purpose
 

@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterator, Optional
 import kopf
 import pytest
 from aiohttp import web
-from kmockenv import FTJ_PATH, NS, KMockThread, wait_for
 from kopf.testing import KopfRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+from kmockenv import FTJ_PATH, NS, KMockThread, wait_for
 from tuneop.handlers import adapterdeployment as handlers
 from tuneop.metrics import METRICS
 

@@ -7,8 +7,8 @@ import logging
 import multidict
 import pytest
 from aiohttp import web
-from kmockenv import NS, KMockThread
 
+from kmockenv import NS, KMockThread
 from tuneop import kube
 
 

@@ -6,7 +6,6 @@ import threading
 import urllib.request
 
 from kmockenv import FTJ_PATH, NS, KMockThread, wait_for
-
 from tuneop.handlers import run_operator
 
 

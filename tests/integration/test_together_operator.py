@@ -23,9 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_together.server import FakeTogether  # noqa: E402
 from kmockenv import FTJ_PATH, NS, KMockThread, Operator, wait_for  # noqa: E402
 from test_finetunejob_operator import (  # noqa: E402
-    JOBS, finish_job, job_posts, metric, pvc, reasons, status_of, wait_phase,
+    JOBS,
+    finish_job,
+    job_posts,
+    metric,
+    pvc,
+    reasons,
+    status_of,
+    wait_phase,
 )
-
 from tuneop.backends import together as T  # noqa: E402
 
 KEY = "tk-SECRET-operator-7f3a9c0e1d"

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fake_together.adapter import build_peft_adapter, dir_entries, link, make_tar  # noqa: E402
 from fake_together.server import FakeTogether  # noqa: E402
-
 from tuneop.api.finetunejob import parse_spec  # noqa: E402
 from tuneop.archive import (  # noqa: E402
     adapter_summary,

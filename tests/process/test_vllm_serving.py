@@ -22,7 +22,13 @@ import tinymodel
 from trainer_harness import make_config, run_trainer
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
 from tuneop.serving.client import (
-    AdapterLoadFailed, AdapterNotFound, AdminRefused, ModelNotFound, Outcome, VllmClient, VllmError,
+    AdapterLoadFailed,
+    AdapterNotFound,
+    AdminRefused,
+    ModelNotFound,
+    Outcome,
+    VllmClient,
+    VllmError,
 )
 from tuneop.serving.local import LocalVllm
 from tuneop.serving.vllm import server_args, server_env

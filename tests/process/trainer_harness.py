@@ -132,6 +132,6 @@ def run_trainer(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"trainer timed out after {timeout}s\nstdout:\n{stdout}\nstderr:\n{stderr[-3000:]}")
+        raise AssertionError(f"trainer timed out after {timeout}s\nstdout:\n{stdout}\nstderr:\n{stderr[-3000:]}") from None
     term = json.loads(termination.read_text()) if termination.exists() and termination.read_text() else None
     return Run(proc.returncode, parse_events(stdout), stdout, stderr, term)

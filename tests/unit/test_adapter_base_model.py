@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
 from tuneop.handlers import adapterdeployment as h
@@ -45,7 +46,7 @@ def test_allow_field_is_optional_and_absent_from_existing_objects() -> None:
     assert s.adapters[0].allow_base_model_mismatch is True
     assert s.to_dict()["adapters"][0]["allowBaseModelMismatch"] is True
     assert bm.allowed(s) == {"news": True, "files": False}
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec(allowBaseModelMismatch="sometimes")
 
 

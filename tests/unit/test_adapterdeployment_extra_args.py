@@ -10,6 +10,7 @@ import celpy
 import pytest
 import re2
 from pydantic import ValidationError
+
 from tuneop.api import adapterdeployment as api
 from tuneop.api import crdcheck
 from tuneop.api.crdgen import all_crds

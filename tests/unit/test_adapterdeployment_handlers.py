@@ -117,7 +117,7 @@ def test_crash_loop_reads_the_previous_log_once_per_restart(events: list) -> Non
 
     c = observe([crashing_pod(3)])
     assert c["reason"] == "CrashLoop"
-    assert c["message"].endswith(f"; last log line: ValueError: cannot load model (admin token ***)")
+    assert c["message"].endswith("; last log line: ValueError: cannot load model (admin token ***)")
     assert token not in c["message"]
     assert kc.reads == [("ns", "qwen-vllm-a", {"container": "vllm", "previous": True, "tail_lines": 20,
                                                "limit_bytes": 16 * 1024})]

@@ -55,7 +55,7 @@ def test_curve_targets_never_mix_base_and_adapters():
     targets = b.curve_targets("base-model", names, [1, 4, 8])
     assert targets == [("base", ["base-model"]), ("1 adapter", ["a0"]),
                        ("4 adapters", names[:4]), ("8 adapters", names)]
-    for label, models in targets[1:]:
+    for _label, models in targets[1:]:
         assert "base-model" not in models
 
 

@@ -76,7 +76,7 @@ def test_quickstart_data_is_reproducible_and_disjoint(tmp_path):
     paths = quickstart.write(tmp_path)
     for split, path in paths.items():
         committed = QS / "volumes" / "quickstart-data" / f"{split}.jsonl"
-        assert path.read_text() == committed.read_text(), f"regenerate with `tuneop quickstart-data`"
+        assert path.read_text() == committed.read_text(), "regenerate with `tuneop quickstart-data`"
     data = quickstart.generate()
     train = {r["prompt"][1]["content"] for r in data["train"]}
     assert not train & {r["prompt"][1]["content"] for r in data["test"]}

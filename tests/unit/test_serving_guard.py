@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import pytest
 
+from tuneop.jobconfig import PVC_MOUNT_ROOT
 from tuneop.serving import guard as g
 from tuneop.serving import vllm
-from tuneop.jobconfig import PVC_MOUNT_ROOT
 from tuneop.serving.adapters import URL_ADAPTER_ROOT
 
 TOKEN = "s3cret-admin-token-0123456789abcdef"

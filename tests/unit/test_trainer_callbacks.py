@@ -11,7 +11,12 @@ pytest.importorskip("transformers")
 
 from tuneop.trainer import paths as P  # noqa: E402
 from tuneop.trainer.callbacks import (  # noqa: E402
-    CheckpointMarker, EventCallback, StopOnSignal, eta_seconds, spent_before, stop_requested,
+    CheckpointMarker,
+    EventCallback,
+    StopOnSignal,
+    eta_seconds,
+    spent_before,
+    stop_requested,
 )
 from tuneop.trainer.events import Emitter  # noqa: E402
 

@@ -43,8 +43,8 @@ def test_is_conversational():
 
 def test_chatml_template_renders_with_masks():
     jinja2 = pytest.importorskip("jinja2")
-    from jinja2.ext import Extension
     from jinja2 import nodes
+    from jinja2.ext import Extension
 
     class Generation(Extension):  # what transformers provides when rendering for masks
         tags = {"generation"}

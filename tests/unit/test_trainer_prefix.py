@@ -162,7 +162,7 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_the_whole_rows():
     g_whole = lora_grads(peft)
     peft.zero_grad()
 
-    shared = PF.SharedPrefix(base, PREFIX)
+    PF.SharedPrefix(base, PREFIX)  # wraps base.forward
     short = PF.PrefixCollator(collator(), len(PREFIX))([
         {"input_ids": r["input_ids"][len(PREFIX):], "labels": r["labels"][len(PREFIX):]} for r in data])
     assert short["input_ids"].shape[1] == whole["input_ids"].shape[1] - len(PREFIX)

@@ -40,14 +40,14 @@ def padded_loss(model, seqs, labels):
     ids = torch.zeros(len(seqs), n, dtype=torch.long)
     lab = torch.full((len(seqs), n), -100)
     mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)], lab[i, : len(s)], mask[i, : len(s)] = s, l, 1
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)], lab[i, : len(s)], mask[i, : len(s)] = s, lb, 1
     return model(input_ids=ids, attention_mask=mask, labels=lab, fused_lm_head=True)
 
 
 def test_compact_lm_head_on_cpu_gives_the_same_loss_and_gradients():
-    from trl.trainer.utils import add_fused_lm_head
     import trl.trainer.utils as tu
+    from trl.trainer.utils import add_fused_lm_head
 
     model = tiny_llama()
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
@@ -82,7 +82,7 @@ def test_padding_free_row_gives_the_padded_loss():
     seqs, labels = batch_examples()
     padded = padded_loss(model, seqs, labels)
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batch = collate([{"input_ids": s.tolist(), "labels": l.tolist()} for s, l in zip(seqs, labels)])
+    batch = collate([{"input_ids": s.tolist(), "labels": lb.tolist()} for s, lb in zip(seqs, labels)])
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(len(s) for s in seqs))
     flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
                  fused_lm_head=True)

@@ -12,7 +12,6 @@ from typing import Annotated, Any, ClassVar, Optional
 from pydantic import Field, model_validator
 
 from .common import (
-    API_VERSION,
     Condition,
     ConfigMapKeyRef,
     Model,

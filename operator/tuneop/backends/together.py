@@ -884,7 +884,7 @@ class TogetherClient:
                 break
             self._sleep(poll_seconds)
             fid = info["id"]
-            info = _to_dict(self._call(f"file {fid}", lambda: self._sdk.files.retrieve(fid)))
+            info = _to_dict(self._call(f"file {fid}", lambda fid=fid: self._sdk.files.retrieve(fid)))
         report = info.get("validation_report") or {}
         status = str(info.get("processing_status") or "").upper()
         if (isinstance(report, dict) and report.get("valid") is False) or status in ("FAILED", "INVALID_FORMAT"):

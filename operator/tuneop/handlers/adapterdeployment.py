@@ -51,10 +51,10 @@ import kopf
 from pydantic import ValidationError
 
 from .. import kube, podcauses, workload_defaults
+from ..api.adapterdeployment import AdapterDeploymentSpec
 from ..builders import adapterdeployment as b
 from ..metrics import METRICS
 from ..serving import adapters as sa
-from ..api.adapterdeployment import AdapterDeploymentSpec
 from ..serving import admin, vllm
 from ..serving import basemodel as bm
 from ..status import merge_patch

@@ -208,7 +208,7 @@ async def run_actions(
                 await ensure_finalizer(kc, body)
                 params = action["params"]
                 try:
-                    job, adopted = await with_client(key, lambda c: c.create_or_adopt(params))
+                    job, adopted = await with_client(key, lambda c, params=params: c.create_or_adopt(params))
                 except T.TogetherBackendError as e:
                     logger.warning(f"Together create for {ns}/{name} failed: {e.reason}: {e.message}")
                     result = TS.call_failed(body, op, e.reason, e.message, user_error=e.user_error, now=now,
@@ -218,7 +218,7 @@ async def run_actions(
             elif op == "cancel":
                 jid = action["jobId"]
                 try:
-                    await with_client(key, lambda c: c.cancel(jid))
+                    await with_client(key, lambda c, jid=jid: c.cancel(jid))
                 except T.TogetherBackendError as e:
                     if action.get("stale") and e.status_code == 404:
                         result = TS.stale_cancelled(body, jid, now=now)
@@ -281,7 +281,7 @@ async def on_delete(
         key = await read_api_key(kube.client(), namespace, spec)
     except SecretMissing as e:
         if retry < limit:
-            raise kopf.TemporaryError(f"{e}: cannot cancel at Together yet", delay=delay)
+            raise kopf.TemporaryError(f"{e}: cannot cancel at Together yet", delay=delay) from None
         give_up(str(e))
         return
 
@@ -306,7 +306,7 @@ async def on_delete(
         cancelled = await with_client(key, cancel_all)
     except T.TogetherBackendError as e:
         if retry < limit:
-            raise kopf.TemporaryError(f"cancel at Together: {e.message}", delay=delay)
+            raise kopf.TemporaryError(f"cancel at Together: {e.message}", delay=delay) from None
         give_up(e.message)
         return
     finally:

@@ -11,7 +11,14 @@ from transformers import TrainerCallback
 
 from . import config as C
 from .events import Emitter
-from .paths import CHECKPOINT_MARKER, KEEP_CHECKPOINTS, list_checkpoints, plan_checkpoints, remove_checkpoints, write_marker
+from .paths import (
+    CHECKPOINT_MARKER,
+    KEEP_CHECKPOINTS,
+    list_checkpoints,
+    plan_checkpoints,
+    remove_checkpoints,
+    write_marker,
+)
 
 
 def eta_seconds(done_steps: int, elapsed: float, remaining_steps: int) -> Optional[int]:

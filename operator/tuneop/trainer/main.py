@@ -14,7 +14,13 @@ from . import data as D
 from .errors import TRAINING_ERROR, TrainerError
 from .events import Emitter, shorten
 from .paths import (
-    base_model_name, list_checkpoints, marker_valid, plan_checkpoints, read_marker, remove_checkpoints, resolve_model,
+    base_model_name,
+    list_checkpoints,
+    marker_valid,
+    plan_checkpoints,
+    read_marker,
+    remove_checkpoints,
+    resolve_model,
 )
 from .progress import EvalProgress, LinePrinter, progress_mode
 from .termination import EXIT_CODE as INTERRUPTED_EXIT_CODE
@@ -312,7 +318,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     with termination.deferring():  # a SIGTERM now ends training after the current step (StopOnSignal)
         try:
             result = trainer.train(resume_from_checkpoint=resume)
-        except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as e:
+        except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as e:  # noqa: B030
             raise TrainerError(TRAINING_ERROR, f"out of memory: {e}"[:500]) from None
         if termination.requested is None and splits.validation and callback.last_eval_step != trainer.state.global_step:
             trainer.evaluate()  # the final validation loss (every rank takes part under DDP)

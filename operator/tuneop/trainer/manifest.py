@@ -80,7 +80,7 @@ def dir_size(root: str) -> int:
 
 def make_readable(root: str) -> None:
     """Serving pods may run as another user: files 0644, directories 0755."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             full = os.path.join(dirpath, name)
