@@ -184,7 +184,10 @@ REFUSED_VLLM_FLAGS: dict[str, str] = {
 }
 # Real vLLM flags that are prefixes of refused ones (so not abbreviations of them): accepted as written.
 VLLM_FLAGS_NOT_ABBREVIATIONS = frozenset({"--reasoning-parser"})
-EXTRA_ARG_MAX_LENGTH = 1024
+EXTRA_ARG_MAX_LENGTH = 512
+# With the refusal rule's regex, 32 items of 512 characters cost about 6 M of the API server's 10 M
+# estimated-cost budget for a CRD rule (64 x 1024 was refused by kube-apiserver 1.36: 2.4x over).
+EXTRA_ARGS_MAX_ITEMS = 32
 
 
 def _flag_name(arg: str) -> str:
@@ -278,7 +281,7 @@ class VllmSpec(Model):
         "trust; refused in extraArgs.",
     )
     extra_args: list[Annotated[str, Field(max_length=EXTRA_ARG_MAX_LENGTH)]] = Field(
-        default_factory=list, max_length=64, description=_EXTRA_ARGS_DOC
+        default_factory=list, max_length=EXTRA_ARGS_MAX_ITEMS, description=_EXTRA_ARGS_DOC
     )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
