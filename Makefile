@@ -21,9 +21,11 @@ test: setup-test lint
 	$(VENV)/bin/python -m pytest -q
 	bash scripts/test-images.sh
 
-# ruff (pyflakes, pycodestyle, bugbear, import order; pyproject [tool.ruff])
+# ruff (pyflakes, pycodestyle, bugbear, import order) and mypy (strict on the API models, builders and
+# reconcilers): pyproject [tool.ruff], [tool.mypy]
 lint: setup-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-images: setup-test
 	bash scripts/test-images.sh

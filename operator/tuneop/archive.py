@@ -50,7 +50,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from typing import IO, Any, Iterable, Optional
+from typing import IO, Any, Iterable, Optional, cast
 
 __all__ = [
     "ArchiveError",
@@ -178,7 +178,8 @@ def _link_target(member: tarfile.TarInfo, rel: str) -> str:
 
 def _open_stream(path: str, fmt: str, raw: IO[bytes]) -> IO[bytes]:
     if fmt == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        # typeshed types GzipFile as a BufferedIOBase, not IO[bytes]; it reads like any binary stream
+        return cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
     if fmt == "zstd":
         import zstandard
 

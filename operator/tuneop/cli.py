@@ -133,7 +133,12 @@ def cmd_render(args: argparse.Namespace) -> int:
         except ValidationError as exc:
             name = (doc.get("metadata") or {}).get("name")
             return _err(f"AdapterDeployment {name} is invalid:\n" + format_validation_error(exc, index=index, source=args.file))
-        ftjs = {(d.get("metadata") or {}).get("name"): d for d, _ in docs if d.get("kind") == "FineTuneJob"}
+        # looked up by the refs' names: a FineTuneJob without a (string) name matches none
+        ftjs: dict[str, dict[str, Any]] = {}
+        for d, _ in docs:
+            ftj_name = (d.get("metadata") or {}).get("name")
+            if d.get("kind") == "FineTuneJob" and isinstance(ftj_name, str):
+                ftjs[ftj_name] = d
         meta = {"namespace": args.namespace, "uid": "00000000-0000-0000-0000-000000000000", "generation": 1,
                 **(doc.get("metadata") or {})}
         doc["metadata"] = meta
@@ -316,7 +321,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     except wd.DefaultsError as exc:
         return _err(f"--workload-defaults / ${wd.ENV}: {exc}")
     namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
-    return run_operator(
+    run_operator(
         workload_defaults=defaults,
         namespaces=namespaces,
         metrics_port=args.metrics_port,
@@ -327,7 +332,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         vllm_image=args.vllm_image,
         adapter_interval=args.adapter_interval,
         verbose=args.verbose,
-    ) or 0
+    )
+    return 0
 
 
 def cmd_quickstart_data(args: argparse.Namespace) -> int:

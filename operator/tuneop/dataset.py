@@ -365,7 +365,7 @@ def _norm_preference(row: dict) -> dict:
             raise _RowError("missing 'input.messages'")
         prompt = _message_list(inp["messages"], "input.messages")
         _check_turns(prompt, "input.messages", "user")
-        out = {"prompt": prompt}
+        out: dict[str, Any] = {"prompt": prompt}
         for key, dst in (("preferred_output", "chosen"), ("non_preferred_output", "rejected")):
             msgs = _message_list(row[key], key, ("assistant",))
             if len(msgs) != 1:

@@ -407,6 +407,11 @@ _clients: dict[int, tuple[asyncio.AbstractEventLoop, KubeClient]] = {}
 _timeout: float = DEFAULT_TIMEOUT
 
 
+def _close_soon(session: aiohttp.ClientSession) -> None:
+    """Schedule closing `session` on the running loop it belongs to (called in that loop's thread)."""
+    asyncio.ensure_future(session.close())
+
+
 def set_connection(info: Any, *, timeout: Optional[float] = None) -> None:
     """Remember kopf's ConnectionInfo; clients built from an older one are replaced."""
     global _connection, _timeout
@@ -419,7 +424,7 @@ def set_connection(info: Any, *, timeout: Optional[float] = None) -> None:
             c._session = None
             try:
                 if loop.is_running():
-                    loop.call_soon_threadsafe(lambda s=session: asyncio.ensure_future(s.close()))
+                    loop.call_soon_threadsafe(_close_soon, session)
             except RuntimeError:
                 pass
     _clients.clear()

@@ -69,7 +69,7 @@ SPEC_INVALID = "SpecInvalid"
 DATASET_INVALID = "DatasetInvalid"
 UNSUPPORTED_HARDWARE = "UnsupportedHardware"
 TRAINING_FAILED = "TrainingFailed"
-USER_ERRORS = (SPEC_INVALID, DATASET_INVALID, UNSUPPORTED_HARDWARE, TRAINING_FAILED)
+USER_ERRORS: tuple[str, ...] = (SPEC_INVALID, DATASET_INVALID, UNSUPPORTED_HARDWARE, TRAINING_FAILED)
 # Reasons: platform errors
 DEPENDENCY_MISSING = "DependencyMissing"
 POD_EVICTED = "PodEvicted"
@@ -77,7 +77,7 @@ BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 OOM_KILLED = "OOMKilled"
 API_ERROR = "ApiError"
-PLATFORM_ERRORS = (
+PLATFORM_ERRORS: tuple[str, ...] = (
     DEPENDENCY_MISSING, POD_EVICTED, BACKOFF_LIMIT_EXCEEDED, DEADLINE_EXCEEDED, OOM_KILLED, API_ERROR
 )
 # Reasons: progress
@@ -779,8 +779,8 @@ class _Builder:
         self.body = body
         self.now = now
         self.generation = (body.get("metadata") or {}).get("generation")
-        self.old = copy.deepcopy(body.get("status") or {})
-        self.status = copy.deepcopy(self.old)
+        self.old: dict[str, Any] = copy.deepcopy(body.get("status") or {})
+        self.status: dict[str, Any] = copy.deepcopy(self.old)
         self.status.setdefault("conditions", [])
         self.decision = Decision()
         self.pod_events: list[dict[str, Any]] = []
@@ -1103,7 +1103,8 @@ def reconcile(
 
 def adapter_status(location: str, message: dict[str, Any]) -> dict[str, Any]:
     """status.adapter from the trainer's ``done`` termination message."""
-    msg = message.get("adapter") if isinstance(message.get("adapter"), dict) else {}
+    raw = message.get("adapter")
+    msg: dict[str, Any] = raw if isinstance(raw, dict) else {}
     adapter: dict[str, Any] = {"location": location, "sha256": str(msg.get("sha256") or "")}
     if msg.get("manifestSha256"):
         adapter["manifestSha256"] = msg["manifestSha256"]

@@ -38,7 +38,7 @@ Reasons: user errors ``UnsupportedByBackend``, ``TogetherLimits``, ``TogetherRej
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import status as st
 from .api.finetunejob import FineTuneJobSpec
@@ -213,7 +213,7 @@ def _progress(old: Optional[dict[str, Any]], new: Optional[dict[str, Any]], now:
     return merged
 
 
-def _finish(bld: Any, extra_before: list[dict[str, str]] | None = None) -> st.Decision:
+def _finish(bld: st._Builder, extra_before: list[dict[str, str]] | None = None) -> st.Decision:
     d = bld.finish()
     transitions = [e for e in d.events if e["reason"] not in MIRRORED_REASONS]
     d.events = list(extra_before or []) + transitions
@@ -237,7 +237,7 @@ def _job_label(tg: dict[str, Any]) -> str:
     return f"Together job {tg.get('jobId')}"
 
 
-def _reply_condition(bld: Any, view: dict[str, Any], label: str) -> list[dict[str, str]]:
+def _reply_condition(bld: st._Builder, view: dict[str, Any], label: str) -> list[dict[str, str]]:
     """Condition REPLY_COND from a polled reply: False naming the malformed fields or the unknown
     status (and one Warning Event per new message), gone when the reply is understood."""
     notes = list(view.get("problems") or [])
@@ -260,7 +260,7 @@ def _reply_condition(bld: Any, view: dict[str, Any], label: str) -> list[dict[st
 
 
 def reconcile_together(
-    bld: Any,
+    bld: st._Builder,
     body: dict[str, Any],
     spec: FineTuneJobSpec,
     h: str,
@@ -367,6 +367,7 @@ def reconcile_together(
             bld.phase(st.VALIDATING, st.UPLOADING, msg)
             return _finish(bld, extra)
         if ustate == "failed":
+            assert ujob is not None  # no upload Job yet reads as "active"
             reason, msg = _failure(ujob, upods, tb.UPLOAD_CONTAINER)
             invalid = reason in (st.DATASET_INVALID, st.SPEC_INVALID, st.TOGETHER_REJECTED)
             return _finish_fail(bld, extra, reason, f"upload: {msg}", invalid=invalid)
@@ -448,10 +449,10 @@ def reconcile_together(
             reason = st.TOGETHER_UNAVAILABLE
         d.retry_after = retry_after_fields(tg, err.get("retryAfter"), bld.now)
         set_tg()
-        message = str(err.get("message") or reason)
+        text = str(err.get("message") or reason)
         if tg.get("retryAt"):
-            message += f" (Together asked to wait {d.retry_after:g} s: next poll at {tg['retryAt']})"
-        bld.phase(bld.old.get("phase") or st.PENDING, reason, message)
+            text += f" (Together asked to wait {d.retry_after:g} s: next poll at {tg['retryAt']})"
+        bld.phase(bld.old.get("phase") or st.PENDING, reason, text)
         return _finish(bld, extra)
     ft = obs.together_job
     view: Optional[dict[str, Any]] = None
@@ -511,7 +512,7 @@ def reconcile_together(
     # --- still training at Together
     if view is not None and view["reason"] == UNKNOWN_STATUS:
         # Nothing known about this status: the phase stays (polling goes on), the reason says why.
-        phase = bld.old.get("phase") if bld.old.get("phase") in (st.PENDING, st.RUNNING) else st.PENDING
+        phase = bld.old["phase"] if bld.old.get("phase") in (st.PENDING, st.RUNNING) else st.PENDING
         bld.phase(phase, UNKNOWN_STATUS, f"{_job_label(tg)}: {view['message']}")
         return _finish(bld, extra)
     if view is not None and view["phase"] is not None:
@@ -531,8 +532,8 @@ def reconcile_together(
 
 
 def _download(
-    bld: Any, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed, tg: dict[str, Any],
-    extra: list[dict[str, str]], *, image: str, base_url: Optional[str], ensure_config: Any,
+    bld: st._Builder, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed, tg: dict[str, Any],
+    extra: list[dict[str, str]], *, image: str, base_url: Optional[str], ensure_config: Callable[[], None],
 ) -> st.Decision:
     d = bld.decision
     status = bld.status
@@ -560,6 +561,7 @@ def _download(
             bld.cond(st.RUNNING_COND, True, st.DOWNLOADING, msg)
             bld.phase(st.RUNNING, st.DOWNLOADING, msg)
         return _finish(bld, extra)
+    assert djob is not None  # no download Job yet reads as "active", handled above
     dpods = st.pods_of(djob, obs.download_pods)
     if dstate == "failed":
         reason, msg = _failure(djob, dpods, tb.DOWNLOAD_CONTAINER)
@@ -567,14 +569,16 @@ def _download(
             reason = st.ARCHIVE_INVALID
         return _finish_fail(bld, extra, reason, f"download: {msg}")
     message = st.success_message(dpods, tb.DOWNLOAD_CONTAINER)
-    adapter_msg = message.get("adapter") if isinstance(message.get("adapter"), dict) else {}
+    raw_adapter = message.get("adapter")
+    adapter_msg: dict[str, Any] = raw_adapter if isinstance(raw_adapter, dict) else {}
     adapter: dict[str, Any] = {"location": b.adapter_location(spec), "sha256": str(adapter_msg.get("sha256") or "")}
     if adapter_msg.get("manifestSha256"):
         adapter["manifestSha256"] = adapter_msg["manifestSha256"]
     if adapter_msg.get("sizeBytes") is not None:
         adapter["sizeBytes"] = adapter_msg["sizeBytes"]
     status["adapter"] = adapter
-    together_msg = message.get("together") if isinstance(message.get("together"), dict) else {}
+    raw_together = message.get("together")
+    together_msg: dict[str, Any] = raw_together if isinstance(raw_together, dict) else {}
     if together_msg.get("modelOutputName"):
         tg["modelOutputName"] = together_msg["modelOutputName"]
         status["together"] = {k: v for k, v in tg.items() if v is not None and v != []}
@@ -595,7 +599,7 @@ def _download(
     return _finish(bld, extra)
 
 
-def _finish_fail(bld: Any, extra: list[dict[str, str]], reason: str, message: str, *,
+def _finish_fail(bld: st._Builder, extra: list[dict[str, str]], reason: str, message: str, *,
                  invalid: bool = False) -> st.Decision:
     d = bld.fail(reason, message, invalid=invalid)
     transitions = [e for e in d.events if e["reason"] not in MIRRORED_REASONS]

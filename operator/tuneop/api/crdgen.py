@@ -35,13 +35,13 @@ def _convert(node: Any, defs: dict[str, Any], registry: dict[str, type[Model]]) 
     if "$ref" in node:
         name = node["$ref"].split("/")[-1]
         merged = {**copy.deepcopy(defs[name]), **{k: v for k, v in node.items() if k != "$ref"}}
-        out = _convert(merged, defs, registry)
+        resolved = _convert(merged, defs, registry)
         cls = registry.get(name)
         if cls is not None and cls.cel_rules:
-            out["x-kubernetes-validations"] = [
+            resolved["x-kubernetes-validations"] = [
                 {"rule": rule, "message": msg} for rule, msg in cls.cel_rules
             ]
-        return out
+        return resolved
     if "anyOf" in node:
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         rest = {k: v for k, v in node.items() if k != "anyOf"}
@@ -117,7 +117,7 @@ def openapi_schema(model: type[Model]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     registry = _model_registry()
-    schema = _convert(raw, defs, registry)
+    schema: dict[str, Any] = _convert(raw, defs, registry)
     if model.cel_rules:
         schema["x-kubernetes-validations"] = [
             {"rule": r, "message": m} for r, m in model.cel_rules

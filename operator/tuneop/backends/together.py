@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 from ..api.finetunejob import AdapterType, FineTuneJobSpec, LrScheduler, Method
 
@@ -373,7 +374,11 @@ def check_limits(params: dict[str, Any], limits: dict[str, Any]) -> list[str]:
     return out
 
 
-def download_checkpoint(spec: FineTuneJobSpec) -> str:
+# The ``checkpoint`` values of Together's download endpoint.
+DownloadCheckpoint = Literal["merged", "adapter", "model_output_path"]
+
+
+def download_checkpoint(spec: FineTuneJobSpec) -> DownloadCheckpoint:
     """What to download when the job completed: the LoRA adapter, or the full weights."""
     return "model_output_path" if spec.adapter.type == AdapterType.full else "adapter"
 
@@ -820,9 +825,9 @@ class TogetherClient:
         from together.types.finetune_model_limits import FinetuneModelLimits
 
         suffix = params["suffix"]
-        existing = self.find(suffix)
-        if readable_job(existing) is not None:
-            return existing, True
+        adoptable = readable_job(self.find(suffix))
+        if adoptable is not None:
+            return adoptable, True
         model = params.get("model") or str(params.get("from_checkpoint") or "").split(":")[0]
         limits_obj = self._call("model limits", lambda: self._sdk.fine_tuning.model_limits(model_name=model))
         limits = _to_dict(limits_obj)
@@ -851,12 +856,12 @@ class TogetherClient:
                 f"create fine-tune: unreadable reply from Together ({describe_reply(reply)})"), 200)
         # The POST may have created the job even though we got no (good) answer: look for it.
         try:
-            existing = self.find(suffix)
+            adoptable = readable_job(self.find(suffix))
         except TogetherBackendError:
-            existing = None
-        if readable_job(existing) is not None:
-            log.info("adopted Together job %s after a failed create", existing.get("id"))
-            return existing, True
+            adoptable = None
+        if adoptable is not None:
+            log.info("adopted Together job %s after a failed create", adoptable.get("id"))
+            return adoptable, True
         raise err
 
     # -- files
@@ -884,7 +889,7 @@ class TogetherClient:
                 break
             self._sleep(poll_seconds)
             fid = info["id"]
-            info = _to_dict(self._call(f"file {fid}", lambda fid=fid: self._sdk.files.retrieve(fid)))
+            info = _to_dict(self._call(f"file {fid}", functools.partial(self._sdk.files.retrieve, fid)))
         report = info.get("validation_report") or {}
         status = str(info.get("processing_status") or "").upper()
         if (isinstance(report, dict) and report.get("valid") is False) or status in ("FAILED", "INVALID_FORMAT"):
@@ -896,7 +901,7 @@ class TogetherClient:
 
     # -- download
 
-    def download(self, ft_id: str, dest: str, *, checkpoint: str = "adapter",
+    def download(self, ft_id: str, dest: str, *, checkpoint: DownloadCheckpoint = "adapter",
                  max_bytes: int = 64 << 30, limit_source: str = "", attempts: int = 4) -> int:
         """Stream ``GET /v1/finetune/download?ft_id=..&checkpoint=..`` into ``dest`` (written as
         ``dest + ".part"`` then renamed); a broken stream resumes with ``Range: bytes=N-``.

@@ -59,7 +59,9 @@ def _env(spec: FineTuneJobSpec, base_url: Optional[str]) -> list[dict[str, Any]]
     return env
 
 
-def _upload_volumes(ftj: dict[str, Any], spec: FineTuneJobSpec) -> tuple[list[dict], list[dict]]:
+def _upload_volumes(
+    ftj: dict[str, Any], spec: FineTuneJobSpec
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The config, every dataset PVC and ConfigMap, all read-only (no output volume)."""
     name = ftj["metadata"]["name"]
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": b.config_map_name(name)}}]
@@ -85,15 +87,17 @@ def _upload_volumes(ftj: dict[str, Any], spec: FineTuneJobSpec) -> tuple[list[di
     return volumes, mounts
 
 
-def _download_volumes(ftj: dict[str, Any], spec: FineTuneJobSpec) -> tuple[list[dict], list[dict]]:
+def _download_volumes(
+    ftj: dict[str, Any], spec: FineTuneJobSpec
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The config (read-only) and the output PVC (writable)."""
     name = ftj["metadata"]["name"]
     claim = spec.output.pvc.claim_name
-    volumes = [
+    volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": b.config_map_name(name)}},
         {"name": "output", "persistentVolumeClaim": {"claimName": claim}},
     ]
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": b.CONFIG_DIR, "readOnly": True},
         {"name": "output", "mountPath": pod_pvc_dir(claim)},
     ]

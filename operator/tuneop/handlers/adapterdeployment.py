@@ -45,7 +45,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import kopf
 from pydantic import ValidationError
@@ -71,7 +71,7 @@ UNTRUSTED_POD = "UntrustedPod"  # Event reason: a pod with the vLLM pods' labels
 @dataclasses.dataclass
 class AdapterConfig:
     vllm_image: str = vllm.DEFAULT_IMAGE
-    trainer_image: str = b.DEFAULT_TRAINER_IMAGE  # the fetch init containers
+    trainer_image: str = b.DEFAULT_TRAINER_IMAGE  # type: ignore[attr-defined]  # the fetch init containers (re-exported)
     interval: float = 10.0
     admin_timeout: float = 60.0
     admin_port: int = b.CONTAINER_PORT
@@ -85,7 +85,7 @@ CONFIG = AdapterConfig()
 
 _locks = ObjectLocks()
 _lock = _locks.get
-_failures: dict[tuple[str, str, str, str], str] = {}  # (ns, name, op, adapter) -> last failure posted
+_failures: dict[tuple[str, ...], str] = {}  # (ns, name, op, adapter) -> last failure posted
 _ftj_seen: dict[tuple[str, str], Any] = {}
 # (ns, name, adapter) -> (fingerprint, message, monotonic time) of the last base model refusal by a pod
 _base_refused: dict[tuple[str, str, str], tuple[tuple[Any, ...], str, float]] = {}
@@ -110,7 +110,7 @@ def admin_url(pod: dict[str, Any]) -> Optional[str]:
 
 def _event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     try:
-        kopf.event(body, type=type_, reason=reason, message=message)
+        kopf.event(body, type=type_, reason=reason, message=message)  # type: ignore[arg-type]  # kopf accepts dicts
     except Exception:  # noqa: BLE001  (outside kopf's context: no event poster)
         logging.getLogger("tuneop").info("%s: %s", reason, message)
 
@@ -264,7 +264,7 @@ async def _timed(op: str, coro: Any) -> Any:
 
 async def sync_adapters(
     body: dict[str, Any], desired: list[dict[str, Any]], pods: list[dict[str, Any]], admin_token: Optional[str],
-    logger: logging.Logger, *, spec: Optional[AdapterDeploymentSpec] = None,
+    logger: kopf.Logger, *, spec: Optional[AdapterDeploymentSpec] = None,
     finetunejobs: Optional[dict[str, Any]] = None,
 ) -> tuple[dict[str, set[str]], dict[str, Any]]:
     """Make every ready pod serve exactly the ready desired adapters. Returns (what each ready
@@ -283,7 +283,7 @@ async def sync_adapters(
     loaded: dict[str, dict[str, Optional[str]]] = {}
     provides: dict[str, set[str]] = {}
     unreachable: dict[str, str] = {}
-    kw = {"admin_token": admin_token, "timeout": CONFIG.admin_timeout}
+    kw: dict[str, Any] = {"admin_token": admin_token, "timeout": CONFIG.admin_timeout}
     sha = {d["name"]: d.get("sha256") for d in desired}
     for pod in ready:
         pname = pod["metadata"]["name"]
@@ -362,7 +362,7 @@ async def sync_adapters(
     return serving, failures
 
 
-def _warn_untrusted(body: dict[str, Any], untrusted: dict[str, str], logger: logging.Logger) -> None:
+def _warn_untrusted(body: dict[str, Any], untrusted: dict[str, str], logger: kopf.Logger) -> None:
     """One Warning Event ``UntrustedPod`` per pod that carries the vLLM pods' labels but is not the
     Deployment's own (:func:`tuneop.builders.adapterdeployment.trusted_pods`): it gets no admin call."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -398,7 +398,7 @@ def _explain(e: admin.AdminError) -> str:
 
 async def observe_pods(
     kc: kube.KubeClient, body: dict[str, Any], deployment: Optional[dict[str, Any]], pods: list[dict[str, Any]],
-    admin_token: Optional[str], logger: logging.Logger,
+    admin_token: Optional[str], logger: kopf.Logger,
 ) -> Optional[dict[str, Any]]:
     """Why the vLLM pods do not work (None: they do, or are starting). A crash loop gets the last
     line of its previous log: one read per restart of the container (at most one per reconcile),
@@ -441,7 +441,7 @@ def _post_cause(body: dict[str, Any], old_status: dict[str, Any], cause: Optiona
 
 
 async def reconcile_object(
-    namespace: str, name: str, *, logger: Optional[logging.Logger] = None
+    namespace: str, name: str, *, logger: Optional[kopf.Logger] = None
 ) -> Optional[dict[str, Any]]:
     """Children, adapters, status of one AdapterDeployment; returns the new status (None: gone)."""
     log = logger or logging.getLogger("tuneop")
@@ -512,7 +512,7 @@ async def reconcile_object(
         METRICS.observe_reconcile(KIND, result, time.monotonic() - started)
 
 
-async def _reconcile_quietly(namespace: str, name: str, logger: logging.Logger) -> bool:
+async def _reconcile_quietly(namespace: str, name: str, logger: kopf.Logger) -> bool:
     try:
         await reconcile_object(namespace, name, logger=logger)
         return True
@@ -524,18 +524,18 @@ async def _reconcile_quietly(namespace: str, name: str, logger: logging.Logger) 
 # ---------------------------------------------------------------------------------- handlers
 
 
-async def on_change(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+async def on_change(namespace: str, name: str, logger: kopf.Logger, **_: Any) -> None:
     """create / update(spec) / resume."""
     if not await _reconcile_quietly(namespace, name, logger):
         raise kopf.TemporaryError("the Kubernetes API refused a request; retrying", delay=15)
 
 
-async def adapters_timer(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+async def adapters_timer(namespace: str, name: str, logger: kopf.Logger, **_: Any) -> None:
     """Every `interval` seconds: pods restarted, adapters lost, vLLM errors retried."""
     await _reconcile_quietly(namespace, name, logger)
 
 
-async def on_child_event(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+async def on_child_event(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     """A vLLM pod or the Deployment changed (ready, restarted, scaled): reconcile the owner."""
     meta = body.get("metadata") or {}
     owner = (meta.get("labels") or {}).get(b.OWNER_LABEL)
@@ -561,7 +561,7 @@ def ad_by_finetunejob(namespace: Optional[str], name: str, spec: Any, **_: Any) 
     return {(namespace, job): name for job in referenced_jobs(spec)}
 
 
-def ftj_fingerprint(event_type: Optional[str], body: dict[str, Any]) -> Optional[tuple[Any, ...]]:
+def ftj_fingerprint(event_type: Optional[str], body: Mapping[str, Any]) -> Optional[tuple[Any, ...]]:
     """What of a FineTuneJob matters to the AdapterDeployments serving it (None: deleted)."""
     if event_type == "DELETED":
         return None
@@ -573,7 +573,7 @@ def ftj_fingerprint(event_type: Optional[str], body: dict[str, Any]) -> Optional
 
 
 async def on_ftj_event(
-    type: Optional[str], body: kopf.Body, name: str, namespace: str, logger: logging.Logger,
+    type: Optional[str], body: kopf.Body, name: str, namespace: str, logger: kopf.Logger,
     ad_by_finetunejob: Any = None, **_: Any,
 ) -> None:
     """A FineTuneJob's phase, adapter or output changed: reconcile the AdapterDeployments that
@@ -628,14 +628,16 @@ def register(
         kopf.on.cleanup(registry=reg)(finetunejob.cleanup)
         kopf.on.login(registry=reg)(finetunejob.login)
     ad = (GROUP, VERSION, PLURAL)
-    owned = {b.MANAGED_BY: "tuneop", b.OWNER_LABEL: kopf.PRESENT}
-    kopf.on.create(*ad, registry=reg, id="ad-reconcile")(on_change)
-    kopf.on.update(*ad, registry=reg, id="ad-reconcile-spec", field="spec")(on_change)
-    kopf.on.resume(*ad, registry=reg, id="ad-reconcile-resume")(on_change)
-    kopf.on.event(*ad, registry=reg, id="ad-metrics")(on_ad_event)
-    kopf.timer(*ad, registry=reg, id="ad-adapters", interval=CONFIG.interval)(adapters_timer)
-    kopf.on.event("v1", "pods", registry=reg, id="ad-pod", labels=owned)(on_child_event)
-    kopf.on.event("apps", "v1", "deployments", registry=reg, id="ad-deployment", labels=owned)(on_child_event)
+    owned: dict[str, Any] = {b.MANAGED_BY: "tuneop", b.OWNER_LABEL: kopf.PRESENT}
+    # kopf's handler protocols type `namespace` as `str | None` (None only for cluster-scoped resources);
+    # AdapterDeployments are namespaced, so these handlers take a str.
+    kopf.on.create(*ad, registry=reg, id="ad-reconcile")(on_change)  # type: ignore[arg-type]
+    kopf.on.update(*ad, registry=reg, id="ad-reconcile-spec", field="spec")(on_change)  # type: ignore[arg-type]
+    kopf.on.resume(*ad, registry=reg, id="ad-reconcile-resume")(on_change)  # type: ignore[arg-type]
+    kopf.on.event(*ad, registry=reg, id="ad-metrics")(on_ad_event)  # type: ignore[arg-type]
+    kopf.timer(*ad, registry=reg, id="ad-adapters", interval=CONFIG.interval)(adapters_timer)  # type: ignore[arg-type]
+    kopf.on.event("v1", "pods", registry=reg, id="ad-pod", labels=owned)(on_child_event)  # type: ignore[arg-type]
+    kopf.on.event("apps", "v1", "deployments", registry=reg, id="ad-deployment", labels=owned)(on_child_event)  # type: ignore[arg-type]
     kopf.index(*ad, registry=reg, id="ad_by_finetunejob")(ad_by_finetunejob)
-    kopf.on.event(GROUP, VERSION, "finetunejobs", registry=reg, id="ad-finetunejob")(on_ftj_event)
+    kopf.on.event(GROUP, VERSION, "finetunejobs", registry=reg, id="ad-finetunejob")(on_ftj_event)  # type: ignore[arg-type]
     return reg

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import kopf
 
@@ -239,7 +239,7 @@ def login_in_cluster(environ: Any = os.environ, account_dir: str = SERVICE_ACCOU
                                scheme="Bearer", default_namespace=namespace)
 
 
-async def login(settings: kopf.OperatorSettings, logger: logging.Logger, **kwargs: Any) -> Any:
+async def login(settings: kopf.OperatorSettings, logger: kopf.Logger, **kwargs: Any) -> Any:
     """The pod's service account (at the API server's service address), else kopf's own login
     functions; the result is also kept for kube.py."""
     info = None
@@ -306,10 +306,10 @@ async def observe(
     ns, name = meta["namespace"], meta["name"]
     if (body.get("spec") or {}).get("backend") == "together":
         try:
-            spec = st.spec_of(body)
+            together_spec = st.spec_of(body)
         except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
             return st.Observed()
-        return await together.observe(kc, body, spec)
+        return await together.observe(kc, body, together_spec)
     try:
         spec: Optional[Any] = st.spec_of(body)
     except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
@@ -449,7 +449,8 @@ async def apply(
         if direct_events:
             await post_event(kc, body, ev["type"], ev["reason"], ev["message"])
         else:
-            kopf.event(body, type=ev["type"], reason=ev["reason"], message=ev["message"])
+            # kopf types its objects as Body; it reads a plain dict's metadata just the same
+            kopf.event(body, type=ev["type"], reason=ev["reason"], message=ev["message"])  # type: ignore[arg-type]
     METRICS.set_phase(ns, name, decision.status.get("phase"))
     tg = decision.status.get("together") or {}
     if tg:
@@ -469,7 +470,7 @@ def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
 
 
 async def reconcile_object(
-    namespace: str, name: str, *, logger: Optional[logging.Logger] = None,
+    namespace: str, name: str, *, logger: Optional[kopf.Logger] = None,
     prefetch: bool = False, unless_seen: Optional[tuple[str, Optional[str]]] = None,
     assume_new: bool = False, given: Optional[dict[str, Any]] = None, direct_events: bool = False,
 ) -> Optional[st.Decision]:
@@ -493,7 +494,8 @@ async def reconcile_object(
                 return None
             kc = kube.client()
             children = None
-            if assume_new and use_given(given, _observed.get(given)):
+            body: Optional[dict[str, Any]]
+            if assume_new and given is not None and use_given(given, _observed.get(given)):
                 body = typed(dict(given), API_VERSION, KIND)  # given: already a copy of its own (_plain)
             elif prefetch:
                 body, children = await gather(
@@ -555,7 +557,7 @@ async def report_api_error(namespace: str, name: str, error: kube.ApiError, *, d
         return False
 
 
-async def reconcile_or_report(namespace: str, name: str, logger: logging.Logger, **kwargs: Any) -> bool:
+async def reconcile_or_report(namespace: str, name: str, logger: kopf.Logger, **kwargs: Any) -> bool:
     """Reconcile (kwargs: see :func:`reconcile_object`); an API error goes into the status.
     False when even that was impossible."""
     try:
@@ -579,7 +581,7 @@ def _plain(body: Any) -> Optional[dict[str, Any]]:
 
 
 async def on_change(
-    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, status: kopf.Status,
+    namespace: str, name: str, logger: kopf.Logger, spec: kopf.Spec, status: kopf.Status,
     body: kopf.Body, **_: Any,
 ) -> None:
     """create / update(spec) / resume. Waiting (a missing PVC, old Jobs being deleted, an API
@@ -593,18 +595,18 @@ async def on_change(
         raise kopf.TemporaryError("the Kubernetes API is not reachable", delay=15)
 
 
-def _is_waiting(status: kopf.Status, **_: Any) -> bool:
+def _is_waiting(status: Optional[Mapping[str, Any]], **_: Any) -> bool:
     return (status or {}).get("reason") in st.RETRY_REASONS and (status or {}).get("phase") not in st.TERMINAL
 
 
 async def retry_timer(
-    namespace: str, name: str, logger: logging.Logger, spec: kopf.Spec, **_: Any
+    namespace: str, name: str, logger: kopf.Logger, spec: kopf.Spec, **_: Any
 ) -> None:
     await reconcile_or_report(namespace, name, logger, prefetch=_kubernetes_backend(spec))
 
 
 async def on_job_event(
-    type: Optional[str], body: kopf.Body, logger: logging.Logger, **_: Any
+    type: Optional[str], body: kopf.Body, logger: kopf.Logger, **_: Any
 ) -> None:
     """Any change of one of our Jobs: reconcile its owner now, unless the owner's last reconcile
     already saw this very version of the Job (e.g. the ADDED event of the Job it created)."""
@@ -617,7 +619,7 @@ async def on_job_event(
 
 
 async def on_ftj_event(
-    type: Optional[str], name: str, namespace: str, status: kopf.Status, spec: kopf.Spec,
+    type: Optional[str], name: str, namespace: str, status: Optional[Mapping[str, Any]], spec: kopf.Spec,
     uid: Optional[str] = None, **_: Any,
 ) -> None:
     if type == "DELETED":
@@ -643,7 +645,7 @@ def restore_metrics(namespace: str, name: str, status: Any) -> None:
         METRICS.set_cost(namespace, name, cost)
 
 
-def _is_running(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
+def _is_running(status: Optional[Mapping[str, Any]], spec: Optional[Mapping[str, Any]], **_: Any) -> bool:
     return (status or {}).get("phase") in (st.RUNNING, st.EVALUATING) and (spec or {}).get("backend") != "together"
 
 
@@ -690,7 +692,7 @@ class ProgressPoller:
         self._pending.clear()
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._loop(interval), name="tuneop-progress")
-        self._pending_task = loop.create_task(
+        self._pending_task: Optional[asyncio.Task[None]] = loop.create_task(
             self._pending_loop(pending_interval or interval), name="tuneop-pending-pods"
         )
 
@@ -827,10 +829,12 @@ def register(registry: Optional[kopf.OperatorRegistry] = None, config: Optional[
     kopf.on.startup(registry=reg)(startup)
     kopf.on.cleanup(registry=reg)(cleanup)
     kopf.on.login(registry=reg)(login)
-    kopf.on.create(*ftj, registry=reg, id="reconcile")(on_change)
-    kopf.on.update(*ftj, registry=reg, id="reconcile-spec", field="spec")(on_change)
-    kopf.on.resume(*ftj, registry=reg, id="reconcile-resume")(on_change)
-    kopf.on.event(*ftj, registry=reg, id="phase-metrics")(on_ftj_event)
+    # kopf's handler protocols type `namespace` as `str | None` (None only for cluster-scoped
+    # resources); FineTuneJobs are namespaced, so these handlers take a str.
+    kopf.on.create(*ftj, registry=reg, id="reconcile")(on_change)  # type: ignore[arg-type]  # namespace: see above
+    kopf.on.update(*ftj, registry=reg, id="reconcile-spec", field="spec")(on_change)  # type: ignore[arg-type]  # namespace: see above
+    kopf.on.resume(*ftj, registry=reg, id="reconcile-resume")(on_change)  # type: ignore[arg-type]  # namespace: see above
+    kopf.on.event(*ftj, registry=reg, id="phase-metrics")(on_ftj_event)  # type: ignore[arg-type]  # namespace: see above
     kopf.on.event(
         "batch", "v1", "jobs", registry=reg, id="child-job",
         labels={b.MANAGED_BY: "tuneop", b.OWNER_LABEL: kopf.PRESENT},
@@ -838,6 +842,6 @@ def register(registry: Optional[kopf.OperatorRegistry] = None, config: Optional[
     kopf.timer(
         *ftj, registry=reg, id="retry", interval=CONFIG.retry_interval,
         initial_delay=CONFIG.retry_interval, when=_is_waiting,
-    )(retry_timer)
+    )(retry_timer)  # type: ignore[arg-type]  # namespace: see above
     together.register(reg, ftj)
     return reg

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -183,7 +182,7 @@ async def ensure_finalizer(kc: kube.KubeClient, body: dict[str, Any]) -> None:
 
 
 async def run_actions(
-    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, logger: logging.Logger
+    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, logger: kopf.Logger
 ) -> None:
     """The Together calls of ``decision`` (its status is already written); every outcome goes
     through a pure function of together_status and is written at once."""
@@ -207,8 +206,12 @@ async def run_actions(
             elif op == "create":
                 await ensure_finalizer(kc, body)
                 params = action["params"]
+
+                def create(c: T.TogetherClient, params: dict[str, Any] = params) -> tuple[dict[str, Any], bool]:
+                    return c.create_or_adopt(params)
+
                 try:
-                    job, adopted = await with_client(key, lambda c, params=params: c.create_or_adopt(params))
+                    job, adopted = await with_client(key, create)
                 except T.TogetherBackendError as e:
                     logger.warning(f"Together create for {ns}/{name} failed: {e.reason}: {e.message}")
                     result = TS.call_failed(body, op, e.reason, e.message, user_error=e.user_error, now=now,
@@ -217,8 +220,12 @@ async def run_actions(
                     result = TS.job_created(body, job, adopted, now=h.now_iso())
             elif op == "cancel":
                 jid = action["jobId"]
+
+                def cancel(c: T.TogetherClient, jid: str = jid) -> dict[str, Any]:
+                    return c.cancel(jid)
+
                 try:
-                    await with_client(key, lambda c, jid=jid: c.cancel(jid))
+                    await with_client(key, cancel)
                 except T.TogetherBackendError as e:
                     if action.get("stale") and e.status_code == 404:
                         result = TS.stale_cancelled(body, jid, now=now)
@@ -252,13 +259,13 @@ def _is_active(body: kopf.Body, **_: Any) -> bool:
     return TS.needs_poll(dict(body))
 
 
-async def monitor_timer(namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+async def monitor_timer(namespace: str, name: str, logger: kopf.Logger, **_: Any) -> None:
     """Poll Together (through a reconcile: status, progress, events, download when completed)."""
     await _h().reconcile_or_report(namespace, name, logger)
 
 
 async def on_delete(
-    body: kopf.Body, namespace: str, name: str, logger: logging.Logger, retry: int, **_: Any
+    body: kopf.Body, namespace: str, name: str, logger: kopf.Logger, retry: int, **_: Any
 ) -> None:
     """Cancel what still runs at Together before the FineTuneJob goes (nothing left billing).
     Under the object's lock, so a create in flight has recorded its job id first."""
@@ -319,8 +326,10 @@ async def on_delete(
 
 def register(reg: kopf.OperatorRegistry, ftj: tuple[str, str, str]) -> None:
     cfg = _h().CONFIG
-    kopf.on.delete(*ftj, registry=reg, id="together-cancel", when=_needs_finalizer)(on_delete)
+    # kopf's handler protocols type `namespace` as `str | None` (None only for cluster-scoped
+    # resources); FineTuneJobs are namespaced, so these handlers take a str.
+    kopf.on.delete(*ftj, registry=reg, id="together-cancel", when=_needs_finalizer)(on_delete)  # type: ignore[arg-type]
     kopf.timer(
         *ftj, registry=reg, id="together-monitor", interval=cfg.together_poll_interval,
         when=_is_active,
-    )(monitor_timer)
+    )(monitor_timer)  # type: ignore[arg-type]

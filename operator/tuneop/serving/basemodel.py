@@ -15,7 +15,7 @@ the same rule earlier, without asking a pod, where it can:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from ..api.adapterdeployment import AdapterDeploymentSpec
 from . import guard
@@ -33,7 +33,7 @@ def allowed(spec: AdapterDeploymentSpec) -> dict[str, bool]:
 def early_refusals(
     spec: AdapterDeploymentSpec,
     finetunejobs: Mapping[str, Optional[Mapping[str, Any]]],
-    desired: Optional[list[Mapping[str, Any]]] = None,
+    desired: Optional[Sequence[Mapping[str, Any]]] = None,
 ) -> dict[str, str]:
     """Adapter name -> why it is refused without asking a pod (see the module docstring). Only
     ``fineTuneJobRef`` adapters that are ready to load (``desired``'s ``ready``, when given)."""

@@ -695,8 +695,8 @@ class AdminGuard:
         try:
             reason = self._credential(headers)
             if reason is not None:
-                status = 401 if reason == MISSING_CREDENTIAL else 403
-                raise Refused(reason, "only the tuneop operator may load or unload adapters", status)
+                code = 401 if reason == MISSING_CREDENTIAL else 403
+                raise Refused(reason, "only the tuneop operator may load or unload adapters", code)
             if scope.get("method") != "POST":
                 raise Refused(BAD_METHOD, f"{path} accepts POST only", 405)
             body = await _read_body(receive)

@@ -70,7 +70,8 @@ def parse_config(doc: Any) -> JobConfig:
         validation=raw.get("validation") or None,
         test=raw.get("test") or None,
     )
-    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    raw_metadata = doc.get("metadata")
+    metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
     return JobConfig(spec=spec, paths=paths, metadata=metadata)
 
 

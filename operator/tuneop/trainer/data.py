@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from ..api.finetunejob import Method
 from .config import JobConfig
@@ -27,9 +27,10 @@ def display(path: str) -> str:
     return redact_url(path) if is_url(path) else path
 
 
-def holdout_split(
-    rows: list[dict[str, Any]], fraction: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+_Row = TypeVar("_Row")
+
+
+def holdout_split(rows: list[_Row], fraction: float, seed: int) -> tuple[list[_Row], list[_Row]]:
     """Seeded hold-out of `fraction` of rows (at least one, never all) -> (train, validation)."""
     if not fraction or len(rows) < 2:
         return list(rows), []
@@ -129,19 +130,24 @@ def _read(path: str, declared: str, split: str, shown: str) -> tuple[str, list[d
 
 def load(cfg: JobConfig, local: dict[str, Optional[str]]) -> Splits:
     declared = _declared(cfg)
-    fmt, train = _read(local["train"], declared, "train", display(cfg.paths.train))
+    train_path = local["train"]
+    assert train_path is not None  # paths.train is required: local_paths maps it to a file
+    fmt, train = _read(train_path, declared, "train", display(cfg.paths.train))
     check_method_format(cfg.spec.method, fmt)
     validation: list[dict[str, Any]] = []
-    if local.get("validation"):
-        vfmt, validation = _read(local["validation"], declared, "validation", display(cfg.paths.validation))
+    validation_path = local.get("validation")
+    if validation_path:
+        vfmt, validation = _read(validation_path, declared, "validation",
+                                 display(cfg.paths.validation or validation_path))
         if vfmt != fmt:
             raise TrainerError(DATASET_INVALID, f"validation rows are {vfmt} but training rows are {fmt}")
     elif cfg.spec.dataset.validation_split:
         train, validation = holdout_split(train, cfg.spec.dataset.validation_split, cfg.spec.hyperparameters.seed)
     test: list[dict[str, Any]] = []
     test_fmt = None
-    if local.get("test"):
-        test_fmt, test = _read(local["test"], declared, "test", display(cfg.paths.test))
+    test_path = local.get("test")
+    if test_path:
+        test_fmt, test = _read(test_path, declared, "test", display(cfg.paths.test or test_path))
     return Splits(format=fmt, train=train, validation=validation, test=test, test_format=test_fmt)
 
 

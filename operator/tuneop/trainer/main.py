@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import traceback
-from typing import IO, Any, Optional
+from typing import IO, TYPE_CHECKING, Any, Optional
 
 from ..api.finetunejob import AdapterType, Method
 from . import config as C
@@ -26,6 +26,9 @@ from .progress import EvalProgress, LinePrinter, progress_mode
 from .termination import EXIT_CODE as INTERRUPTED_EXIT_CODE
 from .termination import Interrupted, Termination, grace_seconds
 
+if TYPE_CHECKING:
+    from transformers import Trainer
+
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tuneop.trainer", description=__doc__)
@@ -40,11 +43,14 @@ def claim_stdout() -> IO[str]:
     """stdout carries only our JSON events. When running as a real process, file descriptor 1 is
     pointed at stderr (so prints from libraries, C code included, land there) and the events get
     a private duplicate of the original stdout."""
-    if sys.stdout is not sys.__stdout__:
+    real_out, real_err = sys.__stdout__, sys.__stderr__
+    if real_out is None or real_err is None:
+        return sys.stdout  # no process streams to redirect
+    if sys.stdout is not real_out:
         return sys.stdout  # embedded (tests calling main()): leave the host's streams alone
     try:
-        fd = sys.__stdout__.fileno()
-        err = sys.__stderr__.fileno()
+        fd = real_out.fileno()
+        err = real_err.fileno()
     except (AttributeError, OSError, ValueError):
         return sys.stdout
     sys.stdout.flush()
@@ -152,7 +158,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     local = D.local_paths(cfg)
     # what this run trains (spec + data content): names its checkpoints, marks its adapter
     data_sha256 = {
-        split: sha256_file(local[split]) if local.get(split) and os.path.isfile(local[split]) else None
+        split: sha256_file(split_path) if (split_path := local.get(split)) and os.path.isfile(split_path) else None
         for split in ("train", "validation")
     }
     fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256)
@@ -265,6 +271,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
         # the marker before the checkpoint event: a checkpoint is announced once it is complete
         callbacks=[*([budget] if budget is not None else []), marker, StopOnSignal(termination), callback],
     )
+    trainer: Trainer
     if method == Method.dpo:
         from trl import DPOConfig, DPOTrainer
 
@@ -350,7 +357,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     if resume:
         metrics["resumed_from"] = resume
     if budget is not None:
-        metrics["time_budget_seconds"] = int(hp.max_train_seconds)
+        metrics["time_budget_seconds"] = int(budget.budget)  # hp.max_train_seconds, set when there is a budget
         metrics["stopped_by_time_budget"] = budget.stopped
 
     evaluation = None

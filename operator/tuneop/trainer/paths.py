@@ -34,7 +34,9 @@ class ModelSource:
 
 
 def is_url(path: Optional[str]) -> bool:
-    return bool(path) and path.split("://", 1)[0].lower() in ("http", "https") and "://" in path
+    if not path:
+        return False
+    return path.split("://", 1)[0].lower() in ("http", "https") and "://" in path
 
 
 def resolve_pkg(ref: str) -> str:
