@@ -102,6 +102,13 @@ def floor_job(name: str, namespace: str, owner: dict[str, Any]) -> dict[str, Any
 # ---------------------------------------------------------------------------------- children
 
 
+def settled(status: Any) -> bool:
+    """The status says the training Job is there: Running, or Pending(TrainingPending) while its pods
+    cannot start (on a cluster the benchmark's namespace allows no pods: a ResourceQuota of 0)."""
+    st = status if isinstance(status, dict) else {}
+    return st.get("phase") == "Running" or (st.get("phase") == "Pending" and st.get("reason") == "TrainingPending")
+
+
 def child_tuneop() -> None:
     import kopf
 
@@ -276,7 +283,7 @@ class KMockApi:
                         rec.cond.notify_all()
                 elif request.action == update and plural == PLURAL and request.subresource == "status":
                     data = request.data if isinstance(request.data, dict) else {}
-                    if (data.get("status") or {}).get("phase") == "Running":
+                    if settled(data.get("status")):
                         with rec.cond:
                             rec.running.setdefault(request.name, now)
                             rec.cond.notify_all()
@@ -374,7 +381,7 @@ class ClusterApi:
             if self._stop.is_set():
                 return
             obj = ev["object"]
-            if (obj.get("status") or {}).get("phase") == "Running":
+            if settled(obj.get("status")):
                 with self.rec.cond:
                     self.rec.running.setdefault(obj["metadata"]["name"], time.monotonic())
                     self.rec.cond.notify_all()
