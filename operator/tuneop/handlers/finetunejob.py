@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from typing import Any, Mapping, Optional
 
 import kopf
@@ -372,10 +373,12 @@ class SeenJobs:
     reconcile the same inputs again: the Job event handler skips it."""
 
     def __init__(self) -> None:
-        self._rv: dict[tuple[int, str, str], dict[str, str]] = {}
+        # keyed by the loop object itself (weakly): id() of a closed loop is reused by the next one
+        self._rv: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], dict[str, str]]] = (
+            weakref.WeakKeyDictionary())
 
-    def _key(self, namespace: str, owner: str) -> tuple[int, str, str]:
-        return (id(asyncio.get_running_loop()), namespace, owner)
+    def _of_loop(self) -> dict[tuple[str, str], dict[str, str]]:
+        return self._rv.setdefault(asyncio.get_running_loop(), {})
 
     def remember(self, namespace: str, owner: str, jobs: Any) -> None:
         seen: dict[str, str] = {}
@@ -383,14 +386,14 @@ class SeenJobs:
             meta = (job or {}).get("metadata") or {}
             if meta.get("name") and meta.get("resourceVersion"):
                 seen[meta["name"]] = str(meta["resourceVersion"])
-        self._rv[self._key(namespace, owner)] = seen
+        self._of_loop()[(namespace, owner)] = seen
 
     def seen(self, namespace: str, owner: str, job: str, resource_version: Optional[str]) -> bool:
-        rv = self._rv.get(self._key(namespace, owner), {}).get(job)
+        rv = self._of_loop().get((namespace, owner), {}).get(job)
         return rv is not None and rv == resource_version
 
     def forget(self, namespace: str, owner: str) -> None:
-        self._rv.pop(self._key(namespace, owner), None)
+        self._of_loop().pop((namespace, owner), None)
 
 
 _seen_jobs = SeenJobs()
