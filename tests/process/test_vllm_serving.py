@@ -278,16 +278,7 @@ async def test_operator_admin_client_against_the_real_server(client, adapters, s
 
 
 def _raw(server, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> int:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode() if body else None,
-                                 method=method, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
+    return _call(server, method, path, headers, body=body)[0]
 
 
 def test_only_the_operator_can_change_what_is_served(client, server, adapters, adapter_root, servable_model) -> None:
@@ -351,12 +342,14 @@ def test_only_the_operator_can_change_what_is_served(client, server, adapters, a
     assert client.unload_adapter(B).outcome is Outcome.UNLOADED
 
 
-def _call(server, method: str, path: str, headers: dict | None = None) -> tuple[int, dict]:
+def _call(server, method: str, path: str, headers: dict | None = None, *, body: dict | None = None,
+          ) -> tuple[int, dict]:
+    """(status, JSON object of the answer or {}); a POST without a body sends {}."""
     import urllib.error
     import urllib.request
 
-    body = b"{}" if method in ("POST", "PUT", "PATCH") else None
-    req = urllib.request.Request(server.url + path, data=body, method=method,
+    data = json.dumps(body).encode() if body else (b"{}" if method in ("POST", "PUT", "PATCH") else None)
+    req = urllib.request.Request(server.url + path, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:

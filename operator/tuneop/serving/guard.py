@@ -187,14 +187,6 @@ def check_path(path: Any, roots: Sequence[str]) -> str:
     return norm
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _listing(src: str, roots: Sequence[str]) -> dict[str, str]:
     """Every file under the adapter directory ``src``: relative POSIX name -> the path to read.
     A symlinked file must lead to a file under the roots; a symlinked directory is refused."""
