@@ -37,6 +37,6 @@ for t in "${targets[@]}"; do
   esac
   image="$REGISTRY/$t:$TAG"
   echo "build-images: $image"
-  "$DOCKER" build "${args[@]}" -f "images/$t/Dockerfile" -t "$image" .
+  "$DOCKER" build --force-rm "${args[@]}" -f "images/$t/Dockerfile" -t "$image" .
   if [ "${PUSH:-0}" = 1 ]; then "$DOCKER" push "$image"; fi
 done

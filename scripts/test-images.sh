@@ -65,7 +65,7 @@ for t in operator trainer-cpu vllm-cpu; do
     >/tmp/tuneop-build-images-$t.log 2>&1 || {
     if grep -q "No space left on device" /tmp/tuneop-build-images-$t.log; then
       say "$t not built: the disk under $root filled up while building it (its tests are skipped)"
-      docker image prune -f >/dev/null 2>&1 || true; continue
+      docker container prune -f >/dev/null 2>&1 || true; docker image prune -f >/dev/null 2>&1 || true; continue
     fi
     tail -40 /tmp/tuneop-build-images-$t.log; say "image build failed: $t"; exit 1; }
   docker image inspect -f "test-images: $REGISTRY/$t:$TAG {{.Size}} bytes" "$REGISTRY/$t:$TAG"
