@@ -26,6 +26,13 @@ installed) the same runs go against that cluster in a fresh namespace whose Reso
 no pods; times then come from a watch in this process (less precise, includes watch latency).
 On a cluster the two watches (Jobs, FineTuneJobs) are independent: a run waits for both.
 
+tuneop on other Kubernetes client libraries (issue #17): operators ``tuneop-lightkube`` and
+``tuneop-kubernetes_asyncio`` are the same real operator with ``tuneop.kube.KubeClient`` replaced
+by the library-backed drop-ins of ``benchmarks/kube_clients.py`` (``pip install lightkube
+kubernetes_asyncio`` first; not tuneop dependencies), e.g. ``--operators
+tuneop,tuneop-lightkube,tuneop-kubernetes_asyncio,kopf``; the table adds their ratios to ``tuneop``.
+``tuneop-kubernetes_asyncio-noenv``: kubernetes_asyncio with its aiohttp session's trust_env turned off.
+
 Results: a table on stdout and JSON in ``benchmarks/results/operator_speed-<time>.json``.
 Internal: ``operator_speed.py _child {tuneop|kopf|watch}`` is one operator process.
 """
@@ -57,8 +64,25 @@ ROWS = "\n".join(
     for i in range(20)
 )
 OPERATORS = ("tuneop", "base", "kopf", "watch")  # base: tuneop from --base DIR (before/after)
+# tuneop with tuneop.kube.KubeClient swapped for a library-backed one (benchmarks/kube_clients.py)
+KUBE_CLIENT_VARIANTS = ("tuneop-lightkube", "tuneop-kubernetes_asyncio", "tuneop-kubernetes_asyncio-noenv")
+
+
+def is_tuneop(operator: str) -> bool:
+    """The real operator: tuneop, base, or tuneop on another Kubernetes client library."""
+    return operator in ("tuneop", "base") or operator in KUBE_CLIENT_VARIANTS
+
+
 # Goals of issue #8 on a real kube-apiserver (2 cores), and the floors measured there.
 GOALS = {"p50_ms": 30, "p95_ms": 80, "burst_s": 5.0, "rss_mb": 130}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def ftj(name: str) -> dict[str, Any]:
@@ -116,6 +140,13 @@ def child_tuneop() -> None:
     from tuneop.handlers import run_operator
 
     print(f"tuneop from {tuneop.__file__}", flush=True)
+    kube_client = os.environ.get("BENCH_KUBE_CLIENT")
+    if kube_client:  # the same operator on another client library (benchmarks/kube_clients.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import kube_clients
+
+        cls = kube_clients.install(kube_client)
+        print(f"tuneop.kube.KubeClient is {cls.__module__}.{cls.__name__}", flush=True)
     settings = kopf.OperatorSettings()
     # kmock cannot serve kopf's namespace/CRD scanning; the watched namespace is named anyway.
     settings.scanning.disabled = os.environ.get("BENCH_SCANNING") != "1"
@@ -318,7 +349,7 @@ class KMockApi:
         self.server.create(FTJ_PATH.format(ns=self.ns), ftj(name))
 
     def ready(self, operator: str, timeout: float = 60) -> bool:
-        need = {PLURAL, "jobs"} if operator in ("tuneop", "base") else {PLURAL}
+        need = {PLURAL, "jobs"} if is_tuneop(operator) else {PLURAL}
         return self.rec.wait(lambda: need <= self.rec.watching, timeout)
 
     def stop(self) -> None:
@@ -416,9 +447,11 @@ class Child:
         env.setdefault("OMP_NUM_THREADS", "1")
         if profile is not None:
             env["BENCH_PROFILE"] = str(profile)
+        if operator in KUBE_CLIENT_VARIANTS:
+            env["BENCH_KUBE_CLIENT"] = operator.split("-", 1)[1]
         self.log = workdir / f"{operator}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "_child", "tuneop" if operator == "base" else operator], env=env,
+            [sys.executable, __file__, "_child", "tuneop" if is_tuneop(operator) else operator], env=env,
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
         )
 
@@ -462,7 +495,7 @@ def settle(rec: Recorder, quiet: float = 0.05, limit: float = 3.0) -> None:
 
 
 def done_check(rec: Recorder, names: list[str], operator: str) -> Any:
-    if operator in ("tuneop", "base"):
+    if is_tuneop(operator):
         # the Job too: on a real cluster the status can be seen Running before the Job's watch event
         # reaches this process (the two watches are independent)
         return lambda: all(n in rec.running and n in rec.job_created for n in names)
@@ -512,7 +545,7 @@ def run_operator_phase(operator: str, phase: str, count: int, args: argparse.Nam
             first = min(rec.ftj_created[n] for n in names)
             out["created_s"] = max(rec.ftj_created[n] for n in names) - first
             out["jobs_s"] = max(rec.job_created[n] for n in names) - first
-            if operator in ("tuneop", "base"):
+            if is_tuneop(operator):
                 out["running_s"] = max(rec.running[n] for n in names) - first
             settle(rec, 0.5, 30)
             out["duplicate_jobs"] = sum(max(0, rec.job_creates.get(n, 0) - 1) for n in names)
@@ -556,9 +589,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("RSS idle", "rss", "rss_idle_mb", " MB"),
         ("RSS with objects", "rss", "rss_mb", " MB"),
     ]
-    ops = [o for o in OPERATORS if o in results]
-    floors = [o for o in ops if o != "tuneop"]
-    head = ["", *ops, *[f"tuneop/{f}" for f in floors if "tuneop" in results]]
+    ops = [o for o in (*OPERATORS[:1], *KUBE_CLIENT_VARIANTS, *OPERATORS[1:]) if o in results]
+    variants = [o for o in ops if o in KUBE_CLIENT_VARIANTS and "tuneop" in results]
+    floors = [o for o in ops if o != "tuneop" and o not in KUBE_CLIENT_VARIANTS]
+    head = ["", *ops, *[f"tuneop/{f}" for f in floors if "tuneop" in results], *[f"{v}/tuneop" for v in variants]]
     lines = [head]
     for label, phase, key, unit in rows:
         vals = [(results[o].get(phase) or {}).get(key) for o in ops]
@@ -572,6 +606,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 fk = {"running_s": "jobs_s", "status_p50_ms": "p50_ms", "status_p95_ms": "p95_ms"}.get(key, key)
                 fv = (results[f].get(phase) or {}).get(fk)
                 line.append(f"{t / fv:.2f}x" if isinstance(t, (int, float)) and fv and key != "duplicate_jobs" else "")
+            for v in variants:  # the same operator on another client library vs the hand-written one
+                vv = (results[v].get(phase) or {}).get(key)
+                line.append(f"{vv / t:.2f}x" if isinstance(vv, (int, float)) and t and key != "duplicate_jobs" else "")
         lines.append(line)
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in lines)
@@ -587,7 +624,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--n", type=int, default=200, help="FineTuneJobs created at once (b)")
     p.add_argument("--seq", type=int, default=None, help="sequential creates for p50/p95 (a); default --n")
     p.add_argument("--rss-objects", type=int, default=1000, help="FineTuneJobs for the RSS figure (c); 0 skips")
-    p.add_argument("--operators", default="tuneop,kopf,watch", help="which of tuneop,base,kopf,watch")
+    p.add_argument("--operators", default="tuneop,kopf,watch",
+                   help="which of tuneop,base,kopf,watch," + ",".join(KUBE_CLIENT_VARIANTS))
     p.add_argument("--base", type=Path, help="another source tree (e.g. `git archive HEAD operator`) run as operator 'base'")
     p.add_argument("--cluster", action="store_true", help="use the cluster of $KUBECONFIG instead of kmock")
     p.add_argument("--profile", action="store_true", help="cProfile tuneop's process (written next to the JSON)")
@@ -616,12 +654,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  {op:6s} {phase:5s} n={count}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
     import kopf
 
+    libraries = {}
+    for op in operators:
+        if op in KUBE_CLIENT_VARIANTS:
+            from importlib.metadata import version
+
+            lib = op.split("-")[1]
+            libraries[lib] = version(lib)
     report = {
         "benchmark": "operator_speed",
         "time": stamp,
         "api_server": "cluster" if args.cluster else "kmock",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(), "platform": platform.platform()},
         "kopf": kopf.__version__ if hasattr(kopf, "__version__") else "",
+        **({"kube_client_libraries": libraries} if libraries else {}),
         "args": {"n": args.n, "seq": args.seq or args.n, "rss_objects": args.rss_objects},
         "goals_real_apiserver": GOALS,
         "results": results,
