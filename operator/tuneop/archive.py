@@ -1,6 +1,6 @@
 """Safe extraction of downloaded model archives, and the adapter layout they end in.
 
-Shared by the Together download pod (``tuneop.together_job download``) and, later, adapter URL
+Shared by the Together download pod (``python -m tuneop.backends.together.pod download``) and, later, adapter URL
 downloads. No torch here.
 
 ``size_limit(*, adapter_type, lora_r, models, free_bytes) -> (max_bytes, source)``
@@ -51,6 +51,8 @@ import tarfile
 import tempfile
 import zlib
 from typing import IO, Any, Iterable, Optional, cast
+
+from .trainer.manifest import MANIFEST, dir_size, sha256_file, weights_file, write_adapter_dir
 
 __all__ = [
     "ArchiveError",
@@ -379,7 +381,6 @@ def write_adapter_layout(
 ) -> dict[str, Any]:
     """See the module docstring. Returns the manifest written to
     ``<out_dir>/adapter/tuneop-manifest.json``."""
-    from .trainer.manifest import MANIFEST, write_adapter_dir
 
     _check_adapter_files(src_dir, adapter_type)
     names = sorted(
@@ -406,7 +407,6 @@ def write_adapter_layout(
 
 def adapter_summary(adapter_dir: str) -> dict[str, Any]:
     """``{"path", "sha256" (of the weights file), "manifestSha256", "sizeBytes"}``."""
-    from .trainer.manifest import MANIFEST, dir_size, sha256_file, weights_file
 
     manifest_path = os.path.join(adapter_dir, MANIFEST)
     with open(manifest_path, "rb") as f:

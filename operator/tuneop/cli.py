@@ -10,6 +10,24 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from pydantic import ValidationError
+
+from . import backends, handlers
+from . import workload_defaults as wd
+from .api.crdgen import all_crds, render_yaml
+from .api.reference import render as render_reference
+from .builders import adapterdeployment as ab
+from .dataset import check_file
+from .jobconfig import local_pvc_resolver, resolve
+from .manifests import ManifestError, format_validation_error, load_documents, load_finetunejob
+from .quickstart import write as write_quickstart
+from .serving import adapters as sa
+from .trainer.errors import TrainerError
+from .trainer.export import export_model
+from .trainer.paths import resolve_model
+from .trainer.progress import progress_mode
+
 DEFAULT_TRAINER_IMAGE = os.environ.get("TUNEOP_TRAINER_IMAGE", "ghcr.io/tuneop/trainer:0.1.0")
 
 
@@ -20,13 +38,9 @@ def _err(msg: str) -> int:
 
 # ---------------------------------------------------------------- crds
 def cmd_crds(args: argparse.Namespace) -> int:
-    from .api.crdgen import all_crds, render_yaml
-
     crds = all_crds()
     if args.reference:
-        from .api.reference import render
-
-        Path(args.reference).write_text(render())
+        Path(args.reference).write_text(render_reference())
         print(f"wrote {args.reference}")
     if args.out:
         out = Path(args.out)
@@ -41,9 +55,6 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- validate
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .dataset import check_file
-    from .manifests import ManifestError, load_finetunejob
-
     path = Path(args.file)
     if path.suffix in (".yaml", ".yml"):
         try:
@@ -82,8 +93,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def local_problems(spec: Any, paths: dict[str, Any]) -> list[str]:
     """What `tuneop run` would refuse in a FineTuneJob's local files, each naming the field: the base
     model (a .gguf file, a directory, pkg://) and the dataset files, as resolved for this machine."""
-    from .trainer.errors import TrainerError
-    from .trainer.paths import resolve_model
 
     out = []
     try:
@@ -107,10 +116,7 @@ def local_problems(spec: Any, paths: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------- render
 def cmd_render(args: argparse.Namespace) -> int:
-    import yaml
 
-    from .builders import finetunejob as b
-    from .manifests import ManifestError, format_validation_error, load_documents, load_finetunejob
 
     try:
         docs = [(d, i) for d, i in load_documents(args.file) if isinstance(d, dict)]
@@ -121,10 +127,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     if first is not None and first.get("kind") == "AdapterDeployment":
         # An AdapterDeployment: its FineTuneJob refs resolve against FineTuneJobs in the same
         # file (never Succeeded here, so their adapters show as waiting).
-        from pydantic import ValidationError
-
-        from .builders import adapterdeployment as ab
-        from .serving import adapters as sa
 
         doc = dict(first)
         index = next(i for d, i in docs if d is first)
@@ -160,7 +162,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         meta.setdefault("generation", 1)
         doc["metadata"] = meta
         doc["spec"] = job["spec"].to_dict()
-        manifests = b.build_all(doc, image=args.image)
+        manifests = backends.children(doc, image=args.image)
 
     class _Dumper(yaml.SafeDumper):
         pass
@@ -176,8 +178,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- run
 def _resolve_local(job: dict[str, Any], yaml_path: Path, volumes: list[str]) -> dict[str, Any]:
-    from .jobconfig import local_pvc_resolver, resolve
-
     overrides = {}
     for v in volumes:
         claim, _, directory = v.partition("=")
@@ -242,17 +242,14 @@ def summary_table(events: dict[str, dict[str, Any]], wall_seconds: float) -> str
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .manifests import ManifestError, load_finetunejob
-    from .trainer.progress import progress_mode
-
     path = Path(args.file)
     try:
         job = load_finetunejob(path)
     except (ManifestError, OSError) as exc:
         return _err(str(exc))
     spec = job["spec"]
-    if spec.backend.value != "kubernetes":
-        return _err(f"tuneop run runs backend: kubernetes jobs locally; this one is backend: {spec.backend.value}")
+    if spec.backend != "kubernetes":
+        return _err(f"tuneop run runs backend: kubernetes jobs locally; this one is backend: {spec.backend}")
     resolved = _resolve_local(job, path, args.volume or [])
     if args.output:
         resolved["paths"]["output"] = str(Path(args.output).resolve())
@@ -313,15 +310,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- operator
 def cmd_operator(args: argparse.Namespace) -> int:
-    from . import workload_defaults as wd
-    from .handlers import run_operator
-
     try:
         defaults = wd.parse(args.workload_defaults)
     except wd.DefaultsError as exc:
         return _err(f"--workload-defaults / ${wd.ENV}: {exc}")
     namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
-    run_operator(
+    handlers.run_operator(
         workload_defaults=defaults,
         namespaces=namespaces,
         metrics_port=args.metrics_port,
@@ -332,14 +326,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
         vllm_image=args.vllm_image,
         adapter_interval=args.adapter_interval,
         verbose=args.verbose,
+        peering_name=args.peering,
+        priority=args.priority,
     )
     return 0
 
 
 def cmd_quickstart_data(args: argparse.Namespace) -> int:
-    from .quickstart import write
-
-    for split, p in write(Path(args.dir), seed=args.seed).items():
+    for split, p in write_quickstart(Path(args.dir), seed=args.seed).items():
         print(f"{split}: {p}")
     return 0
 
@@ -347,8 +341,6 @@ def cmd_quickstart_data(args: argparse.Namespace) -> int:
 def cmd_export_model(args: argparse.Namespace) -> int:
     """A base model as the trainer loads it (pkg://, a .gguf file, a directory, a hub id) saved as a plain
     Hugging Face directory, e.g. the quickstart's GGUF for a vLLM model volume."""
-    from .trainer.errors import TrainerError
-    from .trainer.export import export_model
 
     try:
         info = export_model(args.model, Path(args.dir), dtype=args.dtype)
@@ -412,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workload-defaults", default=os.environ.get("TUNEOP_WORKLOAD_DEFAULTS"),
                    help="JSON: the platform's nodeSelector/tolerations/cpu/memory for created pods, "
                         '{"trainer": {...}, "vllm": {...}} (default: $TUNEOP_WORKLOAD_DEFAULTS)')
+    s.add_argument("--peering", metavar="NAME", default=None,
+                   help="run as one of several replicas: kopf peering through the KopfPeering NAME in each "
+                        "--namespace (ClusterKopfPeering NAME cluster-wide), created if missing; only the "
+                        "replica with the highest priority acts (default: standalone, one replica)")
+    s.add_argument("--priority", type=int, default=None,
+                   help="this replica's peering priority (default: the oldest replica has the highest)")
     s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=cmd_operator)
 

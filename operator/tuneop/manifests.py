@@ -8,6 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from .api.common import API_VERSION
+from .api.finetunejob import KIND, FineTuneJobSpec
 
 
 class ManifestError(ValueError):
@@ -81,7 +82,6 @@ def load_documents(path: str | Path) -> list[tuple[dict[str, Any], dict[tuple, i
 
 def load_finetunejob(path: str | Path) -> dict[str, Any]:
     """The first FineTuneJob in a YAML file, its spec validated; errors name field and line."""
-    from .api.finetunejob import KIND, FineTuneJobSpec
 
     for doc, index in load_documents(path):
         if not isinstance(doc, dict) or doc.get("kind") != KIND:

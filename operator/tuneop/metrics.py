@@ -7,7 +7,7 @@
   of each training job; removed when the job is deleted (:meth:`Metrics.forget`).
 - ``tuneop_finetunejob_cost_usd{namespace,name}``: price of a backend-together job so far (USD).
 - ``tuneop_together_requests_total{method,code}``: requests to the Together API
-  (:class:`tuneop.backends.together_metrics.TogetherRequestMetrics`).
+  (:class:`TogetherRequestMetrics`, the ``on_request`` callback of the Together client).
 - ``tuneop_adapterdeployment_replicas{namespace,name,state=desired|ready}``: vLLM pods.
 - ``tuneop_adapters{namespace,name,state=desired|loaded}``: adapters in the spec / loaded on
   every ready pod.
@@ -22,7 +22,28 @@ from typing import Any, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import start_http_server as _start_http_server
 
-from .backends.together_metrics import TogetherRequestMetrics
+
+class TogetherRequestMetrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "tuneop_together_requests",
+            "HTTP requests sent to the Together API, by method and status code ('error': no response).",
+            ["method", "code"],
+            registry=self.registry,
+        )
+
+    def record(self, method: str, code: str) -> None:
+        """The ``on_request`` callback of :class:`tuneop.backends.together.client.TogetherClient`."""
+        self.requests.labels(method=method.upper(), code=str(code)).inc()
+
+    def value(self, method: str, code: str) -> float:
+        """Current count (tests)."""
+        v = self.registry.get_sample_value(
+            "tuneop_together_requests_total", {"method": method.upper(), "code": str(code)}
+        )
+        return v or 0.0
+
 
 PHASES = ("Pending", "Validating", "Running", "Evaluating", "Succeeded", "Failed", "Suspended")
 

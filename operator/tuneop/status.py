@@ -1,12 +1,13 @@
 """The FineTuneJob reducer: what exists -> what to do and the new status. Pure: no I/O, no kopf.
 
-``reconcile(body, observed, image=..., now=...)`` takes the FineTuneJob as a dict and an
-:class:`Observed` (children, their pods, missing dependencies, the operator's own checks of
+``tuneop.backends.reconcile(body, observed, image=..., now=...)`` takes the FineTuneJob as a dict
+and an :class:`Observed` (children, their pods, missing dependencies, the operator's own checks of
 ConfigMap datasets) and returns a :class:`Decision`: manifests to create, merge patches, objects
-to delete, the complete new ``status``, one Event per transition, and when to look again.
-
-``backend: together`` is handed to :mod:`tuneop.together_status` (same builder, conditions and
-Events; its own children and Together calls). For backend kubernetes:
+to delete, the complete new ``status``, one Event per transition, and when to look again. It runs
+:func:`begin` (what every backend shares: the spec, a finished job) and then the backend's
+reducer. This module holds what backends share (the status builder, conditions, Events, pod and
+Job reading) and the reducer of backend kubernetes, :func:`reconcile_kubernetes`;
+``backend: together`` has its own in :mod:`tuneop.backends.together.status`. For backend kubernetes:
 
 State machine of one spec (``status.specHash`` = hash of the spec without ``suspend``)::
 
@@ -45,8 +46,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from . import podcauses
-from .api.finetunejob import AdapterType, Backend, FineTuneJobSpec, parse_spec
+from .api.finetunejob import AdapterType, FineTuneJobSpec, parse_spec
 from .builders import finetunejob as b
+from .dataset import DatasetReport
+from .workload_defaults import apply_to_pod
 
 # Phases
 PENDING = "Pending"
@@ -95,7 +98,7 @@ ADAPTER_REUSED = "AdapterReused"
 SUSPENDED_REASON = "Suspended"
 SUCCEEDED_REASON = "Succeeded"
 
-# backend: together (see together_status.py)
+# backend: together (see backends/together/status.py)
 UNSUPPORTED_BY_BACKEND = "UnsupportedByBackend"
 TOGETHER_LIMITS = "TogetherLimits"
 TOGETHER_REJECTED = "TogetherRejected"
@@ -610,8 +613,6 @@ def failure_of(
 
 def _report_summary(report: dict[str, Any]) -> str:
     try:
-        from .dataset import DatasetReport
-
         return DatasetReport.from_dict(report).summary()
     except Exception:  # noqa: BLE001  (dataset.py missing or an unexpected report shape)
         if report.get("ok"):
@@ -718,6 +719,8 @@ class Observed:
     together_event_cursor: Optional[int] = None
     # The poll failed: {"reason", "message", "statusCode"} (TogetherBackendError fields).
     together_error: Optional[dict[str, Any]] = None
+    # What another backend (a plug-in) observed, in its own terms.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -728,9 +731,9 @@ class Decision:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, str]] = field(default_factory=list)  # {type, reason, message}
     retry_after: Optional[float] = None
-    # backend: together, calls the handler makes after the status is written:
+    # Calls outside Kubernetes that the backend's act() makes after the status is written; together:
     # {"op": "create", "params": {...}} | {"op": "cancel", "jobId": "ft-..", "stale": bool}
-    together: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def phase(self) -> Optional[str]:
@@ -772,7 +775,7 @@ def is_validated(body: dict[str, Any]) -> bool:
     return h is not None and st.get("specHash") == h and is_true(st.get("conditions") or [], VALIDATED)
 
 
-class _Builder:
+class StatusBuilder:
     """Accumulates the new status and actions of one reconcile."""
 
     def __init__(self, body: dict[str, Any], now: str):
@@ -856,7 +859,7 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str
     return events
 
 
-def _reset_for_new_spec(bld: _Builder, h: str) -> None:
+def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     st = bld.status
     if st.get("specHash") == h:
         return
@@ -866,19 +869,24 @@ def _reset_for_new_spec(bld: _Builder, h: str) -> None:
     st["specHash"] = h
 
 
-def reconcile(
-    body: dict[str, Any], observed: Observed | dict[str, Any], *, image: str, now: str,
-    together_base_url: Optional[str] = None,
-    trainer_defaults: Optional[dict[str, Any]] = None,
-) -> Decision:
-    """The FineTuneJob `body` + what exists -> actions, new status and events.
-    ``together_base_url``: the Together endpoint the upload/download pods use (None: default).
-    ``trainer_defaults``: the platform's defaults for training pods (workload_defaults), filled into
-    the training Job's pods where the spec leaves them empty; the spec hash is unaffected."""
+@dataclass
+class Start:
+    """A FineTuneJob past the checks every backend shares (:func:`begin`): its status builder,
+    parsed spec, spec hash and what was observed. A backend's reducer takes it from here."""
+
+    bld: "StatusBuilder"
+    body: dict[str, Any]
+    spec: FineTuneJobSpec
+    h: str
+    obs: Observed
+
+
+def begin(body: dict[str, Any], observed: Observed | dict[str, Any], *, now: str) -> Start | Decision:
+    """What every backend shares: an invalid spec fails (SpecInvalid, naming the field), a job
+    already finished for this spec keeps its result; otherwise a :class:`Start`."""
     obs = observed if isinstance(observed, Observed) else Observed(**observed)
-    bld = _Builder(body, now)
+    bld = StatusBuilder(body, now)
     bld.pod_events = list(obs.pod_events or [])
-    name = (body.get("metadata") or {}).get("name", "")
 
     # --- the spec itself
     try:
@@ -895,11 +903,18 @@ def reconcile(
     # --- finished for this spec: keep the result, whatever happens to the children
     if bld.old.get("phase") in TERMINAL and bld.old.get("specHash") == h:
         return bld.finish()
+    return Start(bld=bld, body=body, spec=spec, h=h, obs=obs)
 
-    if spec.backend == Backend.together:
-        from .together_status import reconcile_together
 
-        return reconcile_together(bld, body, spec, h, obs, image=image, base_url=together_base_url)
+def reconcile_kubernetes(
+    start: Start, *, image: str, trainer_defaults: Optional[dict[str, Any]] = None,
+) -> Decision:
+    """backend: kubernetes: what exists (ConfigMap, validation Job, training Job, their pods) ->
+    the children to create or delete and the status they imply.
+    ``trainer_defaults``: the platform's defaults for training pods (workload_defaults), filled into
+    the training Job's pods where the spec leaves them empty; the spec hash is unaffected."""
+    bld, body, spec, h, obs = start.bld, start.body, start.spec, start.h, start.obs
+    name = (body.get("metadata") or {}).get("name", "")
 
     # --- children of an older spec go first (names are fixed: wait until they are gone)
     stale_jobs = [
@@ -921,13 +936,6 @@ def reconcile(
         )
         return bld.finish()
     _reset_for_new_spec(bld, h)
-
-    # --- backends other than kubernetes
-    if spec.backend != Backend.kubernetes:
-        msg = f"backend {spec.backend.value} is not implemented yet"
-        bld.cond(VALIDATED, False, BACKEND_NOT_IMPLEMENTED, msg)
-        bld.phase(PENDING, BACKEND_NOT_IMPLEMENTED, msg)
-        return bld.finish()
 
     # --- what the operator can tell without running anything
     if spec.adapter.type == AdapterType.qlora and spec.resources.gpus == 0:
@@ -1019,8 +1027,6 @@ def reconcile(
             bld.decision.create.append(svc)
         job = b.build_training_job(body, spec, image=image)
         if trainer_defaults:
-            from .workload_defaults import apply_to_pod
-
             apply_to_pod(job["spec"]["template"]["spec"], trainer_defaults)
         bld.decision.create.append(job)
         if spec.suspend:
@@ -1129,7 +1135,7 @@ def adapter_status(location: str, message: dict[str, Any]) -> dict[str, Any]:
 def api_error(body: dict[str, Any], message: str, *, now: str) -> Decision:
     """The API refused or failed a request of the last reconcile (quota, RBAC, 5xx): the phase
     stays, reason ApiError says why; the operator retries every retry interval."""
-    bld = _Builder(body, now)
+    bld = StatusBuilder(body, now)
     bld.phase(bld.old.get("phase") or PENDING, API_ERROR, message)
     d = bld.finish()
     d.retry_after = DEPENDENCY_RETRY_SECONDS

@@ -19,6 +19,10 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Optional
 
+from pydantic import ValidationError
+
+from .api.common import Toleration
+
 KINDS = ("trainer", "vllm")
 FIELDS = ("nodeSelector", "tolerations", "cpu", "memory")
 ENV = "TUNEOP_WORKLOAD_DEFAULTS"
@@ -64,9 +68,7 @@ def parse(raw: Optional[str | Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             elif key == "tolerations":
                 if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                     raise DefaultsError(f"{where}: must be a list of tolerations")
-                from pydantic import ValidationError
 
-                from .api.common import Toleration
 
                 for i, t in enumerate(value):
                     for f, allowed in (("operator", ("Exists", "Equal")),

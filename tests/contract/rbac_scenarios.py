@@ -219,7 +219,7 @@ def kubernetes_backend(api: KMockThread) -> None:
 
 def together_backend(api: KMockThread, tmp_path: Path) -> None:
     from fake_together.server import FakeTogether
-    from tuneop.backends import together as T
+    from tuneop.backends.together import client as T
 
     _obj(api, PVCS, "PersistentVolumeClaim", "datasets")
     _obj(api, PVCS, "PersistentVolumeClaim", "adapters")

@@ -362,15 +362,15 @@ def _pods(objs):
 @pytest.mark.parametrize("body", list(_ftj_example_docs()))
 def test_pods_tuneop_creates_are_restricted(body):
     """Trainer / validate Jobs (backend kubernetes), upload / download Jobs (backend together)."""
+    from tuneop.backends.together import builders as tb
     from tuneop.builders import finetunejob as fb
-    from tuneop.builders import together as tb
 
     image = "registry.example.com/tuneop/trainer:1"
     if body["spec"].get("backend") == "together":
         objs = [tb.build_upload_job(body, image=image, base_url="https://api.together.xyz"),
                 tb.build_download_job(body, job_id="ft-1", image=image)]
     else:
-        objs = fb.build_all(body, image=image)
+        objs = fb.build_children(body, image=image)
     pods = _pods(objs)
     assert pods
     for what, pod in pods:

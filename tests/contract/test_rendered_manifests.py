@@ -7,7 +7,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tuneop.builders.finetunejob import build_all
+from tuneop.backends import children as build_all
 from tuneop.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_render_command_prints_the_same_manifests(capsys):
 
 
 def test_together_upload_and_download_jobs_validate_strictly():
-    from tuneop.builders import together as tb
+    from tuneop.backends.together import builders as tb
 
     doc = yaml.safe_load((ROOT / "examples/finetune-together.yaml").read_text())
     body = {**doc, "metadata": {"namespace": "ns", "uid": "u-1", "generation": 1, **doc["metadata"]}}

@@ -244,8 +244,7 @@ def test_the_adapter_is_served_and_everything_is_collected(tenant, quickstart):
                          .read_text().splitlines()[0])
 
         def answer(model: str) -> str:  # one request each: vLLM's CPU build mixes LoRA into batched base requests
-            doc = client._json("POST", "/v1/chat/completions", {
-                "model": model, "messages": row["prompt"], "max_tokens": 24, "temperature": 0})
+            doc = client.chat(model, row["prompt"], max_tokens=24, temperature=0)
             return doc["choices"][0]["message"]["content"]
 
         base, tuned = answer(base_id), answer("quickstart")

@@ -109,9 +109,12 @@ def test_operator_image_reconciles_a_finetunejob_against_kmock(api: KMockThread,
         api.patch(f"{jobs}/boxed-train/status", {"status": {"active": 1, "ready": 1}})
         wait_for(lambda: (api.get(f"{FTJ_PATH}/boxed") or {}).get("status", {}).get("phase") == "Running", 60, "Running")
         assert len(api.requests("POST", jobs)) == 1
+    except AssertionError as e:
+        docker("rm", "-f", name, check=False)
+        raise AssertionError(f"{e}\n--- the operator container's output:\n{proc.communicate(timeout=60)[0][-4000:]}") from None
     finally:
         docker("rm", "-f", name, check=False)
-        out = proc.communicate(timeout=60)[0]
+    out = proc.communicate(timeout=60)[0]
     assert "Traceback" not in out, out[-4000:]
 
 

@@ -32,7 +32,7 @@ from test_finetunejob_operator import (  # noqa: E402
     status_of,
     wait_phase,
 )
-from tuneop.backends import together as T  # noqa: E402
+from tuneop.backends.together import client as T  # noqa: E402
 
 KEY = "tk-SECRET-operator-7f3a9c0e1d"
 KEY_B64 = base64.b64encode(KEY.encode()).decode()
@@ -141,7 +141,7 @@ def test_happy_path_upload_create_mirror_download_succeeded(
         # 1. The upload Job: data read-only, the key only as a secretKeyRef, base URL passed on.
         up = wait_for(lambda: api.get(f"{JOBS}/news-upload"), what="upload Job")
         c = up["spec"]["template"]["spec"]["containers"][0]
-        assert c["command"] == ["python", "-m", "tuneop.together_job", "upload", "--config", "/etc/tuneop/job.json"]
+        assert c["command"] == ["python", "-m", "tuneop.backends.together.pod", "upload", "--config", "/etc/tuneop/job.json"]
         env = {e["name"]: e for e in c["env"]}
         assert env["TOGETHER_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "together", "key": "api-key"}}
         assert env["TOGETHER_BASE_URL"]["value"] == fake.url

@@ -1,7 +1,7 @@
 """backend: together driven through the real ``together`` SDK (3.1.1) against the local fake server
 (tests/fake_together/server.py): upload, create, monitor, events, cancel, download, extract, layout;
 faults (429, 500, dropped connections, truncated downloads, user_error jobs, bad archives); and the
-API key staying out of every message. ``python -m tuneop.together_job`` runs as a real subprocess."""
+API key staying out of every message. ``python -m tuneop.backends.together.pod`` runs as a real subprocess."""
 from __future__ import annotations
 
 import hashlib
@@ -24,9 +24,9 @@ from tuneop.archive import (  # noqa: E402
     safe_extract,
     write_adapter_layout,
 )
-from tuneop.backends import together as T  # noqa: E402
-from tuneop.backends.together_metrics import TogetherRequestMetrics  # noqa: E402
+from tuneop.backends.together import client as T  # noqa: E402
 from tuneop.jobconfig import resolve  # noqa: E402
+from tuneop.metrics import TogetherRequestMetrics  # noqa: E402
 
 KEY = "tk-SECRET-0123456789abcdef"
 FAST = {"retry-after-ms": "20"}  # keep SDK retries quick
@@ -503,7 +503,7 @@ def run_job(fake, tmp_path, *args, key=KEY):
     term = tmp_path / f"termination-{len(list(tmp_path.glob('termination-*')))}"
     env = {**os.environ, "TOGETHER_API_KEY": key, "TOGETHER_BASE_URL": fake.url,
            "TUNEOP_TERMINATION_LOG": str(term), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tuneop.together_job", *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tuneop.backends.together.pod", *args], env=env,
                           capture_output=True, text=True, timeout=120)
     message = term.read_text() if term.exists() else ""
     assert_no_key(proc.stdout, proc.stderr, message)

@@ -25,6 +25,7 @@ from tuneop.serving.client import (
     AdapterLoadFailed,
     AdapterNotFound,
     AdminRefused,
+    AsyncVllmClient,
     ModelNotFound,
     Outcome,
     VllmClient,
@@ -254,27 +255,32 @@ def test_missing_adapter_directory_is_reported(client, adapter_root) -> None:
 
 @pytest.mark.asyncio
 async def test_operator_admin_client_against_the_real_server(client, adapters, server) -> None:
-    """The operator's own async client (serving/admin.py) reads real vLLM answers as it expects."""
-    admin = pytest.importorskip("tuneop.serving.admin")
+    """The operator's async client (AsyncVllmClient, as handlers/adapterdeployment.py calls it)
+    reads real vLLM answers as it expects."""
     # Only the admin token, as the operator has it: the guard stands it in for the serving API key.
-    kw = {"admin_token": server.admin_token}
-    assert await admin.list_models(server.url, **kw) == {}
+    op = AsyncVllmClient(server.url, admin_token=server.admin_token)
+
+    def roots(served: dict) -> dict:
+        return {n: m.root for n, m in served.items()}
+
+    assert await op.loaded_adapters() == {}
     sha = json.loads((adapters[A] / "tuneop-manifest.json").read_text())["files"]["adapter_model.safetensors"]
-    assert await admin.load(server.url, A, str(adapters[A]), sha256=sha, **kw) is True
-    assert await admin.load(server.url, A, str(adapters[A]), **kw) is False  # already loaded
-    assert await admin.list_models(server.url, **kw) == {A: str(adapters[A])}
-    with pytest.raises(admin.AdminError) as e:
-        await admin.load(server.url, "nowhere", str(adapters[A].parent / "missing"), **kw)
+    assert (await op.load_adapter(A, str(adapters[A]), sha256=sha, check_conflict=False)).outcome is Outcome.LOADED
+    again = await op.load_adapter(A, str(adapters[A]), check_conflict=False)
+    assert again.outcome is Outcome.ALREADY_LOADED
+    assert roots(await op.loaded_adapters()) == {A: str(adapters[A])}
+    with pytest.raises(AdminRefused) as e:
+        await op.load_adapter("nowhere", str(adapters[A].parent / "missing"), check_conflict=False)
     assert e.value.status == 404 and e.value.reason == "not_found"
-    with pytest.raises(admin.AdminError) as e:
-        await admin.load(server.url, B, str(adapters[B]), sha256="0" * 64, **kw)
+    with pytest.raises(AdminRefused) as e:
+        await op.load_adapter(B, str(adapters[B]), sha256="0" * 64, check_conflict=False)
     assert e.value.status == 400 and e.value.reason == "sha256_mismatch"
-    with pytest.raises(admin.AdminError) as e:
-        await admin.unload(server.url, A)  # no token
+    with pytest.raises(AdminRefused) as e:
+        await AsyncVllmClient(server.url).unload_adapter(A)  # no token
     assert e.value.status == 401 and e.value.reason == "missing_credential"
-    assert await admin.unload(server.url, A, **kw) is True
-    assert await admin.unload(server.url, A, **kw) is False  # not loaded
-    assert await admin.list_adapters(server.url, **kw) == set()
+    assert (await op.unload_adapter(A)).outcome is Outcome.UNLOADED
+    assert (await op.unload_adapter(A)).outcome is Outcome.NOT_LOADED
+    assert await op.loaded_adapters() == {}
 
 
 def _raw(server, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> int:

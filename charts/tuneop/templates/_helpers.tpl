@@ -101,3 +101,14 @@ verb is missing here, or granted here but never used.
   resources: [events]
   verbs: [create, list]
 {{- end -}}
+
+{{/*
+kopf peering (replicas > 1), for the peering object the replicas keep their records in: kopf lists,
+watches and patches it (keep-alives); the operator creates it when missing (tuneop.handlers).
+The resource: clusterkopfpeerings (cluster-wide) or kopfpeerings (namespaced mode).
+*/}}
+{{- define "tuneop.peeringRules" -}}
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  verbs: [list, watch, patch, create]
+{{- end -}}

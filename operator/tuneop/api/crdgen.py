@@ -7,10 +7,13 @@ the API server fills them in, and each model's `cel_rules` attached as x-kuberne
 from __future__ import annotations
 
 import copy
+import typing
 from typing import Any
 
 import yaml
 
+from . import adapterdeployment as ad
+from . import finetunejob as ftj
 from .common import GROUP, VERSION, Model
 
 
@@ -102,8 +105,6 @@ def _fill_factory_defaults(model: type[Model], schema: dict[str, Any]) -> None:
 
 
 def _model_of(ann: Any) -> type[Model] | None:
-    import typing
-
     if isinstance(ann, type) and issubclass(ann, Model):
         return ann
     for arg in typing.get_args(ann):
@@ -186,8 +187,6 @@ def build_crd(
 
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name in crds/ -> CRD object."""
-    from . import finetunejob as ftj
-
     crds = {
         "finetunejobs.yaml": build_crd(
             kind=ftj.KIND,
@@ -200,10 +199,6 @@ def all_crds() -> dict[str, dict[str, Any]]:
             description=(ftj.__doc__ or "").strip().splitlines()[0],
         )
     }
-    try:
-        from . import adapterdeployment as ad  # added with the AdapterDeployment resource
-    except ImportError:
-        return crds
     crds["adapterdeployments.yaml"] = build_crd(
         kind=ad.KIND,
         plural=ad.PLURAL,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .common import (
     Condition,
@@ -27,8 +27,21 @@ SHORT_NAMES = ["ftj"]
 
 
 class Backend(str, Enum):
+    """The built-in backends (tuneop.backends); a FineTuneJob may name any registered one."""
+
     kubernetes = "kubernetes"
     together = "together"
+
+
+# The names `spec.backend` accepts: the registered backends (``tuneop.backends.register`` adds a
+# plug-in's name here). The CRD's enum is generated from it.
+BACKEND_NAMES: list[str] = [b.value for b in Backend]
+
+
+def _backend_enum(schema: dict[str, Any]) -> None:
+    rest = {k: v for k, v in schema.items() if k not in ("enum", "type")}
+    schema.clear()
+    schema.update({"enum": list(BACKEND_NAMES), "type": "string", **rest})
 
 
 class Method(str, Enum):
@@ -294,9 +307,10 @@ class TogetherSpec(Model):
 class FineTuneJobSpec(Model):
     """Desired state of a FineTuneJob."""
 
-    backend: Backend = Field(
-        default=Backend.kubernetes,
+    backend: str = Field(
+        default=Backend.kubernetes.value,
         description="kubernetes: a training Job on this cluster; together: the Together AI API.",
+        json_schema_extra=_backend_enum,
     )
     base_model: str = Field(
         min_length=1,
@@ -360,6 +374,13 @@ class FineTuneJobSpec(Model):
             "method dpo requires dataset.format preference (or auto)",
         ),
     ]
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, value: str) -> str:
+        if value not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {value!r}: one of {', '.join(BACKEND_NAMES)}")
+        return value
 
     @model_validator(mode="after")
     def _cross_field(self) -> "FineTuneJobSpec":

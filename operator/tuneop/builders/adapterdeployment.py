@@ -5,7 +5,7 @@ All three are named ``<name>-vllm``, labelled ``app.kubernetes.io/managed-by: tu
 
 - Deployment: upstream vLLM image, ``python3 -m vllm.entrypoints.openai.api_server`` +
   :func:`tuneop.serving.vllm.server_args`; no adapter in the arguments: every adapter is loaded
-  through vLLM's runtime API by the operator (``serving/admin.py``). Every PVC holding adapters
+  through vLLM's runtime API by the operator (``serving/client.py``). Every PVC holding adapters
   (``source.pvc`` claims, output PVCs of referenced FineTuneJobs) and the model volume are mounted
   read-only at ``/mnt/pvc/<claim>``; URL adapters are fetched by init containers
   (``python -m tuneop.serving.fetch``, trainer image) into the emptyDir ``/adapters``.
@@ -32,6 +32,7 @@ emptyDir of its own. The fetch init containers (trainer image, uid 10001) are re
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import posixpath
@@ -52,7 +53,7 @@ COMPONENT = "app.kubernetes.io/component"
 OWNER_LABEL = "tuneop.dev/adapterdeployment"
 TEMPLATE_HASH_ANNOTATION = "tuneop.dev/template-hash"
 GUARD_SHA_ANNOTATION = "tuneop.dev/guard-sha256"
-URL_ADAPTERS_ANNOTATION = "tuneop.dev/url-adapters"
+URL_ADAPTERS_ANNOTATION = sa.URL_ADAPTERS_ANNOTATION
 COMPONENT_VLLM = "vllm"
 CONTAINER = "vllm"
 CONTAINER_PORT = 8000
@@ -425,7 +426,6 @@ def build_guard_configmap(ad: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_admin_secret(ad: Mapping[str, Any], token: str) -> dict[str, Any]:
     """Secret ``<name>-vllm-admin`` holding the operator's admin token (key ``token``)."""
-    import base64
 
     meta = _metadata(ad)
     meta["name"] = admin_secret_name(ad["metadata"]["name"])

@@ -456,12 +456,9 @@ def build_headless_service(
 def build_children(
     ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None, *, image: str = DEFAULT_IMAGE
 ) -> list[dict[str, Any]]:
-    """Everything for `tuneop render`: config, validation Job (if needed), Service, training Job."""
+    """backend: kubernetes: config, validation Job (if needed), Service, training Job
+    (``tuneop render`` renders any backend's: :func:`tuneop.backends.children`)."""
     spec = _spec_of(ftj, spec)
-    if spec.backend.value == "together":
-        from . import together
-
-        return together.build_children(ftj, spec, image=image)
     out = [build_config_map(ftj, spec)]
     if needs_validation_job(spec):
         out.append(build_validation_job(ftj, spec, image=image))
@@ -471,5 +468,3 @@ def build_children(
     out.append(build_training_job(ftj, spec, image=image))
     return out
 
-
-build_all = build_children  # `tuneop render`

@@ -1,10 +1,70 @@
 """The operator process: kopf handlers of tuneop's resources, and :func:`run_operator`."""
 from __future__ import annotations
 
+import os
+import random
+import socket
 import threading
+import time
+import uuid
 from typing import Any, Optional
 
+import kopf
+
+from .. import kube, metrics
 from ..builders.finetunejob import DEFAULT_IMAGE
+from ..serving import vllm
+from . import adapterdeployment, finetunejob
+from .common import PEERING_GROUP, PeeringSelf, peering_object
+from .finetunejob import login
+
+
+def default_priority(now: Optional[float] = None, rnd: Optional[random.Random] = None) -> int:
+    """The kopf peering priority of a replica started without ``--priority``: the older the replica,
+    the higher (so a replica that starts later, e.g. in a rolling update, never takes over from a
+    running one), plus a random tiebreak (replicas with the same priority would all pause).
+    Negative milliseconds since the epoch, times 1024, plus 0..1023: fits a JSON int64."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return -(ms * 1024) + (rnd or random.SystemRandom()).randrange(1024)
+
+
+def ensure_peering_objects(name: str, namespaces: Optional[list[str]]) -> Any:
+    """A kopf startup handler: create the peering object(s) the operator peers through unless they
+    exist (409). It must run before kopf's peering starts: with --peering, kopf keeps the operator
+    paused while its peering object is missing, and an object created while replicas already run
+    would show each of them an empty peer list (all active until their next keep-alive).
+    Needs the CRDs (charts/tuneop installs them): a 404 is retried, then the operator exits."""
+
+    async def ensure_peering(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+        # kopf authenticates only after the startup handlers: log in the way the operator does.
+        info = await login(settings=settings, logger=logger)
+        if info is None:
+            raise kopf.TemporaryError("no Kubernetes credentials for the peering object", delay=2)
+        kc = kube.KubeClient.from_connection(info, timeout=30)
+        targets: list[Optional[str]] = [*namespaces] if namespaces else [None]
+        try:
+            for ns in targets:
+                path, body = peering_object(name, ns)
+                try:
+                    await kc.request("POST", path, body=body, subject=f"{body['kind']} {name}")
+                    logger.info(f"created the peering object {body['kind']} {name}" + (f" in {ns}" if ns else ""))
+                except kube.ApiError as e:
+                    if e.status == 409:
+                        continue
+                    if e.status == 403:
+                        # may not create it: it has to exist already (else kopf keeps the operator paused)
+                        logger.warning(f"may not create {body['kind']} {name}" + (f" in {ns}" if ns else "")
+                                       + f" ({e}); it must exist for the operator to run")
+                        continue
+                    if e.status == 404:
+                        raise kopf.TemporaryError(
+                            f"{body['kind']} is not served: install kopf's peering CRDs "
+                            f"(kopfpeerings / clusterkopfpeerings.{PEERING_GROUP})", delay=2) from e
+                    raise kopf.TemporaryError(f"creating {body['kind']} {name}: {e}", delay=2) from e
+        finally:
+            await kc.close()
+
+    return ensure_peering
 
 
 def run_operator(
@@ -27,6 +87,9 @@ def run_operator(
     stop_flag: Optional[threading.Event] = None,
     ready_flag: Optional[threading.Event] = None,
     settings: Any = None,
+    peering_name: Optional[str] = None,
+    priority: Optional[int] = None,
+    identity: Optional[str] = None,
 ) -> None:
     """Run the operator until stopped (blocks; `tuneop operator` calls this).
 
@@ -47,22 +110,32 @@ def run_operator(
     ``trainer`` fills empty ``spec.resources`` fields of FineTuneJobs, ``vllm`` of AdapterDeployments.
     settings: a ``kopf.OperatorSettings`` to start from (None: kopf's defaults); the startup
     handler applies tuneop's own settings on top (benchmarks pass scanning disabled for kmock).
-    One replica (Recreate): kopf runs standalone, without peering.
+    peering_name: None (one replica, Recreate): kopf runs standalone, without peering. A name: kopf
+    peering through the KopfPeering of that name in each of `namespaces` (the ClusterKopfPeering
+    when cluster-wide), created at start-up when missing: of the replicas peering there, only the
+    one with the highest priority handles anything, the others wait paused (docs/operating.md).
+    priority: this replica's peering priority (None: :func:`default_priority`, the oldest wins).
+    identity: its name in the peering object (None: $POD_ID, else tuneop-<host>-<random>); passed to
+    kopf and used by the operator's own tasks to find themselves there (:func:`common.still_leading`).
     """
-    import kopf
 
-    from .. import metrics
-    from ..serving import vllm
-    from . import adapterdeployment, finetunejob
 
     kopf.configure(verbose=verbose, debug=debug)
     registry = kopf.OperatorRegistry()
+    me: Optional[PeeringSelf] = None
+    if peering_name:
+        # An explicit identity: the operator's own tasks look themselves up in the peering objects.
+        me = PeeringSelf(
+            name=peering_name, namespaces=tuple(namespaces or ()),
+            identity=identity or os.environ.get("POD_ID") or f"tuneop-{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+            priority=default_priority() if priority is None else priority,
+        )
     finetunejob.register(
         registry,
         finetunejob.OperatorConfig(
             image=image, progress_interval=progress_interval, retry_interval=retry_interval,
             together_poll_interval=together_poll_interval, together_base_url=together_base_url,
-            workload_defaults=dict(workload_defaults or {}),
+            workload_defaults=dict(workload_defaults or {}), peering=me,
         ),
     )
     adapterdeployment.register(
@@ -81,9 +154,14 @@ def run_operator(
         kwargs["namespaces"] = list(namespaces)
     else:
         kwargs["clusterwide"] = True
+    if me is not None:
+        kopf.on.startup(registry=registry, id="peering-object", retries=15, backoff=2)(
+            ensure_peering_objects(me.name, list(me.namespaces)))
+        kwargs.update(peering_name=me.name, priority=me.priority, identity=me.identity)
+    else:
+        kwargs["standalone"] = True
     kopf.run(
         registry=registry,
-        standalone=True,
         liveness_endpoint=liveness_endpoint,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
@@ -92,4 +170,4 @@ def run_operator(
     )
 
 
-__all__ = ["run_operator"]
+__all__ = ["default_priority", "peering_object", "run_operator"]

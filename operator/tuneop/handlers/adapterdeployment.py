@@ -1,5 +1,5 @@
 """kopf handlers of the AdapterDeployment. Thin glue around builders/adapterdeployment.py and
-serving/adapters.py (pure) and serving/admin.py (vLLM's runtime LoRA API).
+serving/adapters.py (pure) and serving/client.py (``AsyncVllmClient``: vLLM's runtime LoRA API).
 
 Every trigger ends in :func:`reconcile_object`, which, under a per-object lock:
 
@@ -55,9 +55,11 @@ from ..api.adapterdeployment import AdapterDeploymentSpec
 from ..builders import adapterdeployment as b
 from ..metrics import METRICS
 from ..serving import adapters as sa
-from ..serving import admin, vllm
 from ..serving import basemodel as bm
+from ..serving import vllm
+from ..serving.client import AsyncVllmClient, VllmError
 from ..status import merge_patch
+from . import finetunejob
 from .common import ObjectLocks, get_live, now_iso
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "adapterdeployments"
@@ -255,7 +257,7 @@ async def _timed(op: str, coro: Any) -> Any:
     started = time.monotonic()
     try:
         out = await coro
-    except admin.AdminError:
+    except VllmError:
         METRICS.observe_adapter_operation(op, "error", time.monotonic() - started)
         raise
     METRICS.observe_adapter_operation(op, "success", time.monotonic() - started)
@@ -279,11 +281,10 @@ async def sync_adapters(
     early = bm.early_refusals(spec, finetunejobs or {}, desired) if spec is not None else {}
     by_name = {d["name"]: d for d in desired}
     ready = sorted((p for p in pods if sa.pod_ready(p)), key=lambda p: p["metadata"]["name"])
-    urls: dict[str, str] = {}
+    clients: dict[str, AsyncVllmClient] = {}
     loaded: dict[str, dict[str, Optional[str]]] = {}
     provides: dict[str, set[str]] = {}
     unreachable: dict[str, str] = {}
-    kw: dict[str, Any] = {"admin_token": admin_token, "timeout": CONFIG.admin_timeout}
     sha = {d["name"]: d.get("sha256") for d in desired}
     for pod in ready:
         pname = pod["metadata"]["name"]
@@ -291,13 +292,14 @@ async def sync_adapters(
         if url is None:
             unreachable[pname] = "no pod IP"
             continue
+        client = AsyncVllmClient(url, admin_token=admin_token, timeout=CONFIG.admin_timeout)
         try:
-            loaded[pname] = await admin.list_models(url, **kw)
-        except admin.AdminError as e:
+            loaded[pname] = {n: m.root for n, m in (await client.loaded_adapters()).items()}
+        except VllmError as e:
             unreachable[pname] = _explain(e)
             logger.warning(f"vLLM pod {pname} not reachable: {_explain(e)}")
             continue
-        urls[pname] = url
+        clients[pname] = client
         provides[pname] = sa.pod_provides(pod)
     prev = {a.get("name"): a for a in (body.get("status") or {}).get("adapters") or []}
     reload = [
@@ -311,7 +313,7 @@ async def sync_adapters(
         failures[n] = {"message": why, "reason": bm.REASON}
         _warn_once(body, (ns, name, "base", n), bm.REASON, f"adapter {n}: {why}")
     for act in sa.plan(desired, loaded, provides=provides, reload=reload):
-        url = urls[act.pod]
+        client = clients[act.pod]
         key = (ns, name, act.op, act.name)
         if act.op == "load" and spec is not None:
             if act.name in early:
@@ -323,18 +325,20 @@ async def sync_adapters(
                 continue
         try:
             if act.op == "load":
-                await _timed("load", admin.load(url, act.name, act.path or "", sha256=sha.get(act.name),
-                                                allow_base_model_mismatch=allow.get(act.name, False),
-                                                allow_unverified=unverified.get(act.name, False), **kw))
+                # "already loaded" is success whatever the path (check_conflict=False: no second request)
+                await _timed("load", client.load_adapter(
+                    act.name, act.path or "", sha256=sha.get(act.name), check_conflict=False,
+                    allow_base_model_mismatch=allow.get(act.name, False),
+                    allow_unverified=unverified.get(act.name, False)))
                 _base_refused.pop((ns, name, act.name), None)
                 loaded[act.pod][act.name] = act.path
                 _event(body, "Normal", "AdapterLoaded", f"adapter {act.name} loaded on pod {act.pod} from {act.path}")
             else:
-                await _timed("unload", admin.unload(url, act.name, **kw))
+                await _timed("unload", client.unload_adapter(act.name))
                 loaded[act.pod].pop(act.name, None)
                 _event(body, "Normal", "AdapterUnloaded", f"adapter {act.name} unloaded from pod {act.pod}")
             _failures.pop(key, None)
-        except admin.AdminError as e:
+        except VllmError as e:
             if act.op == "load" and e.reason == bm.GUARD_REASON:
                 msg = f"refused by pod {act.pod}: {e.message}"[:1000]
                 failures.setdefault(act.name, {"message": msg, "reason": bm.REASON})
@@ -383,8 +387,8 @@ def _warn_once(body: dict[str, Any], key: tuple[str, ...], reason: str, message:
         _event(body, "Warning", reason, message)
 
 
-def _explain(e: admin.AdminError) -> str:
-    """An AdminError for status and Events (never a token: the guard does not echo it)."""
+def _explain(e: VllmError) -> str:
+    """A VllmError for status and Events (never a token: the guard does not echo it)."""
     if e.reason in ("bad_credential", "no_credential_configured"):
         return (f"{e.status} the pod does not have the current admin credential yet ({e.reason}; the kubelet "
                 "refreshes Secret volumes within about a minute)")
@@ -622,8 +626,6 @@ def register(
     _crash_logs.clear()
     reg = registry if registry is not None else kopf.get_default_registry()
     if with_common:
-        from . import finetunejob
-
         kopf.on.startup(registry=reg)(finetunejob.startup)
         kopf.on.cleanup(registry=reg)(finetunejob.cleanup)
         kopf.on.login(registry=reg)(finetunejob.login)

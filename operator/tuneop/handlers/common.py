@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
-from typing import Any, Optional
+import weakref
+from typing import Any, Iterable, Mapping, Optional
 
 from .. import kube
 
@@ -13,23 +15,25 @@ def now_iso() -> str:
 
 
 class ObjectLocks:
-    """One asyncio.Lock per (event loop, namespace, name): reconciles of one object never overlap."""
+    """One asyncio.Lock per (event loop, namespace, name): reconciles of one object never overlap.
+    Keyed by the loop object itself (weakly): the id() of a closed loop is reused by the next one."""
 
     def __init__(self) -> None:
-        self._locks: dict[tuple[int, str, str], asyncio.Lock] = {}
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Lock]] = (
+            weakref.WeakKeyDictionary())
 
-    def _key(self, namespace: str, name: str) -> tuple[int, str, str]:
-        return (id(asyncio.get_running_loop()), namespace, name)
+    def _of_loop(self) -> dict[tuple[str, str], asyncio.Lock]:
+        return self._locks.setdefault(asyncio.get_running_loop(), {})
 
     def get(self, namespace: str, name: str) -> asyncio.Lock:
-        key = self._key(namespace, name)
-        lock = self._locks.get(key)
+        locks = self._of_loop()
+        lock = locks.get((namespace, name))
         if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
+            lock = locks[(namespace, name)] = asyncio.Lock()
         return lock
 
     def forget(self, namespace: str, name: str) -> None:
-        self._locks.pop(self._key(namespace, name), None)
+        self._of_loop().pop((namespace, name), None)
 
 
 async def get_live(
@@ -75,3 +79,75 @@ def event_object(body: dict[str, Any], type_: str, reason: str, message: str, *,
 async def post_event(kc: kube.KubeClient, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
     """Post an Event from a task of tuneop's own (kopf.event works only inside kopf's handlers)."""
     await kc.create(event_object(body, type_, reason, message, now=now_iso()), (body.get("metadata") or {}).get("namespace"))
+
+# kopf's peering objects (one per watched namespace, or one cluster-wide): kopf.dev, as kopf >= 1.29 names them.
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+
+
+def peering_object(name: str, namespace: Optional[str]) -> tuple[str, dict[str, Any]]:
+    """(collection path, body) of kopf's peering object `name`: a KopfPeering in `namespace`, or the
+    ClusterKopfPeering when `namespace` is None (kopf's choice for --namespace / --all-namespaces)."""
+    base = f"/apis/{PEERING_GROUP}/{PEERING_VERSION}"
+    meta: dict[str, Any] = {"name": name}
+    if namespace is None:
+        return f"{base}/clusterkopfpeerings", {
+            "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": "ClusterKopfPeering", "metadata": meta,
+        }
+    meta["namespace"] = namespace
+    return f"{base}/namespaces/{namespace}/kopfpeerings", {
+        "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": "KopfPeering", "metadata": meta,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class PeeringSelf:
+    """This replica in kopf's peering: the peering name, the namespaces it peers in (empty: the
+    ClusterKopfPeering), its identity and priority, as passed to kopf."""
+
+    name: str
+    namespaces: tuple[str, ...]
+    identity: str
+    priority: int
+
+
+def leads(peerings: Iterable[Optional[Mapping[str, Any]]], identity: str, priority: int,
+          now: datetime.datetime) -> bool:
+    """Whether kopf lets this replica act, by kopf's own rule (its peering engine,
+    ``process_peering_event``): it is paused while any live peer other than itself has a priority
+    above its own, or the same one (then all of them pause), in any of its peering objects; and
+    while a peering object is missing. A peer is live until ``lastseen + lifetime``."""
+    for body in peerings:
+        if body is None:
+            return False
+        for peer, info in ((body.get("status") or {})).items():
+            if peer == identity or not isinstance(info, Mapping):
+                continue
+            lifetime = datetime.timedelta(seconds=int(info.get("lifetime", 60)))
+            seen = info.get("lastseen")
+            try:
+                lastseen = datetime.datetime.fromisoformat(str(seen)) if seen else now
+            except ValueError:
+                lastseen = now
+            if lastseen.tzinfo is None:
+                lastseen = lastseen.replace(tzinfo=datetime.timezone.utc)
+            if lastseen + lifetime <= now:
+                continue  # dead
+            if int(info.get("priority", 0)) >= priority:
+                return False
+    return True
+
+
+async def still_leading(kc: kube.KubeClient, me: Optional[PeeringSelf]) -> bool:
+    """For the operator's own tasks (kopf pauses only its handlers): whether this replica is the
+    one acting, read from the peering objects in the API server. Always true without peering."""
+    if me is None:
+        return True
+    bodies = []
+    for ns in me.namespaces or (None,):
+        path, body = peering_object(me.name, ns)
+        try:
+            bodies.append(await kc.request("GET", f"{path}/{me.name}"))
+        except kube.NotFound:
+            bodies.append(None)
+    return leads(bodies, me.identity, me.priority, datetime.datetime.now(datetime.timezone.utc))
+

@@ -1,4 +1,5 @@
-"""kopf handlers of the FineTuneJob (backend: kubernetes). Thin glue around st.reconcile.
+"""kopf handlers of the FineTuneJob: thin glue around ``tuneop.backends.reconcile``; each backend
+(``tuneop/backends/``) brings its observe, reducer, outside calls and handlers of its own.
 
 Every trigger ends in :func:`reconcile_object`: under a per-object lock it reads the
 FineTuneJob fresh from the API, observes its children and dependencies (independent reads at
@@ -41,12 +42,13 @@ from typing import Any, Mapping, Optional
 
 import kopf
 
-from .. import kube
+from .. import backends, kube
 from .. import status as st
+from ..backends import kubernetes as k8s
+from ..backends.base import Host, gather
 from ..builders import finetunejob as b
 from ..metrics import METRICS
-from . import together
-from .common import ObjectLocks, get_live, now_iso, post_event, typed
+from .common import ObjectLocks, PeeringSelf, get_live, now_iso, post_event, still_leading, typed
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -69,6 +71,9 @@ class OperatorConfig:
     together_max_retries: int = 2
     together_timeout: float = 30.0
     together_delete_retries: int = 5
+    # kopf peering of this replica (None: standalone). kopf pauses its handlers while another
+    # replica leads; the operator's own tasks (ProgressPoller) check the peering objects themselves.
+    peering: Optional[PeeringSelf] = None
 
 
 CONFIG = OperatorConfig()
@@ -263,110 +268,6 @@ _locks = ObjectLocks()
 _lock = _locks.get
 
 
-# ConfigMap datasets up to this size are checked in the event loop (a thread hop costs more than
-# checking a few hundred rows); larger ones (up to the 1 MiB a ConfigMap holds) in a thread.
-INLINE_CHECK_MAX_CHARS = 64 * 1024
-
-
-async def check_inline_dataset(text: str, declared: str, source: str) -> dict[str, Any]:
-    from ..dataset import check_lines
-
-    def check() -> dict[str, Any]:
-        return check_lines(text, declared=declared, max_errors=10, source=source).to_dict()
-
-    if len(text) <= INLINE_CHECK_MAX_CHARS:
-        return check()
-    return await asyncio.get_running_loop().run_in_executor(None, check)
-
-
-async def gather(*aws: Any) -> list[Any]:
-    """asyncio.gather that waits for every read and then raises the first error (no read is
-    left running unobserved)."""
-    results = await asyncio.gather(*aws, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return list(results)
-
-
-def read_children(kc: kube.KubeClient, ns: str, name: str) -> Any:
-    """The ConfigMap, validation Job and training Job of a FineTuneJob (backend: kubernetes)."""
-    return gather(
-        kc.get("v1", "ConfigMap", b.config_map_name(name), ns),
-        kc.get("batch/v1", "Job", b.validation_job_name(name), ns),
-        kc.get("batch/v1", "Job", b.training_job_name(name), ns),
-    )
-
-
-async def observe(
-    kc: kube.KubeClient, body: dict[str, Any], children: Optional[list[Any]] = None
-) -> st.Observed:
-    """What exists for `body`. `children`: what :func:`read_children` returned, when it was read
-    together with the FineTuneJob itself."""
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    if (body.get("spec") or {}).get("backend") == "together":
-        try:
-            together_spec = st.spec_of(body)
-        except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
-            return st.Observed()
-        return await together.observe(kc, body, together_spec)
-    try:
-        spec: Optional[Any] = st.spec_of(body)
-    except Exception:  # noqa: BLE001  (the reducer reports SpecInvalid)
-        spec = None
-    # Every independent read at once: the children first (they decide what else matters), then
-    # the pods of existing Jobs and the dependencies (only needed before the training Job).
-    obs = st.Observed()
-    if children is None:
-        children = await read_children(kc, ns, name)
-    obs.config_map, obs.validation_job, obs.training_job = children
-    deps = [] if (
-        spec is None or obs.training_job is not None or st.is_settled(body)
-    ) else st.dependencies(spec)
-    reads: list[Any] = []
-    if obs.validation_job or obs.training_job:
-        reads.append(kc.list("v1", "Pod", ns, label_selector={b.OWNER_LABEL: name}))
-    if spec is not None and spec.resources.nodes > 1:
-        reads.append(kc.get("v1", "Service", b.service_name(name), ns))
-    results = await gather(*reads, *(kc.get("v1", kind, dep, ns) for kind, dep, _ in deps))
-    if obs.validation_job or obs.training_job:
-        pods = results.pop(0)
-        obs.validation_pods = st.pods_of(obs.validation_job, pods)
-        obs.training_pods = st.pods_of(obs.training_job, pods)
-    if spec is not None and spec.resources.nodes > 1:
-        obs.service = results.pop(0)
-    waiting = [p for p in st.active_pods([*obs.validation_pods, *obs.training_pods]) if not st.pod_running(p)]
-    if waiting and st.waiting_for_pods(body.get("status")):
-        # a pod whose volumes cannot be mounted says so only in Events (FailedMount): read them while
-        # the job is already known to wait on its pods, never on the happy path
-        names = {(p.get("metadata") or {}).get("name") for p in waiting}
-        events = await kc.list("v1", "Event", ns, field_selector={"involvedObject.kind": "Pod", "type": "Warning"})
-        obs.pod_events = [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
-    if spec is None or not deps:
-        return obs
-    contents: dict[str, dict[str, Any]] = {}
-    for kind, dep, key in deps:
-        obj = results.pop(0)
-        if obj is None:
-            obs.missing.append(f"{kind} {dep}")
-            continue
-        if key is not None:
-            data = obj.get("data") or {}
-            if key not in data and key not in (obj.get("binaryData") or {}):
-                obs.missing.append(f"{kind} {dep} (key {key})")
-        if kind == "ConfigMap":
-            contents[dep] = obj.get("data") or {}
-        del obj  # Secrets: only their existence matters
-    if not obs.missing and not st.is_validated(body):
-        for split, (cm, key) in st.inline_sources(spec).items():
-            text = (contents.get(cm) or {}).get(key, "")
-            obs.inline_datasets[split] = await check_inline_dataset(
-                text, spec.dataset.format.value, f"configMap {cm}/{key}"
-            )
-    return obs
-
-
 class SeenJobs:
     """The resourceVersion of each of our Jobs as the last completed reconcile of its owner saw
     it (read, or created by it), per event loop. An event of exactly that version of a Job would
@@ -403,7 +304,7 @@ def first_reconcile(body: dict[str, Any]) -> bool:
     """A FineTuneJob (backend: kubernetes) that no reconcile has written a status to yet: its
     children are almost surely not there, so the first reconcile assumes so rather than reading
     them (:class:`ChildExists` corrects it when one is)."""
-    return not body.get("status") and _kubernetes_backend(body.get("spec"))
+    return not body.get("status") and _prefetches(body.get("spec"))
 
 
 def use_given(given: Any, written_generation: Optional[int]) -> bool:
@@ -465,11 +366,33 @@ async def apply(
 
 
 def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
-    return st.reconcile(
+    return backends.reconcile(
         body, observed, image=CONFIG.image, now=now_iso(),
-        together_base_url=together.base_url(),
+        together_base_url=CONFIG.together_base_url or os.environ.get("TOGETHER_BASE_URL") or None,
         trainer_defaults=CONFIG.workload_defaults.get("trainer"),
     )
+
+
+def host() -> Host:
+    """What this glue lends the backends' own glue."""
+    return Host(
+        config=CONFIG, api_version=API_VERSION, kind=KIND, prefix=PREFIX, now=now_iso, lock=_lock,
+        reconcile=reconcile_or_report, apply=apply, check_inline_dataset=backends.base.check_inline_dataset,
+    )
+
+
+async def observe(
+    kc: kube.KubeClient, body: dict[str, Any], children: Optional[list[Any]] = None
+) -> st.Observed:
+    """What exists for `body`, as its backend reads it (nothing for an invalid spec: the reducer
+    says SpecInvalid). `children`: what :func:`tuneop.backends.kubernetes.read_children` returned,
+    when it was read together with the FineTuneJob itself."""
+    try:
+        spec = st.spec_of(body)
+    except Exception:  # noqa: BLE001  (pydantic.ValidationError; the reducer reports SpecInvalid)
+        return st.Observed()
+    backend = backends.get(spec.backend)
+    return await backend.observe(host(), kc, body, spec, children if backend.prefetch else None)
 
 
 async def reconcile_object(
@@ -502,14 +425,14 @@ async def reconcile_object(
                 body = typed(dict(given), API_VERSION, KIND)  # given: already a copy of its own (_plain)
             elif prefetch:
                 body, children = await gather(
-                    get_live(kc, API_VERSION, KIND, name, namespace), read_children(kc, namespace, name)
+                    get_live(kc, API_VERSION, KIND, name, namespace), k8s.read_children(kc, namespace, name)
                 )
             else:
                 body = await get_live(kc, API_VERSION, KIND, name, namespace)
             if body is None:
                 result = "success"
                 return None
-            if (body.get("spec") or {}).get("backend") == "together":
+            if not _prefetches(body.get("spec")):
                 children = None
             assumed = assume_new and children is None and first_reconcile(body)
             observed = await observe(kc, body, [None, None, None] if assumed else children)
@@ -527,8 +450,7 @@ async def reconcile_object(
                 created = await apply(kc, body, decision, direct_events=direct_events)
             for ev in decision.events:
                 log.info("%s: %s", ev["reason"], ev["message"])
-            if decision.together:
-                await together.run_actions(kc, body, decision, log)
+            await _backend_of(body).act(host(), kc, body, decision, log)
             _seen_jobs.remember(namespace, name, [
                 observed.validation_job, observed.training_job, observed.upload_job,
                 observed.download_job, *(o for o in created if o.get("kind") == "Job"),
@@ -571,8 +493,21 @@ async def reconcile_or_report(namespace: str, name: str, logger: kopf.Logger, **
         return await report_api_error(namespace, name, e, direct_events=bool(kwargs.get("direct_events")))
 
 
-def _kubernetes_backend(spec: Any) -> bool:
-    return (spec or {}).get("backend") != "together"
+def _backend_name(spec: Any) -> str:
+    return str((spec or {}).get("backend") or backends.kubernetes.BACKEND.name)
+
+
+def _prefetches(spec: Any) -> bool:
+    """Whether the backend `spec` names reads kubernetes' children (read with the object)."""
+    name = _backend_name(spec)
+    return name in backends.names() and backends.get(name).prefetch
+
+
+def _backend_of(body: dict[str, Any]) -> backends.FineTuneBackend:
+    """The backend of a FineTuneJob whose spec the reducer accepted (kubernetes' for one it did not:
+    its act() does nothing)."""
+    name = _backend_name(body.get("spec"))
+    return backends.get(name) if name in backends.names() else backends.kubernetes.BACKEND
 
 
 def _plain(body: Any) -> Optional[dict[str, Any]]:
@@ -592,7 +527,7 @@ async def on_change(
     Only when the API server cannot even take the status does kopf retry the handler."""
     new = not status  # as kopf saw it: nothing reconciled it yet (children: see first_reconcile)
     if not await reconcile_or_report(
-        namespace, name, logger, prefetch=_kubernetes_backend(spec) and not new, assume_new=new,
+        namespace, name, logger, prefetch=_prefetches(spec) and not new, assume_new=new,
         given=_plain(body) if new else None,
     ):
         raise kopf.TemporaryError("the Kubernetes API is not reachable", delay=15)
@@ -605,7 +540,7 @@ def _is_waiting(status: Optional[Mapping[str, Any]], **_: Any) -> bool:
 async def retry_timer(
     namespace: str, name: str, logger: kopf.Logger, spec: kopf.Spec, **_: Any
 ) -> None:
-    await reconcile_or_report(namespace, name, logger, prefetch=_kubernetes_backend(spec))
+    await reconcile_or_report(namespace, name, logger, prefetch=_prefetches(spec))
 
 
 async def on_job_event(
@@ -649,7 +584,7 @@ def restore_metrics(namespace: str, name: str, status: Any) -> None:
 
 
 def _is_running(status: Optional[Mapping[str, Any]], spec: Optional[Mapping[str, Any]], **_: Any) -> bool:
-    return (status or {}).get("phase") in (st.RUNNING, st.EVALUATING) and (spec or {}).get("backend") != "together"
+    return (status or {}).get("phase") in (st.RUNNING, st.EVALUATING) and _backend_name(spec) == "kubernetes"
 
 
 class ProgressPoller:
@@ -674,7 +609,7 @@ class ProgressPoller:
             self._running[key] = json.loads(json.dumps(dict(status or {})))
         else:
             self._running.pop(key, None)
-        if _kubernetes_backend(spec) and st.waiting_for_pods(dict(status or {})):
+        if _backend_name(spec) == "kubernetes" and st.waiting_for_pods(dict(status or {})):
             self._pending.add(key)
         else:
             self._pending.discard(key)
@@ -703,6 +638,8 @@ class ProgressPoller:
         log = logging.getLogger("tuneop")
         while True:
             await asyncio.sleep(interval)
+            if not await self._leading(log):
+                continue
             for namespace, name in self.pending():
                 try:
                     await reconcile_or_report(namespace, name, log, prefetch=True, direct_events=True)
@@ -726,9 +663,20 @@ class ProgressPoller:
         while True:
             await asyncio.sleep(interval)
             try:
+                if not await self._leading(log):
+                    continue
                 await self.poll_all(log)
             except Exception as e:  # noqa: BLE001  (the loop must outlive any one failure)
                 log.warning(f"progress polling failed: {e!r}")
+
+    async def _leading(self, log: logging.Logger) -> bool:
+        """Whether this replica acts now (kopf peering; always without it). A replica paused in
+        favour of another one neither polls nor reconciles what it tracked while it led."""
+        try:
+            return await still_leading(kube.client(), CONFIG.peering)
+        except kube.ApiError as e:
+            log.warning(f"peering object not read ({e}): this round is skipped")
+            return False
 
     async def poll_all(self, logger: logging.Logger) -> None:
         sem = asyncio.Semaphore(self.concurrency)
@@ -846,5 +794,6 @@ def register(registry: Optional[kopf.OperatorRegistry] = None, config: Optional[
         *ftj, registry=reg, id="retry", interval=CONFIG.retry_interval,
         initial_delay=CONFIG.retry_interval, when=_is_waiting,
     )(retry_timer)  # type: ignore[arg-type]  # namespace: see above
-    together.register(reg, ftj)
+    for name in backends.names():
+        backends.get(name).register(host(), reg, ftj)
     return reg

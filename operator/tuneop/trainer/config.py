@@ -4,6 +4,7 @@ Nothing here imports torch: the hardware facts are passed in, which keeps every 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -666,7 +667,6 @@ def fingerprint_fields(spec: dict[str, Any], data_sha256: dict[str, Optional[str
 def training_fingerprint(spec: dict[str, Any], data_sha256: dict[str, Optional[str]]) -> str:
     """A short hash (16 hex digits) of `fingerprint_fields`: the name of the run's checkpoint directory
     and the adapter manifest's `trainingFingerprint`."""
-    import hashlib
 
     text = json.dumps(fingerprint_fields(spec, data_sha256), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

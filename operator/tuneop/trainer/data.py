@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from ..api.finetunejob import Method
+from ..dataset import DatasetError, check_file, read_rows
 from .config import JobConfig
 from .errors import DATASET_INVALID, TrainerError
 from .paths import is_url, local_data_path, redact_url
@@ -64,7 +65,6 @@ def _declared(cfg: JobConfig) -> str:
 
 def validate(cfg: JobConfig, local: dict[str, Optional[str]]) -> dict[str, Any]:
     """check_file on train/validation/test -> the dataset report; TrainerError(DatasetInvalid) if bad."""
-    from ..dataset import check_file
 
     declared = _declared(cfg)
     reports: dict[str, Any] = {}
@@ -115,8 +115,6 @@ def local_paths(cfg: JobConfig) -> dict[str, Optional[str]]:
 
 
 def _read(path: str, declared: str, split: str, shown: str) -> tuple[str, list[dict[str, Any]]]:
-    from ..dataset import DatasetError, read_rows
-
     try:
         fmt, rows = read_rows(path, declared)
     except DatasetError as e:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.finetunejob import AdapterType
+from . import model as M
 from .errors import CONFIG_INVALID, TrainerError
 from .manifest import make_readable
 from .paths import resolve_model
@@ -20,7 +21,6 @@ from .paths import resolve_model
 
 def export_model(model: str, dest: Path, *, dtype: str = "float32") -> dict[str, Any]:
     """Load `model` (what baseModel may name) and save it to `dest` (must not exist yet, or be empty)."""
-    from . import model as M
 
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):

@@ -11,8 +11,20 @@ from typing import IO, TYPE_CHECKING, Any, Optional
 from ..api.finetunejob import AdapterType, Method
 from . import config as C
 from . import data as D
+from . import evaluate as E
+from . import model as M
+from . import prefix as PF
 from .errors import TRAINING_ERROR, TrainerError
 from .events import Emitter, shorten
+from .manifest import (
+    base_model_info,
+    describe_adapter,
+    file_hashes,
+    read_manifest,
+    reuse_decision,
+    sha256_file,
+    write_adapter_dir,
+)
 from .paths import (
     base_model_name,
     list_checkpoints,
@@ -140,9 +152,6 @@ def validate_only(cfg: C.JobConfig, emitter: Emitter) -> int:
 
 def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination: Optional[Termination] = None,
           context: Optional[dict[str, Any]] = None, progress: str = "off") -> int:
-    from . import model as M
-    from .manifest import base_model_info, sha256_file
-
     spec = cfg.spec
     hp = spec.hyperparameters
     adapter_type = spec.adapter.type
@@ -305,8 +314,6 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     base_score = None
     stop_ids = M.end_of_turn_ids(tokenizer)
     if do_eval:
-        from . import evaluate as E
-
         pairs = E.examples(splits.test, splits.test_format)
         if spec.evaluation.max_samples:
             pairs = pairs[: spec.evaluation.max_samples]
@@ -363,8 +370,6 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     evaluation = None
     unwrapped = M.unwrap(trainer.model)
     if do_eval:
-        from . import evaluate as E
-
         if adapter_type != AdapterType.full:
             with unwrapped.disable_adapter():
                 base_score = E.run(unwrapped, tokenizer, pairs, spec.evaluation.max_new_tokens, stop_ids,
@@ -389,7 +394,6 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
             unwrapped.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    from .manifest import write_adapter_dir
 
     termination.raise_if_requested()
     with termination.deferring():  # once begun, the adapter is written and swapped in whatever arrives
@@ -415,7 +419,6 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
 def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter) -> bool:
     """When <output>/adapter was trained for this very fingerprint and its files match its manifest: report
     it as this run's result (`done` with `reused: true`) without loading the model. Returns whether it did."""
-    from .manifest import describe_adapter, file_hashes, read_manifest, reuse_decision
 
     manifest = read_manifest(adapter_dir)
     if manifest is None:
@@ -450,7 +453,6 @@ def plan_speed(cfg: C.JobConfig, splits: D.Splits, tokenizer, model, text_config
     """The speed decisions of config.py applied to this job: batching of mixed lengths, Liger kernels,
     torch.compile, the compact LM head. TUNEOP_BATCHING (padded|padding_free|group_by_length|packing),
     TUNEOP_LIGER and TUNEOP_TORCH_COMPILE (0|1) override the automatic choice (benchmarks, debugging)."""
-    from . import model as M
 
     spec = cfg.spec
     hp = spec.hyperparameters
@@ -507,7 +509,6 @@ def plan_speed(cfg: C.JobConfig, splits: D.Splits, tokenizer, model, text_config
 def share_prefix(trainer, report: dict[str, Any], batch_size: int, grad_ckpt: bool, precision: str) -> dict[str, Any]:
     """Compute the prompt prefix every row shares once per batch when it pays (config.decide_shared_prefix;
     TUNEOP_SHARED_PREFIX=0|1 overrides); prefix.apply checks one batch against the whole rows first."""
-    from . import prefix as PF
 
     setting = C.parse_switch(os.environ.get("TUNEOP_SHARED_PREFIX"))
     mode = str(report.get("batching"))

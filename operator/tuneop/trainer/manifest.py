@@ -1,12 +1,17 @@
 """The adapter directory: tuneop-manifest.json, file hashes, and the atomic swap into place."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime as _dt
 import hashlib
 import json
 import os
 import shutil
 from typing import Any, Callable, Optional
+
+from .events import dumps
+from .paths import fsync_path, fsync_tree
 
 MANIFEST = "tuneop-manifest.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
@@ -98,8 +103,6 @@ def write_adapter_dir(
     directory is swapped into <output>/<name> (swap_into_place), so that neither a crash nor a reader
     ever sees a half-written adapter.
     Returns the termination message's `adapter` block."""
-    from .events import dumps
-    from .paths import fsync_tree
 
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, name)
@@ -132,8 +135,6 @@ RENAME_EXCHANGE = 2  # linux/fs.h
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE). False where the kernel, the
     C library or the filesystem (NFS, for one) cannot."""
-    import ctypes
-    import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -149,7 +150,6 @@ def swap_into_place(tmp: str, final: str, exchange: Callable[[str, str], bool] =
     then the new one: swapped in one atomic step where the filesystem supports it; elsewhere `final` is
     renamed aside and `tmp` renamed into place right after (two renames: for that instant there is no
     `final`, never a partial one). The old directory is removed afterwards."""
-    from .paths import fsync_path
 
     parent = os.path.dirname(final)
     if not os.path.lexists(final):

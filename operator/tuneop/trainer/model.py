@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
+import random
 import sys
+import warnings
 from typing import Any, Optional
 
 from ..api.finetunejob import AdapterSpec, AdapterType
@@ -249,8 +252,6 @@ def unwrap(model):
 
 def quiet_libraries() -> None:
     """Library logging and warnings go to stderr, at warning level; no hub progress bars."""
-    import logging
-    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -287,7 +288,6 @@ LENGTH_SAMPLE = 512
 def sample_lengths(tokenizer, rows: list[dict[str, Any]], fmt: str, n: int = LENGTH_SAMPLE, seed: int = 0) -> list[int]:
     """Token lengths of a seeded random sample of rows (in random order, like the training sampler's),
     as TRL will tokenize them closely enough for a cost estimate (plus one for the EOS it appends)."""
-    import random
 
     if not rows:
         return []

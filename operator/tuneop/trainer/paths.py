@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import CONFIG_INVALID, DATASET_INVALID, TrainerError
+from .events import atomic_write_text
 
 PKG_SCHEME = "pkg://"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -249,7 +250,6 @@ def fsync_path(path: str) -> None:
 def write_marker(checkpoint: str, fingerprint: str, step: int, extra: Optional[dict] = None) -> None:
     """Declare a saved checkpoint complete: its files are flushed, then the marker is written through a
     temporary file and os.replace (a reader sees no marker or the whole one)."""
-    from .events import atomic_write_text
 
     fsync_tree(checkpoint)
     marker = {"fingerprint": fingerprint, "step": int(step), **(extra or {})}

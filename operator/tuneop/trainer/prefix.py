@@ -21,6 +21,8 @@ import functools
 import types
 from typing import Any, Optional
 
+from . import model as M
+
 # loss of the shortened rows against the whole rows, relative: fp32 sums in a different order; bf16/fp16
 # round the repeated keys and values differently
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
@@ -158,7 +160,6 @@ def apply(trainer, precision: str, prefix_ids: list[int], verify_rows: int) -> t
     """Shorten the trainer's prepared datasets, wrap its collator and its model's forward, and check one
     batch against the whole rows. On any failure everything is put back and training runs on whole rows.
     Returns (the SharedPrefix or None, what happened)."""
-    from . import model as M
 
     base = M.unwrap(trainer.model)
     if hasattr(base, "get_base_model"):

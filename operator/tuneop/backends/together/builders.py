@@ -1,10 +1,10 @@
 """Manifests of a FineTuneJob's children for backend: together. Pure: dict in, dict out.
 
 - ConfigMap ``<name>-config``: the resolved job config (the same builder as backend kubernetes).
-- Job ``<name>-upload``: ``python -m tuneop.together_job upload --config /etc/tuneop/job.json``.
+- Job ``<name>-upload``: ``python -m tuneop.backends.together.pod upload --config /etc/tuneop/job.json``.
   Mounts the dataset volumes and ConfigMaps read-only, checks the data with tuneop's checker,
   uploads it to Together; the file ids come back in its termination message.
-- Job ``<name>-download``: ``python -m tuneop.together_job download --config ... --job-id ft-...``.
+- Job ``<name>-download``: ``python -m tuneop.backends.together.pod download --config ... --job-id ft-...``.
   Mounts only the output volume (writable); writes ``<output>/adapter/`` + ``tuneop-manifest.json``;
   the adapter's sha256 comes back in its termination message.
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from ..api.finetunejob import FineTuneJobSpec
-from ..jobconfig import pod_configmap_dir, pod_pvc_dir
-from . import common
-from . import finetunejob as b
+from ...api.finetunejob import FineTuneJobSpec
+from ...builders import common
+from ...builders import finetunejob as b
+from ...jobconfig import pod_configmap_dir, pod_pvc_dir
 
 UPLOAD_CONTAINER = "upload"
 DOWNLOAD_CONTAINER = "download"
@@ -147,7 +147,7 @@ def build_upload_job(
     return _job(
         ftj, spec,
         job_name=upload_job_name(name), component="upload", container_name=UPLOAD_CONTAINER,
-        command=["python", "-m", "tuneop.together_job", "upload", "--config", b.CONFIG_PATH],
+        command=["python", "-m", "tuneop.backends.together.pod", "upload", "--config", b.CONFIG_PATH],
         image=image, base_url=base_url, volumes=volumes, mounts=mounts,
         backoff_limit=UPLOAD_BACKOFF_LIMIT, deadline=UPLOAD_DEADLINE_SECONDS,
     )
@@ -171,7 +171,7 @@ def build_download_job(
     return _job(
         ftj, spec,
         job_name=download_job_name(name), component="download", container_name=DOWNLOAD_CONTAINER,
-        command=["python", "-m", "tuneop.together_job", "download", "--config", b.CONFIG_PATH,
+        command=["python", "-m", "tuneop.backends.together.pod", "download", "--config", b.CONFIG_PATH,
                  "--job-id", job_id],
         image=image, base_url=base_url, volumes=volumes, mounts=mounts,
         backoff_limit=DOWNLOAD_BACKOFF_LIMIT, deadline=DOWNLOAD_DEADLINE_SECONDS, suspend=suspend,

@@ -37,7 +37,7 @@ Pure parts (dict in, dict out; unit-tested without any network):
 
 Thin client: :class:`TogetherClient` wraps ``together.Together`` (sync; call it from
 ``asyncio.to_thread`` in kopf handlers). Every request is counted through ``on_request(method,
-code)`` (see ``together_metrics.py``). Errors come out as :class:`TogetherUserError` (fix the spec,
+code)`` (see ``tuneop.metrics.TogetherRequestMetrics``). Errors come out as :class:`TogetherUserError` (fix the spec,
 data or Secret: not retried) or :class:`TogetherTransientError` (429/5xx/network: retry later,
 ``retry_after`` seconds when known). The API key never appears in their text, in ``repr`` or in
 logs.
@@ -60,9 +60,10 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from ..api.finetunejob import AdapterType, FineTuneJobSpec, LrScheduler, Method
+from ...api.finetunejob import AdapterType, FineTuneJobSpec, LrScheduler, Method
 
 log = logging.getLogger(__name__)
 
@@ -870,7 +871,6 @@ class TogetherClient:
         """Upload a ``.jsonl`` file for fine-tuning; returns the FileResponse dict once Together's
         validation report says valid. TogetherUserError (reason ``TogetherFileInvalid``) with
         Together's message when it does not."""
-        from pathlib import Path
 
         from together.lib import UploadManager
         from together.lib.resources.files import FileAlreadyExistsError

@@ -1,4 +1,4 @@
-"""kopf glue of backend: together (thin; decisions are in ``together_status.py``).
+"""kopf glue of backend: together (thin; decisions are in ``status.py`` beside it).
 
 - :func:`observe`: the upload/download Jobs and their pods, missing dependencies, the operator's
   checks of ConfigMap datasets, and, while a Together job of the current spec is not finished,
@@ -25,25 +25,20 @@ from typing import Any, Callable, Optional
 
 import kopf
 
-from .. import kube
-from .. import status as st
-from .. import together_status as TS
-from ..api.finetunejob import FineTuneJobSpec
-from ..backends import together as T
-from ..builders import finetunejob as b
-from ..builders import together as tb
-from ..metrics import METRICS
+from ... import kube
+from ... import status as st
+from ...api.finetunejob import FineTuneJobSpec
+from ...builders import finetunejob as b
+from ...metrics import METRICS
+from ..base import Host
+from . import builders as tb
+from . import client as T
+from . import status as TS
 
 
-def _h() -> Any:
-    from . import finetunejob
-
-    return finetunejob
-
-
-def base_url() -> Optional[str]:
+def base_url(config: Any) -> Optional[str]:
     """The Together endpoint: the operator setting, else $TOGETHER_BASE_URL, else the SDK's."""
-    return _h().CONFIG.together_base_url or os.environ.get("TOGETHER_BASE_URL") or None
+    return getattr(config, "together_base_url", None) or os.environ.get("TOGETHER_BASE_URL") or None
 
 
 class SecretMissing(Exception):
@@ -73,19 +68,19 @@ async def read_api_key(kc: kube.KubeClient, namespace: str, spec: FineTuneJobSpe
     return key
 
 
-def _client(key: str) -> T.TogetherClient:
-    cfg = _h().CONFIG
+def _client(host: Host, key: str) -> T.TogetherClient:
+    cfg = host.config
     return T.TogetherClient(
-        key, base_url(), on_request=METRICS.together.record,
+        key, base_url(cfg), on_request=METRICS.together.record,
         max_retries=cfg.together_max_retries, timeout=cfg.together_timeout,
     )
 
 
-async def with_client(key: str, fn: Callable[[T.TogetherClient], Any]) -> Any:
+async def with_client(host: Host, key: str, fn: Callable[[T.TogetherClient], Any]) -> Any:
     """``fn(client)`` in a worker thread, with a client made (and closed) there."""
 
     def work() -> Any:
-        with _client(key) as client:
+        with _client(host, key) as client:
             return fn(client)
 
     return await asyncio.to_thread(work)
@@ -94,7 +89,7 @@ async def with_client(key: str, fn: Callable[[T.TogetherClient], Any]) -> Any:
 # ---------------------------------------------------------------------------------- observe
 
 
-async def observe(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec) -> st.Observed:
+async def observe(host: Host, kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec) -> st.Observed:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     obs = st.Observed()
@@ -127,15 +122,15 @@ async def observe(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSp
         if not obs.missing and not st.is_validated(body):
             for split, (cm, key) in TS.inline_sources(spec).items():
                 text = (contents.get(cm) or {}).get(key, "")
-                obs.inline_datasets[split] = await _h().check_inline_dataset(
+                obs.inline_datasets[split] = await host.check_inline_dataset(
                     text, spec.dataset.format.value, f"configMap {cm}/{key}"
                 )
-    if TS.needs_poll(body) and TS.poll_due(body, _h().now_iso()):
-        await poll(kc, body, spec, obs)
+    if TS.needs_poll(body) and TS.poll_due(body, host.now()):
+        await poll(host, kc, body, spec, obs)
     return obs
 
 
-async def poll(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed) -> None:
+async def poll(host: Host, kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed) -> None:
     """The Together job and its new events into ``obs`` (or what went wrong)."""
     ns = body["metadata"]["namespace"]
     tg = TS.together_of(body.get("status") or {})
@@ -153,7 +148,7 @@ async def poll(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec,
         return ft, events, new_cursor
 
     try:
-        ft, events, new_cursor = await with_client(key, fetch)
+        ft, events, new_cursor = await with_client(host, key, fetch)
     except T.TogetherBackendError as e:
         obs.together_error = {"reason": e.reason, "message": e.message, "statusCode": e.status_code,
                               "retryAfter": e.retry_after}
@@ -168,25 +163,24 @@ async def poll(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec,
 # ---------------------------------------------------------------------------------- actions
 
 
-async def ensure_finalizer(kc: kube.KubeClient, body: dict[str, Any]) -> None:
+async def ensure_finalizer(host: Host, kc: kube.KubeClient, body: dict[str, Any]) -> None:
     """Our finalizer before anything is created at Together (kopf keeps it while
-    :func:`together_status.needs_finalizer` holds, and removes it after the on-delete handler)."""
+    :func:`status.needs_finalizer` holds, and removes it after the on-delete handler)."""
     meta = body.get("metadata") or {}
-    finalizer = f"{_h().PREFIX}/finalizer"
+    finalizer = f"{host.prefix}/finalizer"
     current = list(meta.get("finalizers") or [])
     if finalizer in current:
         return
-    await kc.patch(_h().API_VERSION, _h().KIND, meta["name"], meta["namespace"],
+    await kc.patch(host.api_version, host.kind, meta["name"], meta["namespace"],
                    {"metadata": {"finalizers": current + [finalizer]}})
     meta["finalizers"] = current + [finalizer]
 
 
 async def run_actions(
-    kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, logger: kopf.Logger
+    host: Host, kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, logger: Any
 ) -> None:
     """The Together calls of ``decision`` (its status is already written); every outcome goes
-    through a pure function of together_status and is written at once."""
-    h = _h()
+    through a pure function of backends/together/status.py and is written at once."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     body = {**body, "status": decision.status}
     spec = st.spec_of(body)
@@ -196,28 +190,28 @@ async def run_actions(
     except SecretMissing as e:
         key, missing = None, str(e)
     try:
-        for action in decision.together:
+        for action in decision.calls:
             op = action["op"]
-            now = h.now_iso()
+            now = host.now()
             result: Optional[st.Decision] = None
             if key is None:
                 result = TS.call_failed(body, op, st.DEPENDENCY_MISSING,
                                         f"{missing}: cannot {op} the Together job", user_error=False, now=now)
             elif op == "create":
-                await ensure_finalizer(kc, body)
+                await ensure_finalizer(host, kc, body)
                 params = action["params"]
 
                 def create(c: T.TogetherClient, params: dict[str, Any] = params) -> tuple[dict[str, Any], bool]:
                     return c.create_or_adopt(params)
 
                 try:
-                    job, adopted = await with_client(key, create)
+                    job, adopted = await with_client(host, key, create)
                 except T.TogetherBackendError as e:
                     logger.warning(f"Together create for {ns}/{name} failed: {e.reason}: {e.message}")
                     result = TS.call_failed(body, op, e.reason, e.message, user_error=e.user_error, now=now,
                                             retry_after=e.retry_after)
                 else:
-                    result = TS.job_created(body, job, adopted, now=h.now_iso())
+                    result = TS.job_created(body, job, adopted, now=host.now())
             elif op == "cancel":
                 jid = action["jobId"]
 
@@ -225,7 +219,7 @@ async def run_actions(
                     return c.cancel(jid)
 
                 try:
-                    await with_client(key, cancel)
+                    await with_client(host, key, cancel)
                 except T.TogetherBackendError as e:
                     if action.get("stale") and e.status_code == 404:
                         result = TS.stale_cancelled(body, jid, now=now)
@@ -238,7 +232,7 @@ async def run_actions(
                     if action.get("stale"):
                         result = TS.stale_cancelled(body, jid, now=now)
             if result is not None:
-                await h.apply(kc, body, result)
+                await host.apply(kc, body, result)
                 for ev in result.events:
                     logger.info(f"{ev['reason']}: {ev['message']}")
                 body = {**body, "status": result.status}
@@ -259,24 +253,19 @@ def _is_active(body: kopf.Body, **_: Any) -> bool:
     return TS.needs_poll(dict(body))
 
 
-async def monitor_timer(namespace: str, name: str, logger: kopf.Logger, **_: Any) -> None:
-    """Poll Together (through a reconcile: status, progress, events, download when completed)."""
-    await _h().reconcile_or_report(namespace, name, logger)
-
-
 async def on_delete(
-    body: kopf.Body, namespace: str, name: str, logger: kopf.Logger, retry: int, **_: Any
+    host: Host, body: kopf.Body, namespace: str, name: str, logger: kopf.Logger, retry: int,
 ) -> None:
     """Cancel what still runs at Together before the FineTuneJob goes (nothing left billing).
     Under the object's lock, so a create in flight has recorded its job id first."""
-    async with _h()._lock(namespace, name):
-        fresh = await kube.client().get(_h().API_VERSION, _h().KIND, name, namespace)
+    async with host.lock(namespace, name):
+        fresh = await kube.client().get(host.api_version, host.kind, name, namespace)
     data = fresh if fresh is not None else dict(body)
     ids, suffix = TS.jobs_to_cancel(data)
     if not ids and not suffix:
         return
-    limit = _h().CONFIG.together_delete_retries
-    delay = _h().CONFIG.retry_interval
+    limit = host.config.together_delete_retries
+    delay = host.config.retry_interval
 
     def give_up(why: str) -> None:
         msg = f"could not cancel Together job(s) {', '.join(ids) or 'with suffix ' + str(suffix)}: {why}"
@@ -310,7 +299,7 @@ async def on_delete(
         return done
 
     try:
-        cancelled = await with_client(key, cancel_all)
+        cancelled = await with_client(host, key, cancel_all)
     except T.TogetherBackendError as e:
         if retry < limit:
             raise kopf.TemporaryError(f"cancel at Together: {e.message}", delay=delay) from None
@@ -324,12 +313,22 @@ async def on_delete(
         kopf.event(body, type="Normal", reason="TogetherJobCancelled", message=msg)
 
 
-def register(reg: kopf.OperatorRegistry, ftj: tuple[str, str, str]) -> None:
-    cfg = _h().CONFIG
+def register(host: Host, reg: kopf.OperatorRegistry, ftj: tuple[str, str, str]) -> None:
+    """kopf handlers of backend together: the poll timer and the cancel on delete."""
+
+    async def monitor_timer(namespace: str, name: str, logger: kopf.Logger, **_: Any) -> None:
+        """Poll Together (through a reconcile: status, progress, events, download when completed)."""
+        await host.reconcile(namespace, name, logger)
+
+    async def cancel_on_delete(
+        body: kopf.Body, namespace: str, name: str, logger: kopf.Logger, retry: int, **_: Any
+    ) -> None:
+        await on_delete(host, body, namespace, name, logger, retry)
+
     # kopf's handler protocols type `namespace` as `str | None` (None only for cluster-scoped
     # resources); FineTuneJobs are namespaced, so these handlers take a str.
-    kopf.on.delete(*ftj, registry=reg, id="together-cancel", when=_needs_finalizer)(on_delete)  # type: ignore[arg-type]
+    kopf.on.delete(*ftj, registry=reg, id="together-cancel", when=_needs_finalizer)(cancel_on_delete)  # type: ignore[arg-type]
     kopf.timer(
-        *ftj, registry=reg, id="together-monitor", interval=cfg.together_poll_interval,
+        *ftj, registry=reg, id="together-monitor", interval=host.config.together_poll_interval,
         when=_is_active,
     )(monitor_timer)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The program of the short upload/download pods of backend: together.
 
-``python -m tuneop.together_job upload --config /etc/tuneop/job.json``
+``python -m tuneop.backends.together.pod upload --config /etc/tuneop/job.json``
     Reads the resolved job config (``jobconfig.resolve``), downloads URL datasets, checks the data
     with :mod:`tuneop.dataset` (DatasetInvalid on bad rows), converts rows to Together's formats
     (preference rows -> ``{"input", "preferred_output", "non_preferred_output"}``, conversational
@@ -11,7 +11,7 @@
         {"event": "uploaded", "trainingFile": "file-..", "validationFile": "file-.."|null,
          "format": "messages", "dataset": {"format", "trainRows", "validationRows", "estimatedTokens"}}
 
-``python -m tuneop.together_job download --config FILE --job-id ft-...``
+``python -m tuneop.backends.together.pod download --config FILE --job-id ft-...``
     Downloads the adapter (``checkpoint=adapter``; full weights for ``adapter.type: full``), safely
     extracts it (:mod:`tuneop.archive`) within :func:`tuneop.archive.size_limit` (from the LoRA
     rank, the base model's size and the output volume's free space: a small archive that would
@@ -42,17 +42,29 @@ import tempfile
 import traceback
 from typing import Any, Optional
 
-from .api.finetunejob import AdapterType, FineTuneJobSpec
-from .archive import DEFAULT_MAX_FILES, size_limit
-from .trainer.errors import CONFIG_INVALID, DATASET_INVALID, TRAINING_ERROR, TrainerError
-from .trainer.events import Emitter, shorten
+from ...api.finetunejob import AdapterType, FineTuneJobSpec
+from ...archive import (
+    DEFAULT_MAX_FILES,
+    ArchiveError,
+    adapter_summary,
+    find_adapter_dir,
+    safe_extract,
+    size_limit,
+    write_adapter_layout,
+)
+from ...dataset import to_together_preference
+from ...trainer import data as D
+from ...trainer.config import load_config
+from ...trainer.errors import CONFIG_INVALID, DATASET_INVALID, TRAINING_ERROR, TrainerError
+from ...trainer.events import Emitter, shorten
+from .client import TogetherBackendError, TogetherClient, TogetherUserError, download_checkpoint, redact
 
 ARCHIVE_INVALID = "ArchiveInvalid"
 TOGETHER_ERROR = "TogetherError"
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tuneop.together_job", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tuneop.backends.together.pod", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upload", help="check, convert and upload the datasets")
     up.add_argument("--config", required=True, help="resolved job config (JSON)")
@@ -67,8 +79,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def to_together_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
     """A normalised row (``tuneop.dataset.normalize_row``) -> a row Together accepts."""
-    from .dataset import to_together_preference
-
     if fmt == "preference":
         return to_together_preference(row)
     if fmt == "prompt-completion" and isinstance(row.get("prompt"), list):
@@ -83,8 +93,6 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _client():
-    from .backends.together import TogetherClient, TogetherUserError
-
     key = os.environ.get("TOGETHER_API_KEY", "").strip()
     if not key:
         raise TogetherUserError("ConfigInvalid", "TOGETHER_API_KEY is not set (the pod's secretKeyRef)")
@@ -92,8 +100,6 @@ def _client():
 
 
 def upload(cfg: Any, emitter: Emitter) -> dict[str, Any]:
-    from .trainer import data as D
-
     local = D.local_paths(cfg)
     splits = D.load(cfg, local)
     if not splits.train:
@@ -136,9 +142,6 @@ def archive_limit(spec: FineTuneJobSpec, job: dict[str, Any], free_bytes: Option
 
 
 def download(cfg: Any, job_id: str, emitter: Emitter) -> dict[str, Any]:
-    from .archive import adapter_summary, find_adapter_dir, safe_extract, write_adapter_layout
-    from .backends.together import download_checkpoint
-
     spec = cfg.spec
     out = cfg.paths.output
     os.makedirs(out, exist_ok=True)
@@ -183,10 +186,6 @@ def download(cfg: Any, job_id: str, emitter: Emitter) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .archive import ArchiveError
-    from .backends.together import TogetherBackendError, redact
-    from .trainer.config import load_config
-
     args = parse_args(argv)
     emitter = Emitter(stream=sys.stdout)
     key = os.environ.get("TOGETHER_API_KEY", "")

@@ -4,7 +4,7 @@
 :func:`reconcile_together`; the handler feeds it what exists (the ``<name>-upload`` and
 ``<name>-download`` Jobs and their pods, the Together job as just retrieved, its new events) and
 applies the :class:`~tuneop.status.Decision`: manifests, the new status, Events, and the Together
-calls to make *after* the status is written (``decision.together``). The outcome of those calls
+calls to make *after* the status is written (``decision.calls``). The outcome of those calls
 goes through :func:`job_created`, :func:`call_failed` and :func:`stale_cancelled`.
 
 Flow of one spec::
@@ -40,11 +40,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Callable, Optional
 
-from . import status as st
-from .api.finetunejob import FineTuneJobSpec
-from .backends import together as T
-from .builders import finetunejob as b
-from .builders import together as tb
+from ... import status as st
+from ...api.finetunejob import FineTuneJobSpec
+from ...builders import finetunejob as b
+from . import builders as tb
+from . import client as T
 
 UPLOAD_ERRORS = {
     "DatasetInvalid": st.DATASET_INVALID,
@@ -213,7 +213,7 @@ def _progress(old: Optional[dict[str, Any]], new: Optional[dict[str, Any]], now:
     return merged
 
 
-def _finish(bld: st._Builder, extra_before: list[dict[str, str]] | None = None) -> st.Decision:
+def _finish(bld: st.StatusBuilder, extra_before: list[dict[str, str]] | None = None) -> st.Decision:
     d = bld.finish()
     transitions = [e for e in d.events if e["reason"] not in MIRRORED_REASONS]
     d.events = list(extra_before or []) + transitions
@@ -237,7 +237,7 @@ def _job_label(tg: dict[str, Any]) -> str:
     return f"Together job {tg.get('jobId')}"
 
 
-def _reply_condition(bld: st._Builder, view: dict[str, Any], label: str) -> list[dict[str, str]]:
+def _reply_condition(bld: st.StatusBuilder, view: dict[str, Any], label: str) -> list[dict[str, str]]:
     """Condition REPLY_COND from a polled reply: False naming the malformed fields or the unknown
     status (and one Warning Event per new message), gone when the reply is understood."""
     notes = list(view.get("problems") or [])
@@ -260,7 +260,7 @@ def _reply_condition(bld: st._Builder, view: dict[str, Any], label: str) -> list
 
 
 def reconcile_together(
-    bld: st._Builder,
+    bld: st.StatusBuilder,
     body: dict[str, Any],
     spec: FineTuneJobSpec,
     h: str,
@@ -296,7 +296,7 @@ def reconcile_together(
             extra.append({"type": "Normal", "reason": IGNORED_SETTINGS, "message": st.shorten("; ".join(notes))})
     tg = together_of(status)
     for jid in tg.get("staleJobIds") or []:
-        d.together.append({"op": "cancel", "jobId": jid, "stale": True})
+        d.calls.append({"op": "cancel", "jobId": jid, "stale": True})
 
     def set_tg() -> None:
         status["together"] = {k: v for k, v in tg.items() if v is not None and v != []}
@@ -430,7 +430,7 @@ def reconcile_together(
             suffix=tg["suffix"],
             dataset_format=tg.get("datasetFormat"),
         )
-        d.together.append({"op": "create", "params": params})
+        d.calls.append({"op": "create", "params": params})
         # The retry timer looks again should the call (or the operator) die before the id is known.
         d.retry_after = st.DEPENDENCY_RETRY_SECONDS
         bld.phase(st.PENDING, st.CREATING_TOGETHER_JOB,
@@ -482,7 +482,7 @@ def reconcile_together(
     # --- suspend: cancel at Together (a cancelled job cannot be resumed: a new one is created)
     if spec.suspend and tstatus not in ("completed", "error", "user_error"):
         if tstatus not in ("cancelled", "cancel_requested"):
-            d.together.append({"op": "cancel", "jobId": job_id, "stale": False})
+            d.calls.append({"op": "cancel", "jobId": job_id, "stale": False})
         if tstatus != "cancelled" or tg.get("cancelRequested"):
             tg["cancelRequested"] = True
             set_tg()
@@ -532,7 +532,7 @@ def reconcile_together(
 
 
 def _download(
-    bld: st._Builder, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed, tg: dict[str, Any],
+    bld: st.StatusBuilder, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed, tg: dict[str, Any],
     extra: list[dict[str, str]], *, image: str, base_url: Optional[str], ensure_config: Callable[[], None],
 ) -> st.Decision:
     d = bld.decision
@@ -599,7 +599,7 @@ def _download(
     return _finish(bld, extra)
 
 
-def _finish_fail(bld: st._Builder, extra: list[dict[str, str]], reason: str, message: str, *,
+def _finish_fail(bld: st.StatusBuilder, extra: list[dict[str, str]], reason: str, message: str, *,
                  invalid: bool = False) -> st.Decision:
     d = bld.fail(reason, message, invalid=invalid)
     transitions = [e for e in d.events if e["reason"] not in MIRRORED_REASONS]
@@ -612,7 +612,7 @@ def _finish_fail(bld: st._Builder, extra: list[dict[str, str]], reason: str, mes
 
 def job_created(body: dict[str, Any], job: dict[str, Any], adopted: bool, *, now: str) -> st.Decision:
     """``create_or_adopt`` returned ``job``: record its id at once (and say so in an Event)."""
-    bld = st._Builder(body, now)
+    bld = st.StatusBuilder(body, now)
     tg = together_of(bld.status)
     tg.pop("retryAt", None)
     tg["jobId"] = job.get("id")
@@ -634,11 +634,11 @@ def call_failed(
     body: dict[str, Any], op: str, reason: str, message: str, *, user_error: bool, now: str,
     retry_after: Optional[float] = None,
 ) -> st.Decision:
-    """A Together call of ``decision.together`` failed. A rejected create (limits, 4xx) is a
+    """A Together call of ``decision.calls`` failed. A rejected create (limits, 4xx) is a
     terminal user error; anything else (429, 5xx, network, an unreadable reply, a failed cancel)
     keeps the phase, says why, and is retried: after ``retry_after`` (Together's Retry-After,
     clamped by :func:`~tuneop.backends.together.retry_delay`, recorded as ``retryAt``) when given."""
-    bld = st._Builder(body, now)
+    bld = st.StatusBuilder(body, now)
     if op == "create" and user_error:
         invalid = reason in (st.TOGETHER_LIMITS, st.TOGETHER_REJECTED)
         return _finish_fail(bld, [], reason, f"create Together job: {message}", invalid=invalid)
@@ -658,7 +658,7 @@ def call_failed(
 
 def stale_cancelled(body: dict[str, Any], job_id: str, *, now: str) -> st.Decision:
     """A job of an older spec was cancelled: forget it."""
-    bld = st._Builder(body, now)
+    bld = st.StatusBuilder(body, now)
     tg = together_of(bld.status)
     tg["staleJobIds"] = [j for j in tg.get("staleJobIds") or [] if j != job_id]
     bld.status["together"] = {k: v for k, v in tg.items() if v is not None and v != []}
