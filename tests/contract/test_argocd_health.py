@@ -2,8 +2,8 @@
 
 Argo CD runs a health script with the live object in the global ``obj`` (JSON turned into Lua
 tables, arrays 1-based) and reads ``status`` / ``message`` of the table it returns. The samples are
-statuses the operator writes: FineTuneJob ones in the shapes of tuneop.status, AdapterDeployment
-ones produced by the real reducer (tuneop.serving.adapters.reduce_status).
+statuses the operator writes: FineTuneJob ones in the shapes of tuneop.finetunejob.reconcile, AdapterDeployment
+ones produced by the real reducer (tuneop.adapterdeployment.reconcile.reduce_status).
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def ad_obj(status: Optional[dict[str, Any]], generation: int = 1, replicas: int 
 def reduced(adapter_states: list[str], *, ready: int, replicas: int = 2, deployment: bool = True,
             spec_error: Optional[str] = None, generation: int = 1) -> dict[str, Any]:
     """A status from the operator's own reducer."""
-    sa = pytest.importorskip("tuneop.serving.adapters")
+    sa = pytest.importorskip("tuneop.adapterdeployment.reconcile")
     body = ad_obj(None, generation=generation, replicas=replicas)
     adapters = [{"name": f"a{i}", "state": s, "message": f"{s.lower()} a{i}"} for i, s in enumerate(adapter_states)]
     dep = None

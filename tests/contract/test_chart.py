@@ -94,7 +94,7 @@ def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 
 def test_network_policies_let_only_the_operator_and_allowed_peers_reach_vllm_pods():
-    from tuneop.builders import adapterdeployment as b
+    from tuneop.adapterdeployment import builders as b
 
     assert by_kind(render(NAMESPACED), "NetworkPolicy") == []  # off by default
     docs = render(NETPOL)
@@ -134,7 +134,7 @@ def test_operator_deployment():
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert f"--trainer-image={env['TUNEOP_TRAINER_IMAGE']}" in c["args"]
-    # no vLLM image set: the operator's own default (serving/vllm.py, the release its guard is tested with)
+    # no vLLM image set: the operator's own default (adapterdeployment/vllm.py, the release its guard is tested with)
     assert "TUNEOP_VLLM_IMAGE" not in env
     # The metrics Service selects the operator pod.
     svc = by_kind(render(), "Service")[0]
@@ -303,7 +303,7 @@ def _exported_tuneop_metrics() -> set[str]:
 
 
 # Metrics the dashboard/alerts use that the operator does not export yet (AdapterDeployment
-# serving lands with handlers/adapterdeployment.py); the panels stay empty until then.
+# serving lands with adapterdeployment/handlers.py); the panels stay empty until then.
 PENDING_METRICS: set[str] = set()
 
 
@@ -363,7 +363,7 @@ def _pods(objs):
 def test_pods_tuneop_creates_are_restricted(body):
     """Trainer / validate Jobs (backend kubernetes), upload / download Jobs (backend together)."""
     from tuneop.backends.together import builders as tb
-    from tuneop.builders import finetunejob as fb
+    from tuneop.finetunejob import builders as fb
 
     image = "registry.example.com/tuneop/trainer:1"
     if body["spec"].get("backend") == "together":
@@ -380,7 +380,7 @@ def test_pods_tuneop_creates_are_restricted(body):
 def test_vllm_pods_are_restricted():
     """The vLLM Deployment of every example AdapterDeployment: restricted, vLLM included (uid 10001,
     read-only root filesystem, caches and /tmp on emptyDirs), and so are the fetch init containers."""
-    from tuneop.builders import adapterdeployment as ad
+    from tuneop.adapterdeployment import builders as ad
 
     docs = [d for p in sorted(ROOT.glob("examples/**/*.yaml")) for d in yaml.safe_load_all(p.read_text())
             if isinstance(d, dict) and d.get("kind") == "AdapterDeployment"]
@@ -524,7 +524,7 @@ def test_operator_args_parse(values):
 
 
 def test_vllm_podmonitor_selects_the_vllm_pods():
-    ad = pytest.importorskip("tuneop.builders.adapterdeployment")
+    ad = pytest.importorskip("tuneop.adapterdeployment.builders")
     doc = next(d for p in sorted(ROOT.glob("examples/**/*.yaml")) for d in yaml.safe_load_all(p.read_text())
                if isinstance(d, dict) and d.get("kind") == "AdapterDeployment")
     body = {**doc, "metadata": {"namespace": "ns", "uid": "u-1", "generation": 1, **doc["metadata"]}}

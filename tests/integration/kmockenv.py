@@ -25,7 +25,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from tuneop import kube
-from tuneop.handlers import finetunejob as handlers
+from tuneop.finetunejob import handlers as handlers
 
 NS = "team-a"
 FTJ_PATH = "/apis/tuneop.dev/v1alpha1/namespaces/team-a/finetunejobs"

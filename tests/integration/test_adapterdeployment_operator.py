@@ -22,7 +22,7 @@ from kopf.testing import KopfRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmockenv import FTJ_PATH, NS, KMockThread, wait_for
-from tuneop.handlers import adapterdeployment as handlers
+from tuneop.adapterdeployment import handlers as handlers
 from tuneop.metrics import METRICS
 
 AD_PATH = f"/apis/tuneop.dev/v1alpha1/namespaces/{NS}/adapterdeployments"

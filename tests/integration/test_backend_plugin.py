@@ -16,9 +16,9 @@ import kopf
 import pytest
 
 from kmockenv import FTJ_PATH, NS, KMockThread, Operator, wait_for
-from tuneop import backends
-from tuneop import status as st
+from tuneop.backends import registered as backends
 from tuneop.backends.base import Host, ReduceOptions
+from tuneop.finetunejob import reconcile as st
 
 CMS = f"/api/v1/namespaces/{NS}/configmaps"
 

@@ -472,7 +472,8 @@ def test_happy_path_costs_the_fewest_requests_and_leaves_no_kopf_trace(api: KMoc
     import kopf
     from kopf.testing import KopfRunner
 
-    from tuneop.handlers import adapterdeployment, finetunejob
+    from tuneop.adapterdeployment import handlers as adapterdeployment
+    from tuneop.finetunejob import handlers as finetunejob
 
     pvc(api, "adapters")
     configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})

@@ -18,12 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_together.adapter import build_peft_adapter, dir_entries, link, make_tar  # noqa: E402
 from fake_together.server import FakeTogether  # noqa: E402
 from tuneop.api.finetunejob import parse_spec  # noqa: E402
-from tuneop.archive import (  # noqa: E402
-    adapter_summary,
-    find_adapter_dir,
-    safe_extract,
-    write_adapter_layout,
-)
+from tuneop.archive import adapter_summary, find_adapter_dir, safe_extract, write_adapter_layout
 from tuneop.backends.together import client as T  # noqa: E402
 from tuneop.jobconfig import resolve  # noqa: E402
 from tuneop.metrics import TogetherRequestMetrics  # noqa: E402

@@ -442,7 +442,9 @@ def test_time_budget_ends_training_and_the_schedule(tiny_model, datasets, tmp_pa
     assert ckpts
     for ckpt in ckpts:
         spent = json.loads((ckpt / "tuneop-checkpoint.json").read_text())
-        assert 0 < spent["elapsed_seconds"] <= 10 and spent["budget_seconds"] == 10
+        # the budget stops training before a step would overrun it by the steps' pace so far: a step
+        # slower than that pace (a loaded machine) overruns by a fraction of one step, not more
+        assert 0 < spent["elapsed_seconds"] <= 10.5 and spent["budget_seconds"] == 10
     check_adapter_dir(out / "adapter", run.termination)
 
 

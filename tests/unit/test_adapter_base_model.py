@@ -1,4 +1,4 @@
-"""An adapter on a base model it was not trained on: the operator's side (serving/basemodel.py,
+"""An adapter on a base model it was not trained on: the operator's side (adapterdeployment/basemodel.py,
 the admin client's mapping of the guard's refusal, status.adapters[].reason, sync_adapters)."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
+from tuneop.adapterdeployment import basemodel as bm
+from tuneop.adapterdeployment import handlers as h
+from tuneop.adapterdeployment import reconcile as sa
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
-from tuneop.handlers import adapterdeployment as h
-from tuneop.serving import adapters as sa
-from tuneop.serving import basemodel as bm
 from tuneop.serving import client
 from tuneop.serving.client import AdapterChange, AdminRefused, AsyncVllmClient, Outcome, ServedModel
 

@@ -1,4 +1,4 @@
-"""builders/adapterdeployment.py: AdapterDeployment dict in, Deployment/Service/HPA out."""
+"""adapterdeployment/builders.py: AdapterDeployment dict in, Deployment/Service/HPA out."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tuneop.builders import adapterdeployment as b
+from tuneop.adapterdeployment import builders as b
 from tuneop.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,7 +191,8 @@ def test_example_renders_and_validates_strictly(capsys: pytest.CaptureFixture[st
 
 
 def test_guard_is_loaded_as_middleware_from_its_configmap_with_the_admin_secret_mounted() -> None:
-    from tuneop.serving import guard, vllm
+    from tuneop.adapterdeployment import vllm
+    from tuneop.serving import guard
 
     body = ad()
     dep = b.build_deployment(body, finetunejobs=FTJS)
@@ -234,7 +235,7 @@ def test_admin_secret_holds_only_the_token_and_is_owned() -> None:
 
 
 def test_a_new_guard_changes_the_template_hash(monkeypatch) -> None:
-    from tuneop.serving import vllm
+    from tuneop.adapterdeployment import vllm
 
     before = template_hash(b.build_deployment(ad(), finetunejobs=FTJS))
     src = vllm.guard_source()

@@ -11,10 +11,10 @@ import pytest
 import re2
 from pydantic import ValidationError
 
+from tuneop.adapterdeployment import vllm
 from tuneop.api import adapterdeployment as api
 from tuneop.api import crdcheck
 from tuneop.api.crdgen import all_crds
-from tuneop.serving import vllm
 
 AD_CRD = all_crds()["adapterdeployments.yaml"]
 

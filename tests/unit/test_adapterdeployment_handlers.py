@@ -1,4 +1,4 @@
-"""Pure pieces of handlers/adapterdeployment.py: which FineTuneJobs an AdapterDeployment
+"""Pure pieces of adapterdeployment/handlers.py: which FineTuneJobs an AdapterDeployment
 references (the kopf index), and which FineTuneJob changes matter to it."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tuneop.handlers import adapterdeployment as h
+from tuneop.adapterdeployment import handlers as h
 
 SPEC = {"adapters": [
     {"name": "a", "fineTuneJobRef": {"name": "news"}},

@@ -1,11 +1,11 @@
-"""serving/adapters.py: desired adapters, the load/unload plan, per-adapter status, the reducer."""
+"""adapterdeployment/reconcile.py: desired adapters, the load/unload plan, per-adapter status, the reducer."""
 from __future__ import annotations
 
 from typing import Any
 
+from tuneop.adapterdeployment import reconcile as sa
+from tuneop.adapterdeployment.reconcile import Action
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
-from tuneop.serving import adapters as sa
-from tuneop.serving.adapters import Action
 
 SHA = "d" * 64
 NOW = "2026-01-01T00:00:00Z"

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fake_together.adapter import link, make_tar, special  # noqa: E402
 from tuneop.api.finetunejob import parse_spec  # noqa: E402
-from tuneop.archive import (  # noqa: E402
+from tuneop.archive import (
     DEFAULT_MAX_BYTES,
     EXTRA_FILES_BYTES,
     ArchiveError,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tuneop.adapterdeployment.vllm import server_args
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
-from tuneop.serving.vllm import server_args
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py"
 _spec = importlib.util.spec_from_file_location("bench_serving", _PATH)

@@ -1,4 +1,4 @@
-"""builders/finetunejob.py: FineTuneJob dict in, manifests out."""
+"""finetunejob/builders.py: FineTuneJob dict in, manifests out."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tuneop.builders import finetunejob as b
+from tuneop.finetunejob import builders as b
 
 
 def ftj(**spec: Any) -> dict[str, Any]:

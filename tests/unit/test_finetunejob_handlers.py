@@ -1,4 +1,4 @@
-"""Pure pieces of handlers/finetunejob.py: which Job events are already accounted for, the
+"""Pure pieces of finetunejob/handlers.py: which Job events are already accounted for, the
 dataset check of ConfigMap datasets, concurrent reads."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from tuneop import kube
 from tuneop.backends import base
-from tuneop.handlers import finetunejob as h
+from tuneop.finetunejob import handlers as h
 
 
 def job(name: str, rv: str) -> dict:
@@ -51,7 +51,7 @@ def test_seen_jobs_are_per_event_loop() -> None:
 
 
 def test_object_locks_are_per_event_loop_even_when_a_loop_id_is_reused() -> None:
-    from tuneop.handlers.common import ObjectLocks
+    from tuneop.glue import ObjectLocks
 
     locks = ObjectLocks()
     held: list[asyncio.Lock] = []

@@ -7,10 +7,10 @@ Layers, bottom to top (docs/ARCHITECTURE.md):
   api        the resource models (the CRDs are generated from them)
   pure       libraries with no cluster I/O: datasets, archives, job config, pod causes, defaults,
              manifests, and the code that runs inside pods (trainer, the vLLM guard and fetcher)
-  decide     builders and reducers: dict in, dict out
+  decide     each resource's builders and reducer (finetunejob/, adapterdeployment/): dict in, dict out
   edge       the Kubernetes client and the metrics
   backends   FineTuneJob backends (tuneop.backends.*: protocol, kubernetes, together)
-  glue       kopf handlers, the local vLLM runner
+  glue       each resource's kopf handlers, the operator process (handlers/), the local vLLM runner
   cli        the command line
 """
 from __future__ import annotations
@@ -28,16 +28,23 @@ OPTIONAL_IN = {"tuneop.serving.guard": {"prometheus_client"}}
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("tuneop.api",)),
     ("pure", ("tuneop.dataset", "tuneop.archive", "tuneop.jobconfig", "tuneop.podcauses", "tuneop.workload_defaults",
-              "tuneop.manifests", "tuneop.quickstart", "tuneop.trainer", "tuneop.serving.guard",
+              "tuneop.manifests", "tuneop.quickstart", "tuneop.objects", "tuneop.trainer", "tuneop.serving.guard",
               "tuneop.serving.fetch", "tuneop.serving.client")),
-    ("decide", ("tuneop.builders", "tuneop.status", "tuneop.serving.adapters", "tuneop.serving.basemodel",
-                "tuneop.serving.vllm")),
+    ("decide", ("tuneop.finetunejob.builders", "tuneop.finetunejob.reconcile", "tuneop.adapterdeployment.builders",
+                "tuneop.adapterdeployment.reconcile", "tuneop.adapterdeployment.basemodel",
+                "tuneop.adapterdeployment.vllm")),
     ("edge", ("tuneop.kube", "tuneop.metrics")),
     ("backends", ("tuneop.backends",)),
-    ("glue", ("tuneop.handlers", "tuneop.serving.local")),
+    ("glue", ("tuneop.glue", "tuneop.finetunejob.handlers", "tuneop.adapterdeployment.handlers", "tuneop.handlers",
+              "tuneop.serving.local")),
     ("cli", ("tuneop.cli",)),
 ]
-UNLAYERED = {"tuneop", "tuneop.serving"}  # bare packages
+# Code that runs inside pods (training, upload/download, the vLLM guard and fetcher) imports nothing
+# of the operator's side: no kopf, no Kubernetes client, no handlers.
+POD_CODE = ("tuneop.trainer", "tuneop.serving.guard", "tuneop.serving.fetch", "tuneop.backends.together.pod")
+OPERATOR_SIDE = ("kopf", "tuneop.kube", "tuneop.handlers", "tuneop.glue", "tuneop.finetunejob.handlers",
+                 "tuneop.adapterdeployment.handlers", "tuneop.backends.together.handlers", "tuneop.metrics")
+UNLAYERED = {"tuneop", "tuneop.serving", "tuneop.finetunejob", "tuneop.adapterdeployment"}  # bare packages
 
 
 def module_name(path: Path) -> str:
@@ -91,7 +98,20 @@ def imports_of(module: str) -> tuple[list[str], list[tuple[int, str]]]:
     return top, nested
 
 
-GRAPH = {m: [n for n in imports_of(m)[0] if n in MODULES and not m.startswith(n + ".")] for m in MODULES}
+def edges(module: str) -> list[str]:
+    """The tuneop modules `module` loads directly: each import and the __init__ of every package
+    above it (importing a.b.c runs a/__init__ and a/b/__init__), except `module`'s own packages."""
+    out: list[str] = []
+    for name in imports_of(module)[0]:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            target = ".".join(parts[:i])
+            if target in MODULES and not (module == target or module.startswith(target + ".")):
+                out.append(target)
+    return list(dict.fromkeys(out))
+
+
+GRAPH = {m: edges(m) for m in MODULES}
 
 
 def imports_heavy(module: str) -> bool:
@@ -155,4 +175,33 @@ def test_imports_inside_functions_are_only_for_heavy_optional_packages() -> None
                      or (name in MODULES and imports_heavy(name)))
             if not heavy:
                 bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} imports {name}")
+    assert bad == []
+
+
+def loaded_by(module: str) -> set[str]:
+    """Every tuneop module importing `module` runs (module-level imports, transitively, with the
+    __init__ of every package on the way)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        parts = m.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES)
+        todo.extend(GRAPH.get(m, []))
+    return seen
+
+
+def test_code_that_runs_in_pods_loads_nothing_of_the_operator() -> None:
+    bad = []
+    for m in MODULES:
+        if not any(m == p or m.startswith(p + ".") for p in POD_CODE):
+            continue
+        for loaded in sorted(loaded_by(m)):
+            names = [loaded, *imports_of(loaded)[0]]
+            hits = [n for n in names if any(n == o or n.startswith(o + ".") for o in OPERATOR_SIDE)]
+            if hits:
+                bad.append(f"{m} loads {loaded}, which is or imports {hits}")
     assert bad == []

@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 import pytest
 
+from tuneop import glue as common
 from tuneop import kube
-from tuneop.handlers import common
-from tuneop.handlers import finetunejob as h
+from tuneop.finetunejob import handlers as h
 
 NOW = dt.datetime(2026, 12, 4, 12, 0, 0, tzinfo=dt.timezone.utc)
 

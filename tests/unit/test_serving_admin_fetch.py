@@ -1,4 +1,4 @@
-"""The operator's side of serving/client.py (AsyncVllmClient, as handlers/adapterdeployment.py calls it)
+"""The operator's side of serving/client.py (AsyncVllmClient, as adapterdeployment/handlers.py calls it)
 against a small vLLM-like server; serving/fetch.py against a local HTTP server."""
 from __future__ import annotations
 

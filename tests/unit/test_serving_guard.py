@@ -13,10 +13,10 @@ from typing import Any, Optional
 
 import pytest
 
+from tuneop.adapterdeployment import vllm
+from tuneop.adapterdeployment.reconcile import URL_ADAPTER_ROOT
 from tuneop.jobconfig import PVC_MOUNT_ROOT
 from tuneop.serving import guard as g
-from tuneop.serving import vllm
-from tuneop.serving.adapters import URL_ADAPTER_ROOT
 
 TOKEN = "s3cret-admin-token-0123456789abcdef"
 

@@ -1,4 +1,4 @@
-"""status.py: the reducer, state in -> actions + status out. No cluster."""
+"""finetunejob/reconcile.py: the reducer, state in -> actions + status out. No cluster."""
 from __future__ import annotations
 
 import copy
@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 import pytest
 
-from tuneop import backends
-from tuneop import status as s
-from tuneop.builders import finetunejob as b
+from tuneop.backends import registered as backends
+from tuneop.finetunejob import builders as b
+from tuneop.finetunejob import reconcile as s
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T01:00:00Z"

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from tuneop import backends
+from tuneop.backends import registered as backends
 from tuneop.backends.together import builders as tb
-from tuneop.builders import finetunejob as b
+from tuneop.finetunejob import builders as b
 
 
 def ftj(**spec: Any) -> dict[str, Any]:

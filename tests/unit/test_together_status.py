@@ -9,12 +9,12 @@ from typing import Any, Optional
 
 import pytest
 
-from tuneop import backends
-from tuneop import status as s
+from tuneop.backends import registered as backends
 from tuneop.backends.together import builders as tb
 from tuneop.backends.together import client as T
 from tuneop.backends.together import status as TS
-from tuneop.builders import finetunejob as b
+from tuneop.finetunejob import builders as b
+from tuneop.finetunejob import reconcile as s
 
 NOW = "2026-01-01T00:00:00Z"
 SHA = "c" * 64

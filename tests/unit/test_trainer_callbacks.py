@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from tuneop.trainer import paths as P  # noqa: E402
-from tuneop.trainer.callbacks import (  # noqa: E402
+from tuneop.trainer.callbacks import (
     CheckpointMarker,
     EventCallback,
     StopOnSignal,

@@ -58,7 +58,7 @@ def test_user_values_win_field_by_field():
 
 
 def test_defaults_reach_the_built_pods():
-    from tuneop.builders import adapterdeployment as b
+    from tuneop.adapterdeployment import builders as b
 
     ad = {"metadata": {"name": "q", "namespace": "n", "uid": "u"},
           "spec": wd.apply({"baseModel": "m"}, wd.parse({"vllm": GPU_NODES}), "vllm")}
@@ -68,7 +68,7 @@ def test_defaults_reach_the_built_pods():
 
 
 def test_apply_to_a_built_training_pod_keeps_the_spec_hash():
-    from tuneop.builders import finetunejob as fb
+    from tuneop.finetunejob import builders as fb
 
     ftj = {"apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": "j", "namespace": "n", "uid": "u", "generation": 1},

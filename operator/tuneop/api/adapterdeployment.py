@@ -120,7 +120,7 @@ _CORS = "the API's cross-origin policy is tuneop's (none: clients are in the clu
 _ENGINE_PORTS = "opens engine ports that the admin guard does not see (one pod is one vLLM server)"
 _CODE = "runs Python code named by the argument"
 REFUSED_VLLM_FLAGS: dict[str, str] = {
-    # rendered by tuneop (serving/vllm.py server_args): set the spec field instead
+    # rendered by tuneop (adapterdeployment/vllm.py server_args): set the spec field instead
     "--model": "tuneop sets it from spec.baseModel and spec.modelVolume",
     "--served-model-name": "tuneop sets it from spec.baseModel",
     "--host": _HTTP,

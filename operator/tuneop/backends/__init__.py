@@ -1,14 +1,7 @@
-"""FineTuneJob backends: the protocol and registry (``base.py``) and the built-in backends.
+"""FineTuneJob backends: the protocol and the registry (``base.py``), the built-in backends
+(``kubernetes.py``, ``together/``) and their registration (``registered.py``: import that module, not
+``base``, to reconcile FineTuneJobs).
 
-Adding one: a module or package here implementing :class:`~tuneop.backends.base.FineTuneBackend`,
-and one ``register(...)`` line below.
+This package's ``__init__`` imports nothing: the code that runs inside pods
+(``together/pod.py``) must not pull in the operator's side (kopf, the handlers).
 """
-from __future__ import annotations
-
-from . import kubernetes, together
-from .base import FineTuneBackend, Host, ReduceOptions, children, get, names, reconcile, register, unregister
-
-register(kubernetes.BACKEND)
-register(together.BACKEND)
-
-__all__ = ["FineTuneBackend", "Host", "ReduceOptions", "children", "get", "names", "reconcile", "register", "unregister"]

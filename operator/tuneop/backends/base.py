@@ -2,8 +2,8 @@
 
 A backend turns a FineTuneJob into work somewhere (Jobs on this cluster, a hosted fine-tuning API)
 and the work's state back into the FineTuneJob's status. The FineTuneJob glue
-(``handlers/finetunejob.py``) owns everything shared: the kopf loop, the per-object lock, reading
-the FineTuneJob, applying a :class:`~tuneop.status.Decision` (deletes, creates, patches, status,
+(``finetunejob/handlers.py``) owns everything shared: the kopf loop, the per-object lock, reading
+the FineTuneJob, applying a :class:`~tuneop.finetunejob.reconcile.Decision` (deletes, creates, patches, status,
 Events), metrics. A backend brings five things (:class:`FineTuneBackend`):
 
 - ``check(spec)``: what this backend cannot do with a valid spec, as ``field: message`` lines
@@ -11,13 +11,13 @@ Events), metrics. A backend brings five things (:class:`FineTuneBackend`):
 - ``children(ftj, spec, image=)``: the objects it creates (``tuneop render``);
 - ``observe(host, kc, body, spec)``: reads what exists (its children, its remote job);
 - ``reconcile(start, options)``: pure: what exists -> the status it implies and the children to
-  create or delete (a :class:`~tuneop.status.Decision`);
+  create or delete (a :class:`~tuneop.finetunejob.reconcile.Decision`);
 - ``act(host, kc, body, decision, logger)``: calls outside Kubernetes that the decision asks for
   (made after its status is written), and ``register(host, registry, resource)``: kopf handlers
   of its own (a poll timer, a cancel on delete).
 
 Adding a backend is one module or package under ``tuneop/backends/`` plus one line in
-``tuneop/backends/__init__.py`` (``register(...)``); ``tests/integration/test_backend_plugin.py``
+``tuneop/backends/registered.py`` (``register(...)``); ``tests/integration/test_backend_plugin.py``
 runs one written against this protocol through the real kopf loop.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Any, AsyncContextManager, Awaitable, Callable, Optional, Prot
 import kopf
 
 from .. import kube
-from .. import status as st
 from ..api import finetunejob as api
 from ..api.finetunejob import FineTuneJobSpec
 from ..dataset import check_lines
+from ..finetunejob import reconcile as st
 
 # ConfigMap datasets up to this size are checked in the event loop (a thread hop costs more than
 # checking a few hundred rows); larger ones (up to the 1 MiB a ConfigMap holds) in a thread.
@@ -141,7 +141,7 @@ def reconcile(
     trainer_defaults: Optional[dict[str, Any]] = None,
 ) -> st.Decision:
     """The FineTuneJob `body` + what exists -> actions, new status and events: the checks every
-    backend shares (:func:`tuneop.status.begin`), then the backend's own check and reducer.
+    backend shares (:func:`tuneop.finetunejob.reconcile.begin`), then the backend's own check and reducer.
     ``together_base_url``: the Together endpoint the upload/download pods use (None: default).
     ``trainer_defaults``: the platform's defaults for training pods (workload_defaults)."""
     start = st.begin(body, observed, now=now)

@@ -2,8 +2,8 @@
 
 Children: ``<name>-config`` (ConfigMap: the resolved job config), ``<name>-validate`` (a Job
 checking PVC/URL datasets), ``<name>-train`` (the training Job; Indexed, with a headless Service,
-for several nodes). Its reducer is :func:`tuneop.status.reconcile_kubernetes`; its builders are in
-:mod:`tuneop.builders.finetunejob`. The training pod's progress is read by the FineTuneJob glue's
+for several nodes). Its reducer is :func:`tuneop.finetunejob.reconcile.reconcile_kubernetes`; its builders are in
+:mod:`tuneop.finetunejob.builders`. The training pod's progress is read by the FineTuneJob glue's
 progress poller (the pods' logs).
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any, Optional
 import kopf
 
 from .. import kube
-from .. import status as st
 from ..api.finetunejob import FineTuneJobSpec
-from ..builders import finetunejob as b
+from ..finetunejob import builders as b
+from ..finetunejob import reconcile as st
 from .base import Host, ReduceOptions, check_inline_dataset, gather
 
 

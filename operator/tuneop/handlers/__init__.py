@@ -12,11 +12,12 @@ from typing import Any, Optional
 import kopf
 
 from .. import kube, metrics
-from ..builders.finetunejob import DEFAULT_IMAGE
-from ..serving import vllm
-from . import adapterdeployment, finetunejob
-from .common import PEERING_GROUP, PeeringSelf, peering_object
-from .finetunejob import login
+from ..adapterdeployment import handlers as adapterdeployment
+from ..adapterdeployment import vllm
+from ..finetunejob import handlers as finetunejob
+from ..finetunejob.builders import DEFAULT_IMAGE
+from ..finetunejob.handlers import login
+from ..glue import PEERING_GROUP, PeeringSelf, peering_object
 
 
 def default_priority(now: Optional[float] = None, rnd: Optional[random.Random] = None) -> int:
@@ -103,7 +104,7 @@ def run_operator(
     together_poll_interval: seconds between polls of an active Together fine-tuning job.
     together_base_url: the Together API (None: $TOGETHER_BASE_URL, else Together's own).
     vllm_image: the vLLM image of AdapterDeployments without spec.vllm.image
-    (None: tuneop.serving.vllm.DEFAULT_IMAGE).
+    (None: tuneop.adapterdeployment.vllm.DEFAULT_IMAGE).
     adapter_interval: seconds between adapter reconciles of each AdapterDeployment (pods
     restarted, vLLM errors retried).
     workload_defaults: the platform's defaults for created pods (``workload_defaults.parse``):
@@ -116,7 +117,7 @@ def run_operator(
     one with the highest priority handles anything, the others wait paused (docs/operating.md).
     priority: this replica's peering priority (None: :func:`default_priority`, the oldest wins).
     identity: its name in the peering object (None: $POD_ID, else tuneop-<host>-<random>); passed to
-    kopf and used by the operator's own tasks to find themselves there (:func:`common.still_leading`).
+    kopf and used by the operator's own tasks to find themselves there (:func:`tuneop.glue.still_leading`).
     """
 
 

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..adapterdeployment.vllm import API_SERVER_MODULE, GUARD_MODULE, guard_source, server_args, server_env
 from ..api.adapterdeployment import AdapterDeploymentSpec
 from . import guard
 from .client import VllmClient
-from .vllm import API_SERVER_MODULE, GUARD_MODULE, guard_source, server_args, server_env
 
 # CPU-only settings for a local server: KV cache size in whole GiB (the default is 4 GiB).
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}

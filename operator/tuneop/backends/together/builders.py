@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from ... import objects as common
 from ...api.finetunejob import FineTuneJobSpec
-from ...builders import common
-from ...builders import finetunejob as b
+from ...finetunejob import builders as b
 from ...jobconfig import pod_configmap_dir, pod_pvc_dir
 
 UPLOAD_CONTAINER = "upload"

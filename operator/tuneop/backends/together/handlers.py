@@ -26,9 +26,9 @@ from typing import Any, Callable, Optional
 import kopf
 
 from ... import kube
-from ... import status as st
 from ...api.finetunejob import FineTuneJobSpec
-from ...builders import finetunejob as b
+from ...finetunejob import builders as b
+from ...finetunejob import reconcile as st
 from ...metrics import METRICS
 from ..base import Host
 from . import builders as tb

@@ -1,9 +1,9 @@
 """The FineTuneJob reducer for backend: together. Pure: no I/O, no kopf.
 
-:func:`tuneop.status.reconcile` hands FineTuneJobs with ``backend: together`` to
+:func:`tuneop.finetunejob.reconcile.reconcile` hands FineTuneJobs with ``backend: together`` to
 :func:`reconcile_together`; the handler feeds it what exists (the ``<name>-upload`` and
 ``<name>-download`` Jobs and their pods, the Together job as just retrieved, its new events) and
-applies the :class:`~tuneop.status.Decision`: manifests, the new status, Events, and the Together
+applies the :class:`~tuneop.finetunejob.reconcile.Decision`: manifests, the new status, Events, and the Together
 calls to make *after* the status is written (``decision.calls``). The outcome of those calls
 goes through :func:`job_created`, :func:`call_failed` and :func:`stale_cancelled`.
 
@@ -40,9 +40,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Callable, Optional
 
-from ... import status as st
 from ...api.finetunejob import FineTuneJobSpec
-from ...builders import finetunejob as b
+from ...finetunejob import builders as b
+from ...finetunejob import reconcile as st
 from . import builders as tb
 from . import client as T
 

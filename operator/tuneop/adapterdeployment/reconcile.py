@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 from ..api.adapterdeployment import AdapterDeploymentSpec
+from ..finetunejob.reconcile import find_condition, make_condition
 from ..jobconfig import pod_pvc_dir
-from ..status import find_condition, make_condition
 
 URL_ADAPTER_ROOT = "/adapters"
 # On each vLLM pod: the URL adapters its init containers fetched (comma-separated names).

@@ -11,7 +11,7 @@ deleting the FineTuneJob garbage-collects them):
   nodes > 1.
 
 Every child carries the ``tuneop.dev/spec-hash`` annotation: a hash of the spec without
-``suspend``. The reducer in ``status.py`` uses it to tell children of the current spec from
+``suspend``. The reducer in ``finetunejob/reconcile.py`` uses it to tell children of the current spec from
 children of an older one (a suspend toggle changes the generation, not the children).
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ import json
 import posixpath
 from typing import Any, Optional
 
+from .. import objects as common
 from ..api.common import API_VERSION
 from ..api.finetunejob import KIND, FineTuneJobSpec, parse_spec
 from ..jobconfig import CONFIG_KEY, pod_configmap_dir, pod_pvc_dir, resolve
-from . import common
 
 DEFAULT_IMAGE = "ghcr.io/tuneop/trainer:latest"
 CONFIG_DIR = "/etc/tuneop"

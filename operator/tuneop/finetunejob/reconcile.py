@@ -45,11 +45,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from . import podcauses
-from .api.finetunejob import AdapterType, FineTuneJobSpec, parse_spec
-from .builders import finetunejob as b
-from .dataset import DatasetReport
-from .workload_defaults import apply_to_pod
+from .. import podcauses
+from ..api.finetunejob import AdapterType, FineTuneJobSpec, parse_spec
+from ..dataset import DatasetReport
+from ..workload_defaults import apply_to_pod
+from . import builders as b
 
 # Phases
 PENDING = "Pending"

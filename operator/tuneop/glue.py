@@ -1,4 +1,5 @@
-"""Pieces every kopf handler module shares: per-object locks, the live object, timestamps."""
+"""Pieces every resource's kopf glue shares: per-object locks, the live object, timestamps, Events,
+and the kopf peering leader check of the operator's own tasks."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,7 @@ import datetime
 import weakref
 from typing import Any, Iterable, Mapping, Optional
 
-from .. import kube
+from . import kube
 
 
 def now_iso() -> str:

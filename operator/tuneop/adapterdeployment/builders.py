@@ -4,7 +4,7 @@ All three are named ``<name>-vllm``, labelled ``app.kubernetes.io/managed-by: tu
 ``tuneop.dev/adapterdeployment: <name>`` and owned by the AdapterDeployment (controller):
 
 - Deployment: upstream vLLM image, ``python3 -m vllm.entrypoints.openai.api_server`` +
-  :func:`tuneop.serving.vllm.server_args`; no adapter in the arguments: every adapter is loaded
+  :func:`tuneop.adapterdeployment.vllm.server_args`; no adapter in the arguments: every adapter is loaded
   through vLLM's runtime API by the operator (``serving/client.py``). Every PVC holding adapters
   (``source.pvc`` claims, output PVCs of referenced FineTuneJobs) and the model volume are mounted
   read-only at ``/mnt/pvc/<claim>``; URL adapters are fetched by init containers
@@ -38,14 +38,14 @@ import json
 import posixpath
 from typing import Any, Mapping, Optional
 
+from .. import objects as common
 from ..api.adapterdeployment import KIND, AdapterDeploymentSpec
 from ..api.common import API_VERSION
+from ..finetunejob.builders import DEFAULT_IMAGE as DEFAULT_TRAINER_IMAGE
+from ..finetunejob.builders import RUN_AS_USER
 from ..jobconfig import pod_pvc_dir
-from ..serving import adapters as sa
-from ..serving import vllm
-from . import common
-from .finetunejob import DEFAULT_IMAGE as DEFAULT_TRAINER_IMAGE
-from .finetunejob import RUN_AS_USER
+from . import reconcile as sa
+from . import vllm
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 APP_NAME = "app.kubernetes.io/name"

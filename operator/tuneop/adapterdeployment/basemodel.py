@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 from ..api.adapterdeployment import AdapterDeploymentSpec
-from . import guard
+from ..serving import guard
 
 REASON = "BaseModelMismatch"  # status.adapters[].reason and the Event's reason
 GUARD_REASON = guard.BASE_MISMATCH  # the guard's refusal reason (its metric label)

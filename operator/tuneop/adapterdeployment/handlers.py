@@ -1,5 +1,5 @@
-"""kopf handlers of the AdapterDeployment. Thin glue around builders/adapterdeployment.py and
-serving/adapters.py (pure) and serving/client.py (``AsyncVllmClient``: vLLM's runtime LoRA API).
+"""kopf handlers of the AdapterDeployment. Thin glue around adapterdeployment/builders.py and
+adapterdeployment/reconcile.py (pure) and serving/client.py (``AsyncVllmClient``: vLLM's runtime LoRA API).
 
 Every trigger ends in :func:`reconcile_object`, which, under a per-object lock:
 
@@ -7,11 +7,11 @@ Every trigger ends in :func:`reconcile_object`, which, under a per-object lock:
 2. ensures the children: Deployment / Service / HPA ``<name>-vllm`` (create, 409 = exists; the
    Deployment's pod template is patched only when its ``tuneop.dev/template-hash`` changed, which
    rolls the pods; replicas are patched on their own; the HPA is deleted when autoscaling is off);
-3. lists the vLLM pods and keeps only the Deployment's own (:func:`tuneop.builders.adapterdeployment.trusted_pods`:
+3. lists the vLLM pods and keeps only the Deployment's own (:func:`tuneop.adapterdeployment.builders.trusted_pods`:
    controller ReplicaSet owned by the Deployment, by uid, and its ``pod-template-hash``; a look-alike
    pod gets no admin call, no place in the status and one Warning Event ``UntrustedPod``), asks each
    ready one which adapters it serves (``GET /v1/models``), applies
-   :func:`tuneop.serving.adapters.plan` through the admin client (load missing, unload extra; a
+   :func:`tuneop.adapterdeployment.reconcile.plan` through the admin client (load missing, unload extra; a
    restarted pod serves nothing, so everything is loaded again), one Event per adapter
    loaded / unloaded / failed;
 4. finds why the pods do not work, if they do not (:func:`tuneop.podcauses.pod_cause` over the
@@ -52,15 +52,15 @@ from pydantic import ValidationError
 
 from .. import kube, podcauses, workload_defaults
 from ..api.adapterdeployment import AdapterDeploymentSpec
-from ..builders import adapterdeployment as b
+from ..finetunejob import handlers as finetunejob
+from ..finetunejob.reconcile import merge_patch
+from ..glue import ObjectLocks, get_live, now_iso
 from ..metrics import METRICS
-from ..serving import adapters as sa
-from ..serving import basemodel as bm
-from ..serving import vllm
 from ..serving.client import AsyncVllmClient, VllmError
-from ..status import merge_patch
-from . import finetunejob
-from .common import ObjectLocks, get_live, now_iso
+from . import basemodel as bm
+from . import builders as b
+from . import reconcile as sa
+from . import vllm
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "adapterdeployments"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -273,8 +273,8 @@ async def sync_adapters(
     pod serves afterwards, failures: adapter -> message, or {message, reason} for a base model
     mismatch). Unreachable pods serve nothing. With ``spec``: loads carry the adapter's
     allowBaseModelMismatch, and an adapter refused for its base model (by the operator before any
-    pod, :func:`tuneop.serving.basemodel.early_refusals`, or by a pod's guard) is not loaded again
-    until the refusal no longer stands (:func:`tuneop.serving.basemodel.held`)."""
+    pod, :func:`tuneop.adapterdeployment.basemodel.early_refusals`, or by a pod's guard) is not loaded again
+    until the refusal no longer stands (:func:`tuneop.adapterdeployment.basemodel.held`)."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     allow = bm.allowed(spec) if spec is not None else {}
     unverified = {a.name: bool(a.allow_unverified) for a in spec.adapters} if spec is not None else {}
@@ -368,7 +368,7 @@ async def sync_adapters(
 
 def _warn_untrusted(body: dict[str, Any], untrusted: dict[str, str], logger: kopf.Logger) -> None:
     """One Warning Event ``UntrustedPod`` per pod that carries the vLLM pods' labels but is not the
-    Deployment's own (:func:`tuneop.builders.adapterdeployment.trusted_pods`): it gets no admin call."""
+    Deployment's own (:func:`tuneop.adapterdeployment.builders.trusted_pods`): it gets no admin call."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     for pod, why in sorted(untrusted.items()):
         msg = podcauses.shorten(f"pod {pod} has the labels of {b.child_name(name)}'s pods but is not its own "
