@@ -327,3 +327,28 @@ def test_in_cluster_login_uses_the_service_address_not_cluster_dns(tmp_path) -> 
     assert h.in_cluster_server({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}) == "https://[fd00::1]:6443"
     assert h.login_in_cluster({}, str(tmp_path)) is None  # not in a pod: kopf's own login functions
     assert h.login_in_cluster(env, str(tmp_path / "nowhere")) is None
+
+
+def test_the_diff_base_essence_is_kopfs_own_from_a_fraction_of_the_body() -> None:
+    import kopf
+
+    storage = kopf.AnnotationsDiffBaseStorage(prefix="tuneop.dev", key="last-handled-configuration")
+    body = {
+        "apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {
+            "name": "news", "namespace": "ns", "uid": "u-1", "generation": 3, "resourceVersion": "42",
+            "labels": {"team": "a"},
+            "annotations": {"note": "x", "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                            "tuneop.dev/kopf-managed": "yes", "tuneop.dev/reconcile": "{}"},
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:baseModel": {}}}}] * 50,
+        },
+        "spec": {"baseModel": "m", "dataset": {"train": {"url": "https://x/t.jsonl"}}},
+        "status": {"phase": "Running", "conditions": [{"type": "Running", "status": "True"}] * 10},
+    }
+    slim = h.essence_source(body)
+    assert "status" not in slim and set(slim["metadata"]) == {"labels", "annotations"}
+    body_view = kopf.Body(body)
+    assert storage.build(body=slim) == storage.build(body=body_view)
+    extra = ["status.phase"]
+    assert h.essence_source(body, extra) is body
+    assert storage.build(body=body_view, extra_fields=extra)["status"] == {"phase": "Running"}
