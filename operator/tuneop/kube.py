@@ -50,6 +50,7 @@ log = logging.getLogger("tuneop.kube")
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 DEFAULT_TIMEOUT = 30.0
+CONNECTIONS = 16  # per client (one per event loop)
 
 
 class ApiError(Exception):
@@ -204,7 +205,9 @@ class KubeClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
+            # At most CONNECTIONS open connections: on TLS each holds asyncio's 256 KiB read buffer
+            # (about 0.3 MB of RSS), and a burst would otherwise open up to 100.
+            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=CONNECTIONS)
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 connector=connector,
