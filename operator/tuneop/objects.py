@@ -23,3 +23,13 @@ def owner_reference(owner: Mapping[str, Any], *, api_version: str, kind: str) ->
     if meta.get("uid"):
         ref["uid"] = meta["uid"]
     return ref
+
+
+def resource_requirements(requests: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """A container's ``resources``, with only the parts that have something in them."""
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out

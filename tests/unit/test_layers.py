@@ -16,6 +16,7 @@ Layers, bottom to top (docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -79,6 +80,7 @@ def imported(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
     return subs or [name]
 
 
+@functools.cache
 def imports_of(module: str) -> tuple[list[str], list[tuple[int, str]]]:
     """(module-level imports, [(line, name)] of imports inside functions); TYPE_CHECKING blocks skipped."""
     tree = ast.parse(MODULES[module].read_text())

@@ -213,12 +213,7 @@ def _resources(spec: AdapterDeploymentSpec) -> dict[str, Any]:
     n = gpus(spec)
     if n > 0:
         limits[r.gpu_resource_name] = n
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
+    return common.resource_requirements(requests, limits)
 
 
 def _secret_env(name: str, ref: Any) -> dict[str, Any]:

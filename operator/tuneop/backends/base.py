@@ -72,7 +72,7 @@ class Host:
     """What the FineTuneJob glue lends a backend's own kopf glue (no module reaches into another's
     globals): the operator's settings and the shared steps of a reconcile."""
 
-    config: Any  # handlers.finetunejob.OperatorConfig
+    config: Any  # finetunejob.handlers.OperatorConfig
     api_version: str
     kind: str
     prefix: str
@@ -80,7 +80,6 @@ class Host:
     lock: Callable[[str, str], AsyncContextManager[Any]]
     reconcile: Callable[[str, str, Any], Awaitable[bool]]  # (namespace, name, logger) -> reachable
     apply: Callable[[kube.KubeClient, dict[str, Any], st.Decision], Awaitable[Any]]
-    check_inline_dataset: Callable[[str, str, str], Awaitable[dict[str, Any]]]
 
 
 class FineTuneBackend(Protocol):

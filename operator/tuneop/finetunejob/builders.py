@@ -375,12 +375,7 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
         requests["memory"] = limits["memory"] = r.memory
     if r.gpus > 0:
         limits[r.gpu_resource_name] = r.gpus
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
+    return common.resource_requirements(requests, limits)
 
 
 def build_training_job(

@@ -45,7 +45,8 @@ import kopf
 from .. import kube
 from ..backends import kubernetes as k8s
 from ..backends import registered as backends
-from ..backends.base import Host, check_inline_dataset, gather
+from ..backends.base import Host, gather
+from ..backends.together.handlers import base_url as together_base_url
 from ..glue import ObjectLocks, PeeringSelf, get_live, now_iso, post_event, still_leading, typed
 from ..metrics import METRICS
 from . import builders as b
@@ -344,12 +345,11 @@ class ChildExists(Exception):
 
 async def apply(
     kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, *, assumed_absent: bool = False,
-    direct_events: bool = False,
 ) -> list[dict[str, Any]]:
     """Carry out `decision`; returns the objects created (as the API server answered).
     assumed_absent: the children were not read but assumed absent; a create that finds one
     raises ChildExists before anything else (status, Events) is written.
-    direct_events: kept for callers; Events always go through the API client."""
+    The Events go through the API client (see below)."""
     ns = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
     for ref in decision.delete:
@@ -388,7 +388,7 @@ async def apply(
 def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
     return backends.reconcile(
         body, observed, image=CONFIG.image, now=now_iso(),
-        together_base_url=CONFIG.together_base_url or os.environ.get("TOGETHER_BASE_URL") or None,
+        together_base_url=together_base_url(CONFIG),
         trainer_defaults=CONFIG.workload_defaults.get("trainer"),
     )
 
@@ -397,7 +397,7 @@ def host() -> Host:
     """What this glue lends the backends' own glue."""
     return Host(
         config=CONFIG, api_version=API_VERSION, kind=KIND, prefix=PREFIX, now=now_iso, lock=_lock,
-        reconcile=reconcile_or_report, apply=apply, check_inline_dataset=check_inline_dataset,
+        reconcile=reconcile_or_report, apply=apply,
     )
 
 
@@ -418,7 +418,7 @@ async def observe(
 async def reconcile_object(
     namespace: str, name: str, *, logger: Optional[kopf.Logger] = None,
     prefetch: bool = False, unless_seen: Optional[tuple[str, Optional[str]]] = None,
-    assume_new: bool = False, given: Optional[dict[str, Any]] = None, direct_events: bool = False,
+    assume_new: bool = False, given: Optional[dict[str, Any]] = None,
 ) -> Optional[st.Decision]:
     """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists.
     prefetch: read the children (backend: kubernetes) together with the FineTuneJob.
@@ -428,8 +428,7 @@ async def reconcile_object(
     (:func:`first_reconcile`), its children are assumed absent instead of read: their creates
     tell (a 409 -> read them and decide again; no status or Event was written in between).
     given: with assume_new, the object as kopf's create event had it; used instead of a fresh
-    read when :func:`use_given` says it cannot be stale in a way that matters.
-    direct_events: see :func:`apply` (the operator's own tasks)."""
+    read when :func:`use_given` says it cannot be stale in a way that matters."""
     log = logger or logging.getLogger("tuneop")
     started = time.monotonic()
     result: Optional[str] = "error"
@@ -458,7 +457,7 @@ async def reconcile_object(
             observed = await observe(kc, body, [None, None, None] if assumed else children)
             decision = _decide(body, observed)
             try:
-                created = await apply(kc, body, decision, assumed_absent=assumed, direct_events=direct_events)
+                created = await apply(kc, body, decision, assumed_absent=assumed)
             except ChildExists as e:
                 log.info(f"{e} exists already: reading the object and its children")
                 body = await get_live(kc, API_VERSION, KIND, name, namespace)
@@ -467,7 +466,7 @@ async def reconcile_object(
                     return None
                 observed = await observe(kc, body)
                 decision = _decide(body, observed)
-                created = await apply(kc, body, decision, direct_events=direct_events)
+                created = await apply(kc, body, decision)
             for ev in decision.events:
                 log.info("%s: %s", ev["reason"], ev["message"])
             await _backend_of(body).act(host(), kc, body, decision, log)
@@ -485,7 +484,7 @@ async def reconcile_object(
 # ---------------------------------------------------------------------------------- handlers
 
 
-async def report_api_error(namespace: str, name: str, error: kube.ApiError, *, direct_events: bool = False) -> bool:
+async def report_api_error(namespace: str, name: str, error: kube.ApiError) -> bool:
     """Put an API error of a reconcile into the status (reason ApiError). False if that failed too."""
     try:
         async with _lock(namespace, name):
@@ -496,7 +495,7 @@ async def report_api_error(namespace: str, name: str, error: kube.ApiError, *, d
             body.setdefault("apiVersion", API_VERSION)
             body.setdefault("kind", KIND)
             decision = st.api_error(body, f"Kubernetes API error: {error}", now=now_iso())
-            await apply(kc, body, decision, direct_events=direct_events)
+            await apply(kc, body, decision)
         return True
     except kube.ApiError:
         return False
@@ -510,7 +509,7 @@ async def reconcile_or_report(namespace: str, name: str, logger: kopf.Logger, **
         return True
     except kube.ApiError as e:
         logger.warning(f"reconcile of FineTuneJob {namespace}/{name} failed: {e}")
-        return await report_api_error(namespace, name, e, direct_events=bool(kwargs.get("direct_events")))
+        return await report_api_error(namespace, name, e)
 
 
 def _backend_name(spec: Any) -> str:
@@ -662,7 +661,7 @@ class ProgressPoller:
                 continue
             for namespace, name in self.pending():
                 try:
-                    await reconcile_or_report(namespace, name, log, prefetch=True, direct_events=True)
+                    await reconcile_or_report(namespace, name, log, prefetch=True)
                 except Exception as e:  # noqa: BLE001  (the loop must outlive any one failure)
                     log.warning(f"reconcile of pending FineTuneJob {namespace}/{name} failed: {e!r}")
 

@@ -30,7 +30,7 @@ from ...api.finetunejob import FineTuneJobSpec
 from ...finetunejob import builders as b
 from ...finetunejob import reconcile as st
 from ...metrics import METRICS
-from ..base import Host
+from ..base import Host, check_inline_dataset
 from . import builders as tb
 from . import client as T
 from . import status as TS
@@ -122,7 +122,7 @@ async def observe(host: Host, kc: kube.KubeClient, body: dict[str, Any], spec: F
         if not obs.missing and not st.is_validated(body):
             for split, (cm, key) in TS.inline_sources(spec).items():
                 text = (contents.get(cm) or {}).get(key, "")
-                obs.inline_datasets[split] = await host.check_inline_dataset(
+                obs.inline_datasets[split] = await check_inline_dataset(
                     text, spec.dataset.format.value, f"configMap {cm}/{key}"
                 )
     if TS.needs_poll(body) and TS.poll_due(body, host.now()):
