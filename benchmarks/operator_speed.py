@@ -34,6 +34,8 @@ tuneop,tuneop-lightkube,tuneop-kubernetes_asyncio,kopf``; the table adds their r
 ``tuneop-kubernetes_asyncio-noenv``: kubernetes_asyncio with its aiohttp session's trust_env turned off.
 
 Results: a table on stdout and JSON in ``benchmarks/results/operator_speed-<time>.json``.
+``BENCH_TRACE=FILE``: the tuneop and kopf processes write each HTTP request they make through aiohttp
+(start, end, method, URL) to FILE: where a reconcile's time goes.
 Internal: ``operator_speed.py _child {tuneop|kopf|watch}`` is one operator process.
 """
 from __future__ import annotations
@@ -133,6 +135,26 @@ def settled(status: Any) -> bool:
     return st.get("phase") == "Running" or (st.get("phase") == "Pending" and st.get("reason") == "TrainingPending")
 
 
+def trace_requests() -> None:
+    """With BENCH_TRACE=FILE: every HTTP request of the process (tuneop's client and kopf's, not
+    the `kubernetes` client's) as a line: start, end (ms since the epoch), method, URL."""
+    trace = os.environ.get("BENCH_TRACE")
+    if trace:
+        import aiohttp
+
+        out = open(trace, "a", buffering=1)
+        request = aiohttp.ClientSession._request
+
+        async def traced(self: Any, method: str, url: Any, *a: Any, **kw: Any) -> Any:
+            t = time.time()
+            try:
+                return await request(self, method, url, *a, **kw)
+            finally:
+                out.write(f"{t * 1000:.2f} {time.time() * 1000:.2f} {method} {url}\n")
+
+        aiohttp.ClientSession._request = traced  # type: ignore[method-assign]
+
+
 def child_tuneop() -> None:
     import kopf
 
@@ -147,6 +169,7 @@ def child_tuneop() -> None:
 
         cls = kube_clients.install(kube_client)
         print(f"tuneop.kube.KubeClient is {cls.__module__}.{cls.__name__}", flush=True)
+    trace_requests()
     settings = kopf.OperatorSettings()
     # kmock cannot serve kopf's namespace/CRD scanning; the watched namespace is named anyway.
     settings.scanning.disabled = os.environ.get("BENCH_SCANNING") != "1"
@@ -191,6 +214,7 @@ def child_kopf() -> None:
     import kopf
 
     batch, _ = _k8s_clients()
+    trace_requests()
 
     @kopf.on.startup()
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:

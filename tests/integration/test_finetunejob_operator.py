@@ -510,10 +510,26 @@ def test_happy_path_costs_the_fewest_requests_and_leaves_no_kopf_trace(api: KMoc
         assert body["status"]["phase"] == "Pending" and body["status"]["reason"] == "TrainingPending"
         assert body["status"]["observedGeneration"] == 1
 
+        # The Job controller's first update of the new Job adds only what no reconcile reads
+        # (startTime and zero counts): no reconcile. Its pod becoming ready is one.
+        def reconciles() -> int:  # the operator's reads of the FineTuneJob (not the test's)
+            return len([r for r in api.requests("GET", f"{FTJ_PATH}/news")
+                        if r.url.path == f"{FTJ_PATH}/news" and "tuneop" in str(r.headers.get("User-Agent"))])
+
+        created_rv = api.get(f"{JOBS}/news-train")["metadata"]["resourceVersion"]
+        api.patch(f"{JOBS}/news-train/status", {"status": {
+            "startTime": "2026-01-01T00:00:00Z", "ready": 0, "terminating": 0, "uncountedTerminatedPods": {}}})
+        assert api.get(f"{JOBS}/news-train")["metadata"]["resourceVersion"] != created_rv
+        time.sleep(1.0)
+        assert reconciles() == 0 and count("PATCH", f"{FTJ_PATH}/news/status") == 1
+        start_job(api, "news-train")
+        wait_for(lambda: status_of(api).get("phase") == "Running", what="Running")
+        assert reconciles() == 1
+
         # A spec change (new generation) is still seen, and handled by the same reconcile.
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
         wait_for(lambda: status_of(api).get("observedGeneration") == 2, what="generation 2 observed")
-    assert reasons(api) == ["DatasetValid", "TrainingPending", "Suspended"]
+    assert reasons(api) == ["DatasetValid", "TrainingPending", "TrainingStarted", "Suspended"]
 
 
 def test_a_pod_that_starts_without_a_job_event_is_noticed(api: KMockThread) -> None:

@@ -13,26 +13,30 @@ from tuneop.backends import base
 from tuneop.finetunejob import handlers as h
 
 
-def job(name: str, rv: str) -> dict:
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "resourceVersion": rv}}
+def job(name: str, rv: Any, **status: Any) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "resourceVersion": rv},
+            "status": status}
 
 
-def test_seen_jobs_match_name_and_exact_resource_version() -> None:
+def test_seen_jobs_match_name_and_what_a_reconcile_reads() -> None:
     async def main() -> None:
         seen = h.SeenJobs()
-        assert not seen.seen("ns", "news", "news-train", "5")
-        seen.remember("ns", "news", [None, job("news-train", "5"), {"metadata": {"name": "x"}}])
-        assert seen.seen("ns", "news", "news-train", "5")
-        assert not seen.seen("ns", "news", "news-train", "6")  # the Job changed since
-        assert not seen.seen("ns", "news", "news-train", None)
-        assert not seen.seen("ns", "other", "news-train", "5")
-        assert not seen.seen("ns", "news", "x", None)
+        assert not seen.seen("ns", "news", job("news-train", "5"))
+        seen.remember("ns", "news", [None, job("news-train", "5", active=1), {"metadata": {"name": "x"}}])
+        assert seen.seen("ns", "news", job("news-train", "5", active=1))
+        # the Job controller's bookkeeping since: nothing a reconcile reads changed
+        assert seen.seen("ns", "news", job("news-train", "6", active=1, ready=0, startTime="t", terminating=0))
+        assert not seen.seen("ns", "news", job("news-train", "6", active=1, ready=1))  # the pod is ready
+        assert not seen.seen("ns", "news", job("news-train", "6", active=0, failed=1))
+        assert not seen.seen("ns", "news", job("news-train", None, active=1))
+        assert not seen.seen("ns", "other", job("news-train", "5", active=1))
+        assert not seen.seen("ns", "news", job("x", "1"))
         # Each reconcile replaces what the previous one saw.
         seen.remember("ns", "news", [job("news-validate", "7")])
-        assert not seen.seen("ns", "news", "news-train", "5")
-        assert seen.seen("ns", "news", "news-validate", "7")
+        assert not seen.seen("ns", "news", job("news-train", "5", active=1))
+        assert seen.seen("ns", "news", job("news-validate", "7"))
         seen.forget("ns", "news")
-        assert not seen.seen("ns", "news", "news-validate", "7")
+        assert not seen.seen("ns", "news", job("news-validate", "7"))
 
     asyncio.run(main())
 
@@ -44,7 +48,7 @@ def test_seen_jobs_are_per_event_loop() -> None:
         seen.remember("ns", "news", [job("news-train", "5")])
 
     async def check() -> bool:
-        return seen.seen("ns", "news", "news-train", "5")
+        return seen.seen("ns", "news", job("news-train", "5"))
 
     asyncio.run(remember())
     assert asyncio.run(check()) is False  # an operator restarted in a new loop sees nothing

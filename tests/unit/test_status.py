@@ -892,3 +892,45 @@ def test_pods_that_cannot_start_say_why() -> None:
     # It runs: Running, TrainingStarted.
     d3 = run(applied(applied(ftj, d), d2), now=LATER, training_job=job(ftj, "train"), training_pods=[_pod_in("Running")])
     assert d3.status["phase"] == "Running" and d3.status["reason"] == "TrainingStarted"
+
+
+def with_unread_fields(j: dict[str, Any], rv: str) -> dict[str, Any]:
+    """`j` as the Job controller rewrites it right after the create: fields no reconcile reads."""
+    out = copy.deepcopy(j)
+    out["metadata"]["resourceVersion"] = rv
+    out["metadata"]["managedFields"] = [{"manager": "kube-controller-manager", "operation": "Update"}]
+    out.setdefault("status", {}).update(
+        startTime=LATER, terminating=0, uncountedTerminatedPods={}, ready=out["status"].get("ready", 0),
+    )
+    return out
+
+
+@pytest.mark.parametrize("state,started", [("active", True), ("active", False), ("succeeded", True), ("failed", True)])
+def test_job_fingerprint_ignores_only_what_the_reducer_does_not_read(state: str, started: bool) -> None:
+    ftj = running_ftj()
+    j = job(ftj, "train", state, started=started)
+    j["metadata"]["resourceVersion"] = "5"
+    other = with_unread_fields(j, "6")
+    assert s.job_fingerprint(other) == s.job_fingerprint(j)
+    # ... and the reducer decides the same from either (the reason the Job event handler may skip it)
+    pods = [pod("news-train", b.TRAINER_CONTAINER, message=json.dumps({"event": "done"}))] if state != "active" else []
+    d1, d2 = run(ftj, training_job=j, training_pods=pods), run(ftj, training_job=other, training_pods=pods)
+    assert (d1.status, d1.create, d1.patch, d1.delete, d1.events) == (d2.status, d2.create, d2.patch, d2.delete, d2.events)
+
+
+@pytest.mark.parametrize("change", [
+    lambda j: j["status"].update(active=2),
+    lambda j: j["status"].update(ready=0, active=1),
+    lambda j: j["status"].update(conditions=[{"type": "Failed", "status": "True"}]),
+    lambda j: j["status"].update(succeeded=1),
+    lambda j: j["spec"].update(suspend=True),
+    lambda j: j["metadata"].update(deletionTimestamp=NOW),
+    lambda j: j["metadata"]["annotations"].update({b.SPEC_HASH_ANNOTATION: "other"}),
+    lambda j: j["metadata"].update(uid="another-job"),
+])
+def test_job_fingerprint_changes_with_anything_a_reconcile_reads(change: Any) -> None:
+    j = job(running_ftj(), "train", "active", started=True)
+    changed = copy.deepcopy(j)
+    change(changed)
+    assert s.job_fingerprint(changed) != s.job_fingerprint(j)
+    assert s.job_fingerprint(None) is None

@@ -14,8 +14,9 @@ Triggers:
   loop, one Event per distinct reason). Only an unreachable API server fails the handler
   (kopf.TemporaryError, kopf retries it).
 - any event of a batch/v1 Job labelled managed-by tuneop -> reconcile its owner at once, unless
-  the owner's last reconcile already saw exactly that version of the Job (`SeenJobs`: the ADDED
-  event of the Job a reconcile has just created would redo the same reconcile).
+  the owner's last reconcile already saw that Job as it is now (`SeenJobs`: the ADDED event of the
+  Job a reconcile has just created, and the Job controller's first update of it, which only adds
+  the start time, would redo the same reconcile).
 - every ``progress_interval`` seconds, for each FineTuneJob in phase Running (one task of the
   operator, :class:`ProgressPoller`, fed by the FineTuneJob watch; not a kopf timer per object,
   which would put a finalizer on every job): the newest ``{"event": "progress"}`` line of the
@@ -289,29 +290,36 @@ _lock = _locks.get
 
 
 class SeenJobs:
-    """The resourceVersion of each of our Jobs as the last completed reconcile of its owner saw
-    it (read, or created by it), per event loop. An event of exactly that version of a Job would
-    reconcile the same inputs again: the Job event handler skips it."""
+    """What each of our Jobs was as the last completed reconcile of its owner saw it (read, or
+    created by it), per event loop: its resourceVersion and :func:`st.job_fingerprint`. An event of
+    that very version, or of a version that differs only in what no reconcile reads (the startTime
+    the Job controller adds right after the create), would reconcile the same inputs again: the Job
+    event handler skips it. Nothing is decided from it: an operator that restarts has none and
+    reconciles once more."""
 
     def __init__(self) -> None:
         # keyed by the loop object itself (weakly): id() of a closed loop is reused by the next one
-        self._rv: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], dict[str, str]]] = (
-            weakref.WeakKeyDictionary())
+        self._rv: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[tuple[str, str], dict[str, tuple[str, Optional[str]]]]
+        ] = weakref.WeakKeyDictionary()
 
-    def _of_loop(self) -> dict[tuple[str, str], dict[str, str]]:
+    def _of_loop(self) -> dict[tuple[str, str], dict[str, tuple[str, Optional[str]]]]:
         return self._rv.setdefault(asyncio.get_running_loop(), {})
 
     def remember(self, namespace: str, owner: str, jobs: Any) -> None:
-        seen: dict[str, str] = {}
+        seen: dict[str, tuple[str, Optional[str]]] = {}
         for job in jobs:
             meta = (job or {}).get("metadata") or {}
             if meta.get("name") and meta.get("resourceVersion"):
-                seen[meta["name"]] = str(meta["resourceVersion"])
+                seen[meta["name"]] = (str(meta["resourceVersion"]), st.job_fingerprint(job))
         self._of_loop()[(namespace, owner)] = seen
 
-    def seen(self, namespace: str, owner: str, job: str, resource_version: Optional[str]) -> bool:
-        rv = self._of_loop().get((namespace, owner), {}).get(job)
-        return rv is not None and rv == resource_version
+    def seen(self, namespace: str, owner: str, job: dict[str, Any]) -> bool:
+        meta = job.get("metadata") or {}
+        was = self._of_loop().get((namespace, owner), {}).get(meta.get("name") or "")
+        if was is None or not meta.get("resourceVersion"):
+            return False
+        return was[0] == str(meta["resourceVersion"]) or was[1] == st.job_fingerprint(job)
 
     def forget(self, namespace: str, owner: str) -> None:
         self._of_loop().pop((namespace, owner), None)
@@ -417,13 +425,13 @@ async def observe(
 
 async def reconcile_object(
     namespace: str, name: str, *, logger: Optional[kopf.Logger] = None,
-    prefetch: bool = False, unless_seen: Optional[tuple[str, Optional[str]]] = None,
+    prefetch: bool = False, unless_seen: Optional[dict[str, Any]] = None,
     assume_new: bool = False, given: Optional[dict[str, Any]] = None,
 ) -> Optional[st.Decision]:
     """Observe -> decide -> apply for one FineTuneJob; None when it no longer exists.
     prefetch: read the children (backend: kubernetes) together with the FineTuneJob.
-    unless_seen: (Job name, resourceVersion): do nothing when the last reconcile already saw
-    that version of that Job (checked under the lock, after any reconcile in flight).
+    unless_seen: a Job (as its watch event had it): do nothing when the last reconcile already saw
+    that Job so (:class:`SeenJobs`; checked under the lock, after any reconcile in flight).
     assume_new: kopf has just seen it created; if the fresh object has no status either
     (:func:`first_reconcile`), its children are assumed absent instead of read: their creates
     tell (a 409 -> read them and decide again; no status or Event was written in between).
@@ -434,7 +442,7 @@ async def reconcile_object(
     result: Optional[str] = "error"
     try:
         async with _lock(namespace, name):
-            if unless_seen is not None and _seen_jobs.seen(namespace, name, *unless_seen):
+            if unless_seen is not None and _seen_jobs.seen(namespace, name, unless_seen):
                 result = None
                 return None
             kc = kube.client()
@@ -571,7 +579,7 @@ async def on_job_event(
     owner = (meta.get("labels") or {}).get(b.OWNER_LABEL)
     if not owner or not meta.get("namespace"):
         return
-    unless_seen = None if type == "DELETED" else (meta.get("name", ""), meta.get("resourceVersion"))
+    unless_seen = None if type == "DELETED" else dict(body)
     await reconcile_or_report(meta["namespace"], owner, logger, unless_seen=unless_seen)
 
 

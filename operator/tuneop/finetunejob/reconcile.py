@@ -41,6 +41,7 @@ Rules:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
@@ -413,6 +414,30 @@ def job_failure_condition(job: dict[str, Any]) -> dict[str, Any]:
         if c is not None and c.get("status") == "True":
             return c
     return {}
+
+
+# What the Job controller writes to a Job that no reconcile reads: the start time, its bookkeeping of
+# pods being finalized, and zero counts it spells out where an absent field means the same.
+JOB_FIELDS_UNREAD = {
+    "metadata": ("resourceVersion", "managedFields"),
+    "status": ("startTime", "uncountedTerminatedPods", "terminating"),
+}
+
+
+def job_fingerprint(job: Optional[dict[str, Any]]) -> Optional[str]:
+    """A digest of everything of a Job a reconcile may read: equal for two versions of a Job that
+    differ only in what the Job controller writes and no reconcile reads (:data:`JOB_FIELDS_UNREAD`,
+    e.g. the startTime it sets right after the Job is created). The Job event handler skips an
+    event whose Job has the fingerprint the owner's last reconcile saw."""
+    if not job:
+        return None
+    view: dict[str, Any] = {k: v for k, v in job.items() if k not in ("metadata", "status")}
+    for part, unread in JOB_FIELDS_UNREAD.items():
+        view[part] = {
+            k: v for k, v in (job.get(part) or {}).items()
+            if k not in unread and not (part == "status" and v == 0)
+        }
+    return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def child_hash(obj: Optional[dict[str, Any]]) -> Optional[str]:
