@@ -35,7 +35,8 @@ tuneop,tuneop-lightkube,tuneop-kubernetes_asyncio,kopf``; the table adds their r
 
 Results: a table on stdout and JSON in ``benchmarks/results/operator_speed-<time>.json``.
 ``BENCH_TRACE=FILE``: the tuneop and kopf processes write each HTTP request they make through aiohttp
-(start, end, method, URL) to FILE: where a reconcile's time goes.
+(start, end, method, URL), tuneop each reconcile's start and kopf each handler's Job create, to FILE:
+where a reconcile's time goes.
 Internal: ``operator_speed.py _child {tuneop|kopf|watch}`` is one operator process.
 """
 from __future__ import annotations
@@ -170,6 +171,18 @@ def child_tuneop() -> None:
         cls = kube_clients.install(kube_client)
         print(f"tuneop.kube.KubeClient is {cls.__module__}.{cls.__name__}", flush=True)
     trace_requests()
+    if os.environ.get("BENCH_TRACE"):  # and when each reconcile starts
+        from tuneop.finetunejob import handlers
+
+        reconcile = handlers.reconcile_object
+
+        async def traced_reconcile(namespace: str, name: str, **kw: Any) -> Any:
+            now = f"{time.time() * 1000:.2f}"
+            with open(os.environ["BENCH_TRACE"], "a") as f:
+                f.write(f"{now} {now} RECONCILE {name} {sorted(k for k, v in kw.items() if v)}\n")
+            return await reconcile(namespace, name, **kw)
+
+        handlers.reconcile_object = traced_reconcile  # type: ignore[assignment]
     settings = kopf.OperatorSettings()
     # kmock cannot serve kopf's namespace/CRD scanning; the watched namespace is named anyway.
     settings.scanning.disabled = os.environ.get("BENCH_SCANNING") != "1"
@@ -222,7 +235,11 @@ def child_kopf() -> None:
 
     @kopf.on.create(GROUP, VERSION, PLURAL)
     def create(body: kopf.Body, **_: Any) -> None:
+        started = time.time() * 1000
         _create_job(batch, dict(body))
+        if os.environ.get("BENCH_TRACE"):  # the kubernetes client's request is not seen by trace_requests
+            with open(os.environ["BENCH_TRACE"], "a") as f:
+                f.write(f"{started:.2f} {time.time() * 1000:.2f} HANDLER-JOB {body['metadata']['name']}\n")
 
     kopf.configure(verbose=False)
     kopf.run(standalone=True, namespaces=[os.environ["BENCH_NS"]])

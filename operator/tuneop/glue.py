@@ -1,10 +1,16 @@
 """Pieces every resource's kopf glue shares: per-object locks, the live object, timestamps, Events,
 and the kopf peering leader check of the operator's own tasks."""
+# Events are posted by one task per event loop, in the order they were decided, after the reconcile
+# that decided them (as client-go's event recorder and kopf.event do): a reconcile does not wait
+# for its notifications, and a burst of reconciles does not queue its children's creates and
+# status writes behind them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime
+import logging
 import weakref
 from typing import Any, Iterable, Mapping, Optional
 
@@ -77,9 +83,80 @@ def event_object(body: dict[str, Any], type_: str, reason: str, message: str, *,
     }
 
 
-async def post_event(kc: kube.KubeClient, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """Post an Event from a task of tuneop's own (kopf.event works only inside kopf's handlers)."""
-    await kc.create(event_object(body, type_, reason, message, now=now_iso()), (body.get("metadata") or {}).get("namespace"))
+class EventPoster:
+    """Events to post, per event loop: :meth:`post` queues one (built now, so it says what was
+    decided now) and returns; one task posts them in order. At most `limit` wait: beyond that the
+    oldest is dropped and said so in the log, as an API server that refuses Events would leave
+    them. :meth:`flush` (operator cleanup) posts what is left."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _EventQueue] = weakref.WeakKeyDictionary()
+
+    def _queue(self) -> "_EventQueue":
+        loop = asyncio.get_running_loop()
+        q = self._queues.get(loop)
+        if q is None:
+            q = self._queues[loop] = _EventQueue(self.limit)
+        return q
+
+    def post(self, kc: kube.KubeClient, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        namespace = (body.get("metadata") or {}).get("namespace")
+        self._queue().put(kc, event_object(body, type_, reason, message, now=now_iso()), namespace)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait (at most `timeout` seconds) until every queued Event of this loop is posted."""
+        q = self._queues.get(asyncio.get_running_loop())
+        if q is not None:
+            await q.flush(timeout)
+
+
+class _EventQueue:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: collections.deque[tuple[kube.KubeClient, dict[str, Any], Optional[str]]] = collections.deque()
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.task: Optional[asyncio.Task[None]] = None
+
+    def put(self, kc: kube.KubeClient, event: dict[str, Any], namespace: Optional[str]) -> None:
+        if len(self.items) >= self.limit:
+            _, dropped, ns = self.items.popleft()
+            logging.getLogger("tuneop").warning(
+                f"Event {dropped.get('reason')} of {ns}/{(dropped.get('involvedObject') or {}).get('name')} "
+                f"not posted: more than {self.limit} Events waiting")
+        self.items.append((kc, event, namespace))
+        self.idle.clear()
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self.items:
+                self.idle.set()
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            kc, event, ns = self.items.popleft()
+            try:
+                await kc.create(event, ns)
+            except kube.ApiError as e:  # logged, as kopf would: the status says it already
+                logging.getLogger("tuneop").warning(
+                    f"Event {event.get('reason')} of {ns}/{(event.get('involvedObject') or {}).get('name')} not posted: {e}")
+
+    async def flush(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            logging.getLogger("tuneop").warning(f"{len(self.items)} Events not posted at shutdown")
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+
+EVENTS = EventPoster()
 
 # kopf's peering objects (one per watched namespace, or one cluster-wide): kopf.dev, as kopf >= 1.29 names them.
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"

@@ -11,6 +11,13 @@ The API server's ``Warning`` response headers (RFC 7234 ``299 - "text"``; e.g. P
 ``warn`` mode: ``would violate PodSecurity "restricted:latest": ...``) are logged at WARNING
 level with the request's method and object, once per distinct text per object, and handed to
 whoever asks with :func:`capture_warnings` (a context variable: per asyncio task).
+
+A GET joins an identical GET (same path and parameters) of the same client already in flight
+instead of sending another: a burst of FineTuneJobs reading the same dataset ConfigMap and output
+PVC costs one read, not one each. Nothing is kept once the answer is there (it is no cache), and
+a write through the client forgets the reads in flight of what it writes (the object, its
+subresources, its collection): a GET that starts after a write of this process never gets an
+answer read before it.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import collections
 import contextlib
 import contextvars
 import datetime
+import functools
 import json
 import logging
 import re
@@ -168,6 +176,8 @@ class KubeClient:
         self._trust_env = trust_env
         self._session: Optional[aiohttp.ClientSession] = None
         self._warned: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        # GETs in flight: (path, params, raw) -> the task sending it (see the module's docstring)
+        self._reads: dict[tuple[str, tuple[tuple[str, str], ...], bool], asyncio.Future[str]] = {}
         self.last_warnings: list[str] = []  # of the latest request of this client (any task)
 
     def _note_warnings(self, method: str, subject: str, texts: list[str]) -> None:
@@ -233,6 +243,51 @@ class KubeClient:
         subject: Optional[str] = None,
     ) -> Any:
         """subject: the object the request is about, for the log of API warnings (default: path)."""
+        if method == "GET" and body is None:
+            text = await self._shared_get(path, params, raw, subject)
+        else:
+            self._forget_reads(method, path, body)
+            text = await self._send(method, path, params=params, body=body, content_type=content_type,
+                                    raw=raw, subject=subject)
+        if raw:
+            return text
+        return json.loads(text) if text else {}
+
+    async def _shared_get(
+        self, path: str, params: Optional[dict[str, Any]], raw: bool, subject: Optional[str],
+    ) -> str:
+        key = (path, tuple(sorted((str(k), str(v)) for k, v in (params or {}).items())), raw)
+        task = self._reads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._send("GET", path, params=params, raw=raw, subject=subject))
+            self._reads[key] = task
+            task.add_done_callback(functools.partial(self._read_done, key))
+        # shielded: a caller that is cancelled does not cancel the read of the others
+        return await asyncio.shield(task)
+
+    def _read_done(self, key: tuple[str, tuple[tuple[str, str], ...], bool], task: asyncio.Future[str]) -> None:
+        if self._reads.get(key) is task:
+            del self._reads[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter that is left gets it raised
+
+    def _forget_reads(self, method: str, path: str, body: Any) -> None:
+        """A write to `path` (POST: to the object named in `body`): later GETs of what it may
+        change do not join a read in flight that started before it."""
+        if not self._reads:
+            return
+        target = path
+        name = ((body.get("metadata") or {}).get("name") if isinstance(body, dict) else None)
+        if method == "POST" and name:
+            target = f"{path}/{quote(str(name), safe='')}"
+        for key in [k for k in self._reads if k[0] == target or target.startswith(k[0] + "/")
+                    or k[0].startswith(target + "/")]:
+            del self._reads[key]
+
+    async def _send(
+        self, method: str, path: str, *, params: Optional[dict[str, Any]] = None, body: Any = None,
+        content_type: str = "application/json", raw: bool = False, subject: Optional[str] = None,
+    ) -> str:
         session = self._get_session()
         headers = {"Accept": "*/*" if raw else "application/json"}
         data = None
@@ -252,9 +307,7 @@ class KubeClient:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise ApiError(0, type(e).__name__, str(e) or repr(e)) from e
-        if raw:
-            return text
-        return json.loads(text) if text else {}
+        return text
 
     # --- verbs
 

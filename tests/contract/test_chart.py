@@ -464,7 +464,7 @@ def _static_calls() -> set[tuple[str, str, str]]:
             out.add((group, plural + sub, verb))
         if "pod_log(" in src:
             out.add(("", "pods/log", "get"))
-        if "post_event(" in src or "kopf.event(" in src:
+        if "post_event(" in src or "kopf.event(" in src or "EVENTS.post(" in src:
             out.add(("", "events", "create"))
     return out
 

@@ -57,6 +57,49 @@ def test_kube_client_verbs(api: KMockThread) -> None:
     assert patch.headers["Content-Type"] == "application/merge-patch+json"
 
 
+def test_identical_reads_in_flight_are_one_request_and_a_write_starts_fresh_ones(api: KMockThread) -> None:
+    cm_path = f"/api/v1/namespaces/{NS}/configmaps"
+
+    def server_gets(name: str) -> int:
+        return len([r for r in api.requests("GET", f"{cm_path}/{name}") if r.url.path == f"{cm_path}/{name}"])
+
+    async def main() -> None:
+        kc = kube.KubeClient(api.url, timeout=5)
+        try:
+            cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c1", "namespace": NS}, "data": {"k": "v"}}
+            await kc.create(cm)
+            got = await asyncio.gather(*(kc.get("v1", "ConfigMap", "c1", NS) for _ in range(5)))
+            assert [g["data"] for g in got] == [{"k": "v"}] * 5
+            assert len({id(g) for g in got}) == 5  # each caller its own object
+            assert server_gets("c1") == 1
+            assert await asyncio.gather(*(kc.get("v1", "ConfigMap", "nope", NS) for _ in range(3))) == [None] * 3
+            assert server_gets("nope") == 1
+            # not joined: other parameters (a list with a selector), or a read after it returned
+            await asyncio.gather(kc.list("v1", "ConfigMap", NS), kc.list("v1", "ConfigMap", NS, label_selector="a=b"))
+            assert len([r for r in api.requests("GET", cm_path) if r.url.path == cm_path]) == 2
+            await kc.get("v1", "ConfigMap", "c1", NS)
+            assert server_gets("c1") == 2
+            # A read in flight when this process writes the object is not joined after the write.
+            early = asyncio.ensure_future(kc.get("v1", "ConfigMap", "c1", NS))
+            await asyncio.sleep(0)  # it is in flight
+            await kc.patch("v1", "ConfigMap", "c1", NS, {"data": {"k": "new"}})
+            late = await kc.get("v1", "ConfigMap", "c1", NS)
+            assert late["data"] == {"k": "new"}
+            await early
+            assert server_gets("c1") == 4
+            # the same for a create of the object by name
+            early = asyncio.ensure_future(kc.get("v1", "ConfigMap", "c2", NS))
+            await asyncio.sleep(0)
+            await kc.create({**cm, "metadata": {"name": "c2", "namespace": NS}})
+            assert (await kc.get("v1", "ConfigMap", "c2", NS)) is not None
+            await early
+            assert server_gets("c2") == 2
+        finally:
+            await kc.close()
+
+    asyncio.run(main())
+
+
 def test_resource_paths() -> None:
     assert kube.resource_path("v1", "Pod", "ns", "p", "log") == "/api/v1/namespaces/ns/pods/p/log"
     assert kube.resource_path("batch/v1", "Job", "ns") == "/apis/batch/v1/namespaces/ns/jobs"

@@ -211,6 +211,8 @@ def test_only_the_higher_priority_replica_acts_and_a_takeover_mid_reconcile_dupl
         wait_for(lambda: (stored(api, f"{FTJ_PATH}/alpha") or {}).get("status", {}).get("phase") == "Pending",
                  what="alpha Pending")
         assert stored(api, f"{JOBS}/alpha-train") is not None
+        wait_for(lambda: len(by(api, "replica-a", "POST", f"/api/v1/namespaces/{NS}/events")) == 2,
+                 what="its two Events (posted after the reconcile)")
         assert sorted(writes(api, "replica-a")) == sorted([
             f"POST {CMS}", f"POST {JOBS}", f"PATCH {FTJ_PATH}/alpha/status",
             f"POST /api/v1/namespaces/{NS}/events", f"POST /api/v1/namespaces/{NS}/events",

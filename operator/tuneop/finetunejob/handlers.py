@@ -48,7 +48,7 @@ from ..backends import kubernetes as k8s
 from ..backends import registered as backends
 from ..backends.base import Host, gather
 from ..backends.together.handlers import base_url as together_base_url
-from ..glue import ObjectLocks, PeeringSelf, get_live, now_iso, post_event, still_leading, typed
+from ..glue import EVENTS, ObjectLocks, PeeringSelf, get_live, now_iso, still_leading, typed
 from ..metrics import METRICS
 from . import builders as b
 from . import reconcile as st
@@ -233,6 +233,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 async def cleanup(**_: Any) -> None:
     await _poller.stop()
+    await EVENTS.flush()
     await kube.close()
 
 
@@ -377,12 +378,9 @@ async def apply(
     _observed.remember(body, decision.status.get("observedGeneration"))
     for ev in decision.events:
         # Through tuneop's client (its few connections), not kopf.event: kopf posts each Event from a
-        # worker of its own on a connection pool without a limit. A refused Event is logged, as kopf
-        # would: the status is written already.
-        try:
-            await post_event(kc, body, ev["type"], ev["reason"], ev["message"])
-        except kube.ApiError as e:
-            logging.getLogger("tuneop").warning(f"Event {ev['reason']} of {ns}/{name} not posted: {e}")
+        # worker of its own on a connection pool without a limit. Queued (glue.EVENTS): posted in
+        # order after the reconcile; a refused one is logged, the status is written already.
+        EVENTS.post(kc, body, ev["type"], ev["reason"], ev["message"])
     METRICS.set_phase(ns, name, decision.status.get("phase"))
     tg = decision.status.get("together") or {}
     if tg:
@@ -791,7 +789,7 @@ async def poll_progress(
         body = await kube.client().patch(API_VERSION, KIND, name, namespace, patch, subresource="status")
     for ev in events:
         if body:
-            await post_event(kube.client(), typed(dict(body), API_VERSION, KIND), ev["type"], ev["reason"], ev["message"])
+            EVENTS.post(kube.client(), typed(dict(body), API_VERSION, KIND), ev["type"], ev["reason"], ev["message"])
         logger.info("%s: %s", ev["reason"], ev["message"])
 
 
