@@ -356,3 +356,47 @@ def test_the_diff_base_essence_is_kopfs_own_from_a_fraction_of_the_body() -> Non
     extra = ["status.phase"]
     assert h.essence_source(body, extra) is body
     assert storage.build(body=body_view, extra_fields=extra)["status"] == {"phase": "Running"}
+
+
+class RecordingClient:
+    """Takes Events as the API server would (a refusal for reason 'Refused'), one at a time."""
+
+    def __init__(self) -> None:
+        self.posted: list[str] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def create(self, obj: dict, namespace: Any = None) -> tuple[dict, bool]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0)
+        self.in_flight -= 1
+        if obj["reason"] == "Refused":
+            raise kube.ApiError(403, "Forbidden", "events is forbidden")
+        self.posted.append(obj["reason"])
+        return obj, True
+
+
+def test_events_are_posted_after_the_reconcile_in_order_and_flushed(caplog: pytest.LogCaptureFixture) -> None:
+    from tuneop.glue import EventPoster
+
+    body = {"apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "news", "namespace": "ns", "uid": "u"}}
+
+    async def main() -> tuple[list[str], list[str], int]:
+        events, kc = EventPoster(limit=4), RecordingClient()
+        events.post(kc, body, "Normal", "A", "a")  # type: ignore[arg-type]
+        before = list(kc.posted)  # post() returns at once: nothing sent yet
+        for reason in ("Refused", "B", "C", "D"):  # one more than the limit: A is dropped unsent
+            events.post(kc, body, "Normal", reason, reason.lower())  # type: ignore[arg-type]
+        await events.flush(timeout=5)
+        events.post(kc, body, "Warning", "E", "after an idle spell")  # type: ignore[arg-type]
+        await events.flush(timeout=5)
+        return before, kc.posted, kc.most_in_flight
+
+    with caplog.at_level("WARNING", logger="tuneop"):
+        before, posted, most = asyncio.run(main())
+    assert before == []
+    assert posted == ["B", "C", "D", "E"] and most == 1
+    assert "Event A of ns/news not posted: more than 4 Events waiting" in caplog.text
+    assert "Event Refused of ns/news not posted: 403" in caplog.text
