@@ -343,22 +343,41 @@ def test_operator_restart_midway_creates_exactly_one_training_job(api: KMockThre
 
 
 def test_children_left_by_a_reconcile_that_never_wrote_the_status_are_adopted(api: KMockThread) -> None:
-    """The first reconcile of a new FineTuneJob creates its children without reading them first.
-    When one is there already (an earlier reconcile created it and died before writing any
-    status; here: an outdated news-config), its create answers 409: the reconcile then reads
-    the children and goes on from what exists (the ConfigMap is brought up to date)."""
+    """The first reconcile of a new FineTuneJob creates its children at once without reading them
+    first. When one is there already (an earlier reconcile created it and died before writing any
+    status), its create answers 409: the reconcile then reads the children and goes on from what
+    exists. Here the ConfigMap is the one this spec and owner need: the Job stays, made once."""
+    from tuneop.finetunejob import builders
+
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
+    api.create(CMS, builders.build_config_map(get_ftj(api)))
+    with Operator():
+        st = wait_phase(api, "Pending")
+    assert st["observedGeneration"] == 1 and st["reason"] == "TrainingPending"
+    assert len(job_posts(api, "news-train")) == 1 and api.requests("DELETE", f"{JOBS}/news-train") == []
+    assert len([r for r in api.requests("GET", f"{CMS}/news-config") if "tuneop" in str(r.headers.get("User-Agent"))]) == 1
+    assert reasons(api) == ["DatasetValid", "TrainingPending"]
+
+
+def test_a_job_made_next_to_an_outdated_config_is_made_again(api: KMockThread) -> None:
+    """As above, but the ConfigMap there is not this spec's (an outdated news-config, e.g. of a
+    deleted FineTuneJob of the same name): the Job created at the same time as the 409 could read
+    it, so it is deleted, the ConfigMap brought up to date, and the Job made again."""
     pvc(api, "adapters")
     configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
     configmap(api, "news-config", {"job.json": "{}"})
-    with Operator():
+    with Operator(retry_interval=0.2):
         api.wait_watching(FTJ_PATH)
         api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}}))
-        st = wait_phase(api, "Pending")
-        wait_for(lambda: json.loads(api.get(f"{CMS}/news-config")["data"]["job.json"]).get("spec"), what="config updated")
-    assert st["observedGeneration"] == 1 and st["reason"] == "TrainingPending"
-    assert len(job_posts(api, "news-train")) == 1
-    assert len(api.requests("GET", f"{CMS}/news-config")) >= 2  # read after the 409 (and by the test)
-    assert reasons(api) == ["DatasetValid", "TrainingPending"]
+        wait_for(lambda: len(job_posts(api, "news-train")) == 2, what="the Job made again")
+        st = wait_for(lambda: status_of(api) if status_of(api).get("reason") == "TrainingPending" else None,
+                      what="TrainingPending")
+        assert json.loads(api.get(f"{CMS}/news-config")["data"]["job.json"]).get("spec")
+    assert st["observedGeneration"] == 1
+    assert len(api.requests("DELETE", f"{JOBS}/news-train")) == 1
+    assert api.get(f"{JOBS}/news-train") is not None
 
 
 def test_spec_change_replaces_the_children_of_the_old_spec(api: KMockThread) -> None:

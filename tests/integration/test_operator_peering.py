@@ -222,15 +222,16 @@ def test_only_the_higher_priority_replica_acts_and_a_takeover_mid_reconcile_dupl
         assert {r.url.path for r in by(api, "replica-b") if f"/namespaces/{NS}/" in r.url.path} == {PEERING_PATH,
                                                                                                    f"{PEERING_PATH}/{PEERING}"}
 
-        # 2. replica-a dies right after it created beta's ConfigMap, before the training Job: kmock lets
-        #    that create through, and replica-a's thread stops in its next request (the Job's create).
+        # 2. replica-a dies right after it created beta's children (its ConfigMap and training Job, at
+        #    once), before the status: kmock lets the creates through, and replica-a's thread stops in
+        #    its next request (the status patch).
         original = api.emulator._handle
         killed_at: list[int] = []
 
         async def handle(request: Any) -> Any:
             data = request.data if isinstance(request.data, dict) else {}
             if (request.headers.get(HEADER) == "replica-a" and verb(request) == "POST"
-                    and request.url.path == CMS and data.get("metadata", {}).get("name") == "beta-config"):
+                    and request.url.path == JOBS and data.get("metadata", {}).get("name") == "beta-train"):
                 freezer.freeze("replica-a")
                 killed_at.append(request.id)
             return await original(request)
@@ -239,7 +240,8 @@ def test_only_the_higher_priority_replica_acts_and_a_takeover_mid_reconcile_dupl
         api.create(FTJ_PATH, ftj("beta"))
         wait_for(lambda: killed_at and freezer.blocked["replica-a"].is_set(), what="replica-a frozen")
         assert stored(api, f"{CMS}/beta-config") is not None
-        assert stored(api, f"{JOBS}/beta-train") is None
+        made_by_a = stored(api, f"{JOBS}/beta-train")
+        assert made_by_a is not None and not (stored(api, f"{FTJ_PATH}/beta") or {}).get("status")
 
         # replica-b takes over once replica-a's record expired (it removes it), and finishes beta.
         status = wait_for(lambda: ((stored(api, f"{FTJ_PATH}/beta") or {}).get("status") or None),
@@ -248,7 +250,8 @@ def test_only_the_higher_priority_replica_acts_and_a_takeover_mid_reconcile_dupl
         assert status["observedGeneration"] == 1
         assert by(api, "replica-b", "PATCH", f"{FTJ_PATH}/beta/status")
         assert by(api, "replica-a", "PATCH", f"{FTJ_PATH}/beta/status") == []
-        assert [r.data["metadata"]["name"] for r in by(api, "replica-a", "POST", JOBS)] == ["alpha-train"]
+        assert [r.data["metadata"]["name"] for r in by(api, "replica-a", "POST", JOBS)] == ["alpha-train", "beta-train"]
+        assert stored(api, f"{JOBS}/beta-train")["metadata"]["uid"] == made_by_a["metadata"]["uid"]
         cleaned = [r for r in by(api, "replica-b", "PATCH", PEERING_PATH)
                    if "replica-a" in ((r.data or {}).get("status") or {})
                    and r.data["status"]["replica-a"] is None]
@@ -266,21 +269,14 @@ def test_only_the_higher_priority_replica_acts_and_a_takeover_mid_reconcile_dupl
             freezer.thaw("replica-a")
         a.stop()
 
-    # Exactly one of each child. replica-b's create of beta-config was refused (409: replica-a's is the
-    # one stored) and it created beta-train, the only training Job of beta.
+    # Exactly one of each child: replica-a's. replica-b found them (its creates, if any, answered
+    # 409) and wrote the status from them; replica-a, thawed, found them too.
     assert names(api, JOBS) == ["alpha-train", "beta-train"]
     assert names(api, CMS) == ["alpha-config", "beta-config", "data"]
-    config = stored(api, f"{CMS}/beta-config")
-    assert config is not None
-    cm_posts = [r for r in by(api, "replica-a", "POST", CMS) + by(api, "replica-b", "POST", CMS)
-                if r.data["metadata"]["name"] == "beta-config"]
-    assert [r.headers[HEADER] for r in sorted(cm_posts, key=lambda r: r.id)] == ["replica-a", "replica-b"]
-    assert config["metadata"]["uid"] == sorted(cm_posts, key=lambda r: r.id)[0].data["metadata"]["uid"]
-    train = stored(api, f"{JOBS}/beta-train")
-    assert train is not None
-    train_posts = [r for r in by(api, "replica-b", "POST", JOBS) if r.data["metadata"]["name"] == "beta-train"]
-    assert len(train_posts) == 1 and train["metadata"]["uid"] == train_posts[0].data["metadata"]["uid"]
-    assert [r for r in by(api, "replica-b", "POST", JOBS) if r.data["metadata"]["name"] == "alpha-train"] == []
+    for path in (f"{CMS}/beta-config", f"{JOBS}/beta-train"):
+        posts = sorted((r for r in by(api, "replica-a", "POST", path.rsplit("/", 1)[0])
+                        if r.data["metadata"]["name"] == path.rsplit("/", 1)[1]), key=lambda r: r.id)
+        assert stored(api, path)["metadata"]["uid"] == posts[0].data["metadata"]["uid"]
     assert api.requests("DELETE", JOBS) == [] and api.requests("DELETE", CMS) == []
 
     # What the replicas did with their peering object: the RBAC charts/tuneop grants with replicas > 1

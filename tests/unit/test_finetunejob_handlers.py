@@ -400,3 +400,16 @@ def test_events_are_posted_after_the_reconcile_in_order_and_flushed(caplog: pyte
     assert posted == ["B", "C", "D", "E"] and most == 1
     assert "Event A of ns/news not posted: more than 4 Events waiting" in caplog.text
     assert "Event Refused of ns/news not posted: 403" in caplog.text
+
+
+def test_jobs_made_next_to_a_config_of_another_spec_or_owner_are_made_again() -> None:
+    def obj(kind: str, spec_hash: str, owner: str = "u1") -> dict:
+        return {"kind": kind, "metadata": {"name": "news-x", "annotations": {"tuneop.dev/spec-hash": spec_hash},
+                                           "ownerReferences": [{"uid": owner}]}}
+
+    job, svc = obj("Job", "h1"), obj("Service", "h1")
+    assert h.created_next_to_a_foreign_config([job, svc], obj("ConfigMap", "h1"), "u1") == []
+    assert h.created_next_to_a_foreign_config([job, svc], None, "u1") == []
+    assert h.created_next_to_a_foreign_config([job, svc], obj("ConfigMap", "h0"), "u1") == [job]
+    assert h.created_next_to_a_foreign_config([job, svc], obj("ConfigMap", "h1", owner="u0"), "u1") == [job]
+    assert h.created_next_to_a_foreign_config([svc], obj("ConfigMap", "h0"), "u1") == []

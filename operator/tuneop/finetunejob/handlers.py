@@ -349,7 +349,27 @@ def use_given(given: Any, written_generation: Optional[int]) -> bool:
 
 
 class ChildExists(Exception):
-    """A child assumed absent was there (409 on its create): observe for real and decide again."""
+    """A child assumed absent was there (409 on its create): observe for real and decide again.
+    `created`: what the same apply did create (its children are created at once)."""
+
+    def __init__(self, message: str, created: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.created = created
+
+
+def created_next_to_a_foreign_config(created: list[dict[str, Any]], config_map: Optional[dict[str, Any]],
+                                     uid: Optional[str]) -> list[dict[str, Any]]:
+    """The Jobs of `created` that were created at once with a ConfigMap create that found one
+    there already, when that ConfigMap is not the one they need: of another spec (its spec hash)
+    or another owner (a FineTuneJob of the same name, deleted: its ConfigMap goes with it). Their
+    pods could read it: they are deleted and made again once the ConfigMap is right."""
+    if config_map is None:
+        return []
+    owners = {o.get("uid") for o in (config_map.get("metadata") or {}).get("ownerReferences") or ()}
+    return [
+        o for o in created
+        if o.get("kind") == "Job" and (st.child_hash(config_map) != st.child_hash(o) or uid not in owners)
+    ]
 
 
 async def apply(
@@ -364,12 +384,21 @@ async def apply(
     for ref in decision.delete:
         await kc.delete(ref["apiVersion"], ref["kind"], ref["name"], ns, propagation="Background")
     created = []
-    for obj in decision.create:
-        out, new = await kc.create(obj, ns)
-        if new:
-            created.append(out)
-        elif assumed_absent:
-            raise ChildExists(f"{obj.get('kind')} {(obj.get('metadata') or {}).get('name')}")
+    if assumed_absent:
+        # A new FineTuneJob's children (its ConfigMap, Service, Job) at once: one round trip, not
+        # one each (a pod waits for its ConfigMap volume). One that was there already (409): see
+        # ChildExists and created_next_to_a_foreign_config.
+        results = await gather(*(kc.create(obj, ns) for obj in decision.create))
+        created = [out for out, new in results if new]
+        found = [obj for obj, (_, new) in zip(decision.create, results) if not new]
+        if found:
+            raise ChildExists(", ".join(
+                f"{obj.get('kind')} {(obj.get('metadata') or {}).get('name')}" for obj in found), created)
+    else:
+        for obj in decision.create:
+            out, new = await kc.create(obj, ns)
+            if new:
+                created.append(out)
     for p in decision.patch:
         await kc.patch(p["apiVersion"], p["kind"], p["name"], ns, p["patch"])
     diff = st.merge_patch(body.get("status") or {}, decision.status)
@@ -471,6 +500,14 @@ async def reconcile_object(
                     result = "success"
                     return None
                 observed = await observe(kc, body)
+                redo = created_next_to_a_foreign_config(
+                    e.created, observed.config_map, (body.get("metadata") or {}).get("uid"))
+                for job in redo:
+                    log.info(f"Job {job['metadata']['name']} was created next to a ConfigMap of another "
+                             "spec or owner: deleting it, to make it again once the ConfigMap is right")
+                    await kc.delete("batch/v1", "Job", job["metadata"]["name"], namespace, propagation="Background")
+                if redo:
+                    observed = await observe(kc, body)
                 decision = _decide(body, observed)
                 created = await apply(kc, body, decision)
             for ev in decision.events:
