@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "tuneop.serving.fetch", "tuneop.serving.client")),
     ("decide", ("tuneop.finetunejob.builders", "tuneop.finetunejob.reconcile", "tuneop.adapterdeployment.builders",
                 "tuneop.adapterdeployment.reconcile", "tuneop.adapterdeployment.basemodel",
-                "tuneop.adapterdeployment.vllm")),
+                "tuneop.adapterdeployment.vllm", "tuneop.adapterdeployment.servingdefaults")),
     ("edge", ("tuneop.kube", "tuneop.metrics")),
     ("backends", ("tuneop.backends",)),
     ("glue", ("tuneop.glue", "tuneop.finetunejob.handlers", "tuneop.adapterdeployment.handlers", "tuneop.handlers",
