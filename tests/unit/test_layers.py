@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pure", ("tuneop.dataset", "tuneop.archive", "tuneop.jobconfig", "tuneop.podcauses", "tuneop.workload_defaults",
               "tuneop.manifests", "tuneop.quickstart", "tuneop.objects", "tuneop.trainer", "tuneop.serving.guard",
               "tuneop.serving.fetch", "tuneop.serving.client")),
-    ("decide", ("tuneop.finetunejob.builders", "tuneop.finetunejob.reconcile", "tuneop.adapterdeployment.builders",
+    ("decide", ("tuneop.finetunejob.builders", "tuneop.finetunejob.reconcile", "tuneop.finetunejob.gang", "tuneop.adapterdeployment.builders",
                 "tuneop.adapterdeployment.reconcile", "tuneop.adapterdeployment.basemodel",
                 "tuneop.adapterdeployment.vllm", "tuneop.adapterdeployment.servingdefaults")),
     ("edge", ("tuneop.kube", "tuneop.metrics")),
