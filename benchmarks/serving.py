@@ -235,11 +235,11 @@ def hot_add(srv: LocalVllm, c: VllmClient, adapter: Path, n: int) -> dict[str, A
 # -- multi-LoRA curve (--curve) -----------------------------------------------------------------
 
 # Settings variants of the rendered server: (what it shows, spec.vllm overrides; None drops the field).
-# "default" is tuneop's defaults (maxLoras 8, maxLoraRank 64), as in examples/adapterdeployment.yaml;
+# "default" is tuneop's former defaults (maxLoras 8, maxLoraRank 64; now derived from the adapters, #18);
 # RANK stands for the adapters' real rank.
 RANK = "<rank>"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("tuneop defaults: maxLoras 8, maxLoraRank 64", {}),
+    "default": ("tuneop's former defaults: maxLoras 8, maxLoraRank 64", {}),
     "rank": ("maxLoraRank = the adapters' rank", {"maxLoraRank": RANK}),
     "loras2": ("maxLoras 2, maxLoraRank = rank: 4/8 adapters share 2 slots", {"maxLoras": 2, "maxLoraRank": RANK}),
     "seqs16": ("maxLoraRank = rank, --max-num-seqs 16 (extraArgs)",
@@ -249,7 +249,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def variant_vllm(variant: str, *, rank: int, dtype: str, max_len: int) -> dict[str, Any]:
-    """spec.vllm of a variant: tuneop's defaults for the LoRA settings, the benchmark's dtype and
+    """spec.vllm of a variant: tuneop's former defaults for the LoRA settings, the benchmark's dtype and
     maxModelLen, then the variant's overrides."""
     vllm: dict[str, Any] = {"maxLoras": 8, "maxLoraRank": 64, "dtype": dtype, "maxModelLen": max_len}
     for k, v in VARIANTS[variant][1].items():

@@ -17,6 +17,7 @@ from . import handlers
 from . import workload_defaults as wd
 from .adapterdeployment import builders as ab
 from .adapterdeployment import reconcile as sa
+from .adapterdeployment import servingdefaults as sd
 from .api.crdgen import all_crds, render_yaml
 from .api.reference import render as render_reference
 from .backends import registered as backends
@@ -145,8 +146,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         meta = {"namespace": args.namespace, "uid": "00000000-0000-0000-0000-000000000000", "generation": 1,
                 **(doc.get("metadata") or {})}
         doc["metadata"] = meta
-        manifests = ab.build_all(doc, ad_spec, finetunejobs=ftjs, trainer_image=args.image)
-        lines = ["# adapters, loaded at runtime through vLLM's /v1/load_lora_adapter (not in the pod template):"]
+        serving = sd.derive(ad_spec, sd.adapter_ranks(ad_spec, ftjs))
+        manifests = ab.build_all(doc, sd.resolved(ad_spec, serving), finetunejobs=ftjs, trainer_image=args.image)
+        lines = [f"# vLLM LoRA settings: {serving['message']}",
+                 "# adapters, loaded at runtime through vLLM's /v1/load_lora_adapter (not in the pod template):"]
         for d in sa.desired_adapters(ad_spec, ftjs):
             state = "ready" if d["ready"] else f"waiting ({d['reason']})"
             lines.append(f"#   {d['name']}: {d['path'] or '-'}  [{state}]")

@@ -48,6 +48,10 @@ class FakeVllm:
         self.token: Optional[Callable[[], Optional[str]]] = None
         self.refused = 0
         self.fail_loads = 0  # answer this many load requests with a 500
+        # vLLM's --max-lora-rank of this pod (start_pod reads it from the pod's args) and the rank of the
+        # adapter at each path (its adapter_config.json's r): a higher one is refused as vLLM refuses it.
+        self.max_lora_rank: Optional[int] = None
+        self.ranks: dict[str, int] = {}
         self.calls: list[tuple[str, str]] = []
         self.url = ""
         self._loop = asyncio.new_event_loop()
@@ -105,6 +109,12 @@ class FakeVllm:
         if self.fail_loads > 0:
             self.fail_loads -= 1
             return web.json_response({"object": "error", "message": "CUDA hiccup", "code": 500}, status=500)
+        rank = self.ranks.get(path)
+        if rank is not None and self.max_lora_rank is not None and rank > self.max_lora_rank:
+            return web.json_response({"object": "error", "code": 400, "message": (
+                f"Call to add_lora method failed: Worker failed with error 'LoRA rank {rank} is greater than "
+                f"max_lora_rank {self.max_lora_rank}.', please check the stack trace above for the root cause")},
+                status=400)
         if name in self.loaded:
             return web.json_response(
                 {"object": "error", "message": f"The lora adapter '{name}' has already been loaded.", "code": 400},
@@ -275,6 +285,8 @@ def start_pod(api: KMockThread, server: FakeVllm, pod_name: str, deployment: str
     meta = tmpl["metadata"]
     meta["name"] = pod_name
     meta.setdefault("annotations", {})["tuneop.dev/admin-url"] = server.url
+    args = tmpl["spec"]["containers"][0]["args"]
+    server.max_lora_rank = int(args[args.index("--max-lora-rank") + 1])
     api.create(PODS, {
         "apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": tmpl["spec"],
         "status": {"phase": "Running", "podIP": "10.0.0.1",
@@ -482,7 +494,7 @@ def test_vllm_setting_rolls_the_deployment_replicas_and_autoscaling_do_not(
     with Operator():
         dep = wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
         hash1 = dep["spec"]["template"]["metadata"]["annotations"]["tuneop.dev/template-hash"]
-        assert dep["spec"]["template"]["spec"]["containers"][0]["args"][dep["spec"]["template"]["spec"]["containers"][0]["args"].index("--max-loras") + 1] == "8"
+        assert dep["spec"]["template"]["spec"]["containers"][0]["args"][dep["spec"]["template"]["spec"]["containers"][0]["args"].index("--max-loras") + 1] == "32"
 
         # replicas only: patched, no template change.
         patch_spec(api, {"replicas": 3})
@@ -796,3 +808,108 @@ def test_crash_loop_names_the_last_log_line_read_once_per_restart(
         assert len(log_reads(api)) == 2
     (ev,) = warnings_named(api, "CrashLoop")
     assert ev["message"] == msg
+
+
+# ---------------------------------------------------------------------------------- derived LoRA settings
+
+
+def lora_args(api: KMockThread, deployment: str = "qwen-vllm") -> tuple[str, str]:
+    args = api.get(f"{DEPLOYS}/{deployment}")["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args[args.index("--max-lora-rank") + 1], args[args.index("--max-loras") + 1]
+
+
+def ranked_ftj(name: str, r: int) -> dict[str, Any]:
+    job = ftj(name, phase="Succeeded")
+    job["spec"]["adapter"] = {"r": r}
+    job["status"]["adapter"] = {"location": f"pvc://trained/{name}/adapter", "sha256": SHA}
+    return job
+
+
+def test_lora_rank_derived_from_the_adapters_grows_only_for_a_bigger_one(
+    api: KMockThread, vllm_pods: Callable[[], FakeVllm]
+) -> None:
+    """spec.vllm leaves maxLoraRank and maxLoras unset: the pods get the smallest vLLM rank holding every
+    adapter (a FineTuneJob's adapter.r, or the rank a pod refused a PVC adapter for), maxLoras from it.
+    A smaller adapter added, or one removed, does not roll the pods; a bigger one does, once."""
+    api.create(FTJ_PATH, ranked_ftj("support", 16))
+    api.create(AD_PATH, ad(adapters=[{"name": "support", "fineTuneJobRef": {"name": "support"}}], replicas=1))
+    p1 = vllm_pods()
+    with Operator():
+        wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        assert lora_args(api) == ("16", "32")
+        serving = wait_for(lambda: status_of(api).get("serving"), what="status.serving")
+        assert serving["maxLoraRank"] == 16 and serving["maxLoraRankFrom"] == "adapters"
+        assert serving["maxLoras"] == 32 and serving["maxLorasFrom"] == "maxLoraRank"
+        assert serving["derivedFrom"] == [{"name": "support", "rank": 16, "source": "fineTuneJob"}]
+        start_pod(api, p1, "qwen-vllm-a")
+        deployment_ready(api, 1)
+        wait_for(lambda: cond(api, "Ready").get("status") == "True", what="Ready")
+
+        # 1. A smaller adapter (rank 8): loaded live, no roll.
+        api.create(FTJ_PATH, ranked_ftj("legal", 8))
+        patch_spec(api, {"adapters": [{"name": "support", "fineTuneJobRef": {"name": "support"}},
+                                      {"name": "legal", "fineTuneJobRef": {"name": "legal"}}]})
+        wait_for(lambda: "legal" in p1.loaded, what="legal loaded")
+        wait_for(lambda: len(status_of(api)["serving"]["derivedFrom"]) == 2, what="legal in status.serving")
+        assert template_patches(api) == [] and lora_args(api) == ("16", "32")
+
+        # 2. A bigger one (rank 50 -> vLLM's 64): the template is patched once, the pods roll.
+        api.create(FTJ_PATH, ranked_ftj("code", 50))
+        patch_spec(api, {"adapters": [{"name": "support", "fineTuneJobRef": {"name": "support"}},
+                                      {"name": "legal", "fineTuneJobRef": {"name": "legal"}},
+                                      {"name": "code", "fineTuneJobRef": {"name": "code"}}]})
+        wait_for(lambda: lora_args(api) == ("64", "8"), what="rolled to rank 64")
+        assert len(template_patches(api)) == 1
+        wait_for(lambda: status_of(api)["serving"]["maxLoraRank"] == 64, what="status.serving 64")
+        assert "largest adapter rank is 50 (code)" in status_of(api)["serving"]["message"]
+        (changed,) = [e for e in api.events() if e["reason"] == "ServingSettingsChanged"]
+        assert "maxLoraRank 16 -> 64" in changed["message"]
+        api.call("DELETE", f"{PODS}/qwen-vllm-a")  # the Deployment controller replaces the pod
+        p2 = vllm_pods()
+        start_pod(api, p2, "qwen-vllm-b")
+        assert p2.max_lora_rank == 64
+        wait_for(lambda: set(p2.loaded) == {"support", "legal", "code"}, what="all three on the new pod")
+
+        # 3. The big one removed again: kept at 64, no roll.
+        patch_spec(api, {"adapters": [{"name": "support", "fineTuneJobRef": {"name": "support"}},
+                                      {"name": "legal", "fineTuneJobRef": {"name": "legal"}}]})
+        wait_for(lambda: "code" not in p2.loaded, what="code unloaded")
+        wait_for(lambda: len(status_of(api)["serving"]["derivedFrom"]) == 2, what="code gone from status.serving")
+        assert "kept at 64" in status_of(api)["serving"]["message"]
+        assert len(template_patches(api)) == 1 and lora_args(api) == ("64", "8")
+
+        # 4. A PVC adapter (on the claim already mounted), rank unknown to the operator: the pod refuses it for its rank (128 > 64), the
+        # operator learns the rank from that refusal and rolls the pods once to 128.
+        p2.ranks["/mnt/pvc/trained/huge/adapter"] = 128
+        patch_spec(api, {"adapters": [{"name": "support", "fineTuneJobRef": {"name": "support"}},
+                                      {"name": "legal", "fineTuneJobRef": {"name": "legal"}},
+                                      pvc_adapter("huge", claim="trained")]})
+        wait_for(lambda: lora_args(api) == ("128", "4"), what="rolled to rank 128")
+        assert len(template_patches(api)) == 2
+        wait_for(lambda: status_of(api)["serving"]["maxLoraRank"] == 128, what="status.serving 128")
+        assert {"name": "huge", "rank": 128, "source": "pod"} in status_of(api)["serving"]["derivedFrom"]
+        api.call("DELETE", f"{PODS}/qwen-vllm-b")
+        p3 = vllm_pods()
+        p3.ranks["/mnt/pvc/trained/huge/adapter"] = 128
+        start_pod(api, p3, "qwen-vllm-c")
+        wait_for(lambda: set(p3.loaded) == {"support", "legal", "huge"}, what="huge loaded on the new pod")
+        wait_for(lambda: cond(api, "Ready").get("status") == "True", what="Ready again")
+        # replays (the timer): nothing rolls again, the learnt rank stays
+        n = reconciles(api)
+        wait_for(lambda: reconciles(api) >= n + 3, what="three more reconciles")
+        assert len(template_patches(api)) == 2 and lora_args(api) == ("128", "4")
+        assert status_of(api)["serving"]["maxLoraRank"] == 128
+    assert len(api.requests("POST", DEPLOYS)) == 1
+    assert p2.count("load") >= 4 and "huge" not in p2.loaded
+
+
+def test_explicit_lora_settings_win(api: KMockThread, vllm_pods: Callable[[], FakeVllm]) -> None:
+    api.create(FTJ_PATH, ranked_ftj("support", 64))
+    api.create(AD_PATH, ad(adapters=[{"name": "support", "fineTuneJobRef": {"name": "support"}}], replicas=1,
+                           vllm={"maxLoraRank": 8, "maxLoras": 2}))
+    with Operator():
+        wait_for(lambda: api.get(f"{DEPLOYS}/qwen-vllm"), what="Deployment")
+        assert lora_args(api) == ("8", "2")
+        serving = wait_for(lambda: status_of(api).get("serving"), what="status.serving")
+        assert serving["maxLoraRankFrom"] == "spec" and serving["maxLorasFrom"] == "spec"
+        assert "vLLM refuses adapters of a higher rank: support (64)" in serving["message"]

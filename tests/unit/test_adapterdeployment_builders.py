@@ -66,7 +66,9 @@ def test_deployment_runs_upstream_vllm_with_lora_and_no_adapter_in_args() -> Non
     assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     args = c["args"]
     assert args[args.index("--model") + 1] == "Qwen/Qwen3-8B"
-    assert "--enable-lora" in args and args[args.index("--max-loras") + 1] == "8"
+    assert "--enable-lora" in args
+    # spec.vllm leaves them unset and the builder is given no adapter rank: servingdefaults' defaults
+    assert (args[args.index("--max-lora-rank") + 1], args[args.index("--max-loras") + 1]) == ("16", "32")
     assert "--lora-modules" not in args
     assert "news" not in json.dumps(args) and "support" not in json.dumps(args)
     assert env(c)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"

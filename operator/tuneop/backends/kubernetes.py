@@ -15,6 +15,7 @@ import kopf
 from .. import kube
 from ..api.finetunejob import FineTuneJobSpec
 from ..finetunejob import builders as b
+from ..finetunejob import gang
 from ..finetunejob import reconcile as st
 from .base import Host, ReduceOptions, check_inline_dataset, gather
 
@@ -45,15 +46,19 @@ async def observe(
         obs.training_job is not None or st.is_settled(body)
     ) else st.dependencies(spec)
     reads: list[Any] = []
-    if obs.validation_job or obs.training_job:
+    # restarting a multi-node gang: the failed Job's pods, until they stop (finetunejob/gang.py)
+    regang = obs.training_job is None and spec.resources.nodes > 1 and gang.restarts_of(body.get("status")) > 0
+    list_pods = bool(obs.validation_job or obs.training_job or regang)
+    if list_pods:
         reads.append(kc.list("v1", "Pod", ns, label_selector={b.OWNER_LABEL: name}))
     if spec.resources.nodes > 1:
         reads.append(kc.get("v1", "Service", b.service_name(name), ns))
     results = await gather(*reads, *(kc.get("v1", kind, dep, ns) for kind, dep, _ in deps))
-    if obs.validation_job or obs.training_job:
+    if list_pods:
         pods = results.pop(0)
         obs.validation_pods = st.pods_of(obs.validation_job, pods)
-        obs.training_pods = st.pods_of(obs.training_job, pods)
+        obs.training_pods = (gang.pods_named(b.training_job_name(name), pods) if regang
+                             else st.pods_of(obs.training_job, pods))
     if spec.resources.nodes > 1:
         obs.service = results.pop(0)
     waiting = [p for p in st.active_pods([*obs.validation_pods, *obs.training_pods]) if not st.pod_running(p)]

@@ -8,7 +8,8 @@ deleting the FineTuneJob garbage-collects them):
   the same data mounts, read-only. Created only when a dataset lives in a PVC or at a URL.
 - Job ``<name>-train``: the trainer; ``torchrun`` when gpus > 1 or nodes > 1; an Indexed Job
   plus the headless Service ``<name>-train`` (pod DNS ``<name>-train-<i>.<name>-train``) when
-  nodes > 1.
+  nodes > 1, with ``backoffLimit: 0``: a failed rank fails the Job and the operator restarts the
+  whole gang (``finetunejob/gang.py``).
 
 Every child carries the ``tuneop.dev/spec-hash`` annotation: a hash of the spec without
 ``suspend``. The reducer in ``finetunejob/reconcile.py`` uses it to tell children of the current spec from
@@ -235,20 +236,25 @@ def _env(spec: FineTuneJobSpec, *, hf_home: str) -> list[dict[str, Any]]:
     return env
 
 
-def _exit_code_2_fails_job(container: str, *, sigterm_ignored: bool = False) -> dict[str, Any]:
+def _exit_code_2_fails_job(container: str, *, sigterm_ignored: bool = False, gang: bool = False) -> dict[str, Any]:
     """Exit code 2 = user error (bad data/config/hardware): fail at once, don't retry.
     Evictions and preemptions (DisruptionTarget) don't count against backoffLimit, nor (training)
-    a trainer that stopped on SIGTERM after writing its checkpoint (exit 143): the next pod resumes."""
+    a trainer that stopped on SIGTERM after writing its checkpoint (exit 143): the next pod resumes.
+    gang (several nodes, ``backoffLimit: 0``): every other failure counts, so that any rank's failure
+    fails the whole Job: one replaced rank cannot rejoin torchrun's static rendezvous
+    (:mod:`tuneop.finetunejob.gang`: the operator restarts every rank)."""
     rules: list[dict[str, Any]] = [
         {
             "action": "FailJob",
             "onExitCodes": {"containerName": container, "operator": "In", "values": [2]},
         },
-        {
-            "action": "Ignore",
-            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-        },
     ]
+    if gang:
+        return {"rules": rules}
+    rules.append({
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    })
     if sigterm_ignored:
         rules.append({
             "action": "Ignore",
@@ -287,6 +293,7 @@ def job_skeleton(
     *,
     backoff_limit: int,
     sigterm_ignored: bool = False,
+    gang: bool = False,
     pod: Optional[dict[str, Any]] = None,
     job: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
@@ -311,7 +318,7 @@ def job_skeleton(
     }
     job_spec: dict[str, Any] = {
         "backoffLimit": backoff_limit,
-        "podFailurePolicy": _exit_code_2_fails_job(container["name"], sigterm_ignored=sigterm_ignored),
+        "podFailurePolicy": _exit_code_2_fails_job(container["name"], sigterm_ignored=sigterm_ignored, gang=gang),
         "template": {
             "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
             "spec": pod_spec,
@@ -423,8 +430,9 @@ def build_training_job(
         job["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if nodes > 1:
         job.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes})
-    return job_skeleton(meta, container, volumes, backoff_limit=spec.max_retries, sigterm_ignored=True,
-                        pod=pod, job=job)
+    # several nodes: the first failed rank fails the Job, the operator restarts the gang (finetunejob/gang.py)
+    return job_skeleton(meta, container, volumes, backoff_limit=0 if nodes > 1 else spec.max_retries,
+                        sigterm_ignored=True, gang=nodes > 1, pod=pod, job=job)
 
 
 def build_headless_service(

@@ -33,6 +33,10 @@ Rules:
   the new config, validation and training Jobs are created. A running training is stopped; the
   new one resumes from the newest checkpoint in the output directory only if the trainer finds
   one compatible with the new spec (the operator does not decide that).
+- ``resources.nodes > 1``: a failed rank fails the whole training Job (``backoffLimit: 0``), and the
+  gang restarts from the newest checkpoint up to ``maxRetries`` times: Pending(GangRestart) records
+  ``status.restarts``, then deletes the Job, then creates it again -> Pending(Resuming) -> Running
+  (:mod:`tuneop.finetunejob.gang`).
 - User errors (SpecInvalid, DatasetInvalid, UnsupportedHardware, TrainingFailed) and platform
   errors (PodEvicted, BackoffLimitExceeded, DeadlineExceeded, OOMKilled) are terminal with
   different reasons; a missing dependency (DependencyMissing, naming the object) is not terminal:
@@ -51,6 +55,7 @@ from ..api.finetunejob import AdapterType, FineTuneJobSpec, parse_spec
 from ..dataset import DatasetReport
 from ..workload_defaults import apply_to_pod
 from . import builders as b
+from . import gang
 
 # Phases
 PENDING = "Pending"
@@ -123,16 +128,20 @@ PLATFORM_ERRORS = PLATFORM_ERRORS + (
     TOGETHER_RATE_LIMITED, ARCHIVE_INVALID,
 )
 
+GANG_RESTART = gang.GANG_RESTART  # a rank of a multi-node training failed: every rank restarts
+# Failures a restart of a multi-node gang may cure (not a user error, not activeDeadlineSeconds).
+GANG_RETRYABLE = (BACKOFF_LIMIT_EXCEEDED, POD_EVICTED, OOM_KILLED)
+
 # Waiting states: the operator looks again every retry interval.
 RETRY_REASONS = (
-    DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR,
+    DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR, GANG_RESTART,
     TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB,
 )
 
 # Why pods do not start (pending_cause): the phase stays Pending, the reason says why.
 POD_CAUSES = podcauses.REASONS
 
-WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED} | set(POD_CAUSES)
+WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED, GANG_RESTART} | set(POD_CAUSES)
 
 # Trainer termination-message reasons -> ours.
 _TRAINER_REASONS = {
@@ -888,7 +897,7 @@ def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     st = bld.status
     if st.get("specHash") == h:
         return
-    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName"):
+    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName", "restarts"):
         st.pop(key, None)
     bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
     st["specHash"] = h
@@ -950,6 +959,12 @@ def reconcile_kubernetes(
         j for j in (obs.validation_job, obs.training_job)
         if j is not None and child_hash(j) == h and is_terminating(j)
     ]
+    if not stale_jobs and terminating and bld.old.get("reason") == GANG_RESTART and bld.old.get("specHash") == h:
+        msg = f"restarting every rank: waiting for the failed Job {b.training_job_name(name)} to be deleted"
+        bld.cond(RUNNING_COND, False, GANG_RESTART, msg)
+        bld.phase(PENDING, GANG_RESTART, msg)
+        bld.decision.retry_after = DELETION_RETRY_SECONDS
+        return bld.finish()
     if stale_jobs or terminating:
         _reset_for_new_spec(bld, h)
         bld.decision.delete.extend(_ref(j) for j in stale_jobs if not is_terminating(j))
@@ -1046,11 +1061,22 @@ def reconcile_kubernetes(
     tname = b.training_job_name(name)
     bld.status["jobName"] = tname
     if training is None:
+        restarts = gang.restarts_of(bld.status) if spec.resources.nodes > 1 else 0
+        if restarts:
+            # the failed gang's pods hold the rendezvous port and the pod DNS names until they stop
+            left = active_pods(obs.training_pods)
+            if left:
+                msg = (f"restarting every rank: waiting for {len(left)} pod(s) of the failed Job {tname} to stop "
+                       f"({', '.join(sorted(str((p.get('metadata') or {}).get('name')) for p in left)[:3])})")
+                bld.cond(RUNNING_COND, False, GANG_RESTART, msg)
+                bld.phase(PENDING, GANG_RESTART, msg)
+                bld.decision.retry_after = DELETION_RETRY_SECONDS
+                return bld.finish()
         ensure_config()
         svc = b.build_headless_service(body, spec)
         if svc is not None and obs.service is None:
             bld.decision.create.append(svc)
-        job = b.build_training_job(body, spec, image=image)
+        job = gang.mark(b.build_training_job(body, spec, image=image), restarts)
         if trainer_defaults:
             apply_to_pod(job["spec"]["template"]["spec"], trainer_defaults)
         bld.decision.create.append(job)
@@ -1058,6 +1084,10 @@ def reconcile_kubernetes(
             bld.cond(RUNNING_COND, False, SUSPENDED_REASON, f"Job {tname} created suspended")
             bld.phase(SUSPENDED, SUSPENDED_REASON, f"Job {tname} created suspended; unset spec.suspend to start")
             return bld.finish()
+        if restarts:
+            return bld.pending_pods(
+                RUNNING_COND, RESUMING, f"restart {restarts} of {spec.max_retries} of every rank: Job {tname} "
+                "created again; it resumes from the newest checkpoint", [])
         return bld.pending_pods(RUNNING_COND, TRAINING_PENDING, f"Job {tname} created; waiting for its pod to start", [])
 
     tpods = pods_of(training, obs.training_pods)
@@ -1096,7 +1126,23 @@ def reconcile_kubernetes(
         return bld.finish()
     if tstate == "failed":
         reason, msg = failure_of(training, tpods, b.TRAINER_CONTAINER)
-        return bld.fail(reason, msg)
+        nodes, attempt = spec.resources.nodes, gang.attempt_of(training)
+        step = gang.decide(nodes=nodes, max_retries=spec.max_retries, retryable=reason in GANG_RETRYABLE,
+                           attempt=attempt, restarts=gang.restarts_of(bld.status))
+        if step == gang.FAIL:
+            if nodes > 1 and attempt:
+                msg = f"{msg} (after {attempt} restart(s) of every rank; spec.maxRetries {spec.max_retries})"
+            return bld.fail(reason, msg)
+        text = (f"a rank of Job {tname} failed ({reason}: {msg}); restarting all {nodes} nodes from the newest "
+                f"checkpoint (restart {attempt + 1} of {spec.max_retries})")
+        if step == gang.RECORD:
+            bld.status["restarts"] = attempt + 1  # written before the Job is deleted (the next step)
+        else:
+            bld.decision.delete.append(_ref(training))
+        bld.decision.retry_after = DELETION_RETRY_SECONDS
+        bld.cond(RUNNING_COND, False, GANG_RESTART, text)
+        bld.phase(PENDING, GANG_RESTART, text)
+        return bld.finish()
 
     # --- active: mirror suspend
     job_suspended = bool((training.get("spec") or {}).get("suspend"))
