@@ -50,6 +50,7 @@ from ..api.finetunejob import AdapterType, FineTuneJobSpec, parse_spec
 from ..dataset import DatasetReport
 from ..workload_defaults import apply_to_pod
 from . import builders as b
+from . import startfrom as sf
 
 # Phases
 PENDING = "Pending"
@@ -124,7 +125,7 @@ PLATFORM_ERRORS = PLATFORM_ERRORS + (
 
 # Waiting states: the operator looks again every retry interval.
 RETRY_REASONS = (
-    DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR,
+    DEPENDENCY_MISSING, sf.WAITING_FOR_START, SPEC_CHANGED, API_ERROR,
     TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB,
 )
 
@@ -719,6 +720,8 @@ class Observed:
     together_event_cursor: Optional[int] = None
     # The poll failed: {"reason", "message", "statusCode"} (TogetherBackendError fields).
     together_error: Optional[dict[str, Any]] = None
+    # spec.startFrom.fineTuneJob as read (only while nothing is pinned for the spec; None: absent).
+    start_from_job: Optional[dict[str, Any]] = None
     # What another backend (a plug-in) observed, in its own terms.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -863,10 +866,36 @@ def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     st = bld.status
     if st.get("specHash") == h:
         return
-    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName"):
+    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName",
+                "startedFrom"):
         st.pop(key, None)
     bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
     st["specHash"] = h
+
+
+def resolve_start_from(
+    bld: StatusBuilder, body: dict[str, Any], spec: FineTuneJobSpec, obs: Observed,
+) -> tuple[Optional[Decision], dict[str, Any]]:
+    """spec.startFrom, after a new spec has reset the status and before anything is created: a
+    Decision when the job waits for the FineTuneJob it continues (phase Pending, reason
+    WaitingForStartFrom, looked at again) or cannot start from it (SpecInvalid naming the field);
+    else None and `body` with status.startedFrom pinned (the builders read the pin from it)."""
+    name = str((body.get("metadata") or {}).get("name") or "")
+    pinned = bld.status.get("startedFrom") if isinstance(bld.status.get("startedFrom"), dict) else None
+    res = sf.resolve(spec, own_name=name, pinned=pinned or None, source=obs.start_from_job, now=bld.now)
+    if res.invalid is not None:
+        bld.status.pop("startedFrom", None)
+        return bld.fail(SPEC_INVALID, res.invalid, invalid=True), body
+    if res.waiting is not None:
+        bld.status.pop("startedFrom", None)
+        bld.cond(VALIDATED, "Unknown", sf.WAITING_FOR_START, res.waiting)
+        bld.phase(PENDING, sf.WAITING_FOR_START, res.waiting)
+        bld.decision.retry_after = DEPENDENCY_RETRY_SECONDS
+        return bld.finish(), body
+    if res.pinned is None:
+        return None, body
+    bld.status["startedFrom"] = res.pinned
+    return None, {**body, "status": {**(body.get("status") or {}), "startedFrom": res.pinned}}
 
 
 @dataclass
@@ -943,6 +972,9 @@ def reconcile_kubernetes(
             UNSUPPORTED_HARDWARE, "adapter.type qlora needs CUDA GPUs; set resources.gpus >= 1",
             invalid=True,
         )
+    waiting, body = resolve_start_from(bld, body, spec, obs)
+    if waiting is not None:
+        return waiting
 
     training = obs.training_job
     validated = is_true(bld.status["conditions"], VALIDATED)
