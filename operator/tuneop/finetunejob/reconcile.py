@@ -1074,6 +1074,11 @@ def reconcile_kubernetes(
         adapter = adapter_status(b.adapter_location(spec), message)
         reused = bool(adapter.get("reused"))
         bld.status["adapter"] = adapter
+        loaded = message.get("startedFrom")
+        pin = bld.status.get("startedFrom")
+        if isinstance(pin, dict) and not pin.get("sha256") and isinstance(loaded, dict) and loaded.get("sha256"):
+            # startFrom.pvc without a sha256: the trainer says what it loaded
+            bld.status["startedFrom"] = {**pin, "sha256": str(loaded["sha256"])[:64]}
         ev = message.get("evaluation")
         if isinstance(ev, dict):
             evaluation = {k: ev[k] for k in ("metric", "samples", "base", "adapter") if k in ev}

@@ -99,7 +99,24 @@ def resolve(
     source: Optional[dict[str, Any]], now: str,
 ) -> Resolution:
     """What `spec` starts from. `pinned`: the pin already in the status for this spec (kept as is);
-    `source`: the FineTuneJob ``startFrom.fineTuneJob`` names, as read (None: absent)."""
+    `source`: the FineTuneJob ``startFrom.fineTuneJob`` names, as read (None: absent). A starting
+    adapter where this job writes its own is refused: the new adapter would replace it."""
+    res = _resolve(spec, own_name=own_name, pinned=pinned, source=source, now=now)
+    location = (res.pinned or {}).get("location")
+    if pinned is None and location is not None and spec.backend != "together":
+        out = spec.output.pvc
+        own = pvc_location(out.claim_name, f"{out.path}/adapter" if out.path else "adapter")
+        if str(location).rstrip("/") == own:
+            field = FIELD_JOB if res.pinned and res.pinned.get("fineTuneJob") else FIELD_PVC
+            return Resolution(invalid=f"{field}: the starting adapter is {location}, where this job writes its "
+                                      "own (spec.output): the new adapter would replace it; use another output path")
+    return res
+
+
+def _resolve(
+    spec: FineTuneJobSpec, *, own_name: str, pinned: Optional[dict[str, Any]],
+    source: Optional[dict[str, Any]], now: str,
+) -> Resolution:
     if pinned is not None:
         return Resolution(pinned=pinned)
     sf = spec.start_from
