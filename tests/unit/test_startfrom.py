@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+import celpy
 import pytest
 from pydantic import ValidationError
 
@@ -327,3 +328,38 @@ def test_start_waiters_reconcile_on_the_awaited_jobs_end():
     assert w.update("team-a", "news", None, {}) == ["news-v2"]  # deleted
     w.update("team-a", "news-v2", {"reason": "TrainingStarted", "phase": "Running"}, spec)
     assert w.update("team-a", "news", {"phase": "Failed"}, {}) == []
+
+
+def _rules(schema: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(r["rule"], r["message"]) for r in schema.get("x-kubernetes-validations") or []]
+
+
+@pytest.mark.parametrize("spec", [
+    spec_dict(startFrom=START_JOB),
+    spec_dict(startFrom={"pvc": {"claimName": "a", "path": "b"}}),
+    spec_dict(startFrom={}),
+    spec_dict(startFrom={**START_JOB, "pvc": {"claimName": "a"}}),
+    spec_dict(startFrom={"togetherCheckpoint": "ft-1"}),
+    spec_dict(backend="together", together=TOGETHER, startFrom={"togetherCheckpoint": "ft-1"}),
+    spec_dict(backend="together", together={**TOGETHER, "fromCheckpoint": "ft-1"}, startFrom=START_JOB),
+    spec_dict(backend="together", together={**TOGETHER, "fromCheckpoint": "ft-1"}),
+    spec_dict(adapter={"type": "full"}, startFrom=START_JOB),
+])
+def test_cel_rules_agree_with_the_model(spec):
+    """The CRD's rules, as the API server evaluates them (celpy), accept exactly what the model accepts."""
+    crd = all_crds()["finetunejobs.yaml"]
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    env = celpy.Environment()
+    cel_ok = True
+    for node, value in ((schema, spec), (schema["properties"]["startFrom"], spec.get("startFrom"))):
+        if value is None:
+            continue
+        for rule, _ in _rules(node):
+            if not bool(env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(value)})):
+                cel_ok = False
+    try:
+        parse_spec(spec)
+        model_ok = True
+    except ValidationError:
+        model_ok = False
+    assert cel_ok == model_ok
