@@ -619,6 +619,10 @@ class StartWaiters:
             return []
         return sorted(w for (ns, w), ref_ in self._waiting.items() if ns == namespace and ref_ == name)
 
+    def waits_for(self, namespace: str, name: str) -> Optional[str]:
+        """The job `name` waits for, as the watch last showed it (None: it does not wait)."""
+        return self._waiting.get((namespace, name))
+
 
 _start_waiters = StartWaiters()
 
