@@ -363,3 +363,18 @@ def test_cel_rules_agree_with_the_model(spec):
     except ValidationError:
         model_ok = False
     assert cel_ok == model_ok
+
+
+def test_a_config_map_left_by_a_reconcile_that_died_keeps_its_pin():
+    """The ConfigMap of this spec was created with a pin, the status write was lost, and the source has a new
+    adapter since: the status takes the ConfigMap's pin (what the pods load), not the source's new one."""
+    body = ftj(startFrom=START_JOB)
+    first = decide(body, source(), inline_datasets={"train": {"ok": True, "rows": 3, "errors": []}})
+    cm = created(first, "ConfigMap")[0]
+    d = decide(body, source(sha=OTHER_SHA), config_map=cm, inline_datasets={"train": {"ok": True, "rows": 3, "errors": []}})
+    assert d.status["startedFrom"]["sha256"] == SHA
+    assert [p for p in d.patch if p["kind"] == "ConfigMap"] == []
+    # a ConfigMap of another spec does not count
+    cm["metadata"]["annotations"][b.SPEC_HASH_ANNOTATION] = "older"
+    d = decide(body, source(sha=OTHER_SHA), config_map=cm, inline_datasets={"train": {"ok": True, "rows": 3, "errors": []}})
+    assert d.status["startedFrom"]["sha256"] == OTHER_SHA

@@ -882,6 +882,8 @@ def resolve_start_from(
     else None and `body` with status.startedFrom pinned (the builders read the pin from it)."""
     name = str((body.get("metadata") or {}).get("name") or "")
     pinned = bld.status.get("startedFrom") if isinstance(bld.status.get("startedFrom"), dict) else None
+    if not pinned and obs.config_map is not None and child_hash(obs.config_map) == b.spec_hash(spec):
+        pinned = sf.pin_from_config(spec, obs.config_map)
     res = sf.resolve(spec, own_name=name, pinned=pinned or None, source=obs.start_from_job, now=bld.now)
     if res.invalid is not None:
         bld.status.pop("startedFrom", None)

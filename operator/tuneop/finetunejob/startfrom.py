@@ -26,11 +26,12 @@ kubernetes             togetherCheckpoint          refused by the schema (CEL)
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..api.finetunejob import FineTuneJobSpec
-from ..jobconfig import parse_location, pvc_location
+from ..jobconfig import CONFIG_KEY, parse_location, pvc_location
 
 WAITING_FOR_START = "WaitingForStartFrom"
 FIELD_JOB = "spec.startFrom.fineTuneJob"
@@ -172,6 +173,23 @@ def _resolve(
                                   "sha256 to pin")
     pin.update(location=location, sha256=sha)
     return Resolution(pinned=pin)
+
+
+def pin_from_config(spec: FineTuneJobSpec, config_map: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The pin a ConfigMap ``<name>-config`` of this spec already carries (a reconcile that created it
+    died before writing the status): the pods will load that one, so the status must say that one."""
+    name = referenced_job(spec)
+    if name is None or not config_map:
+        return None
+    try:
+        doc = json.loads(((config_map.get("data") or {}).get(CONFIG_KEY)) or "{}")
+    except ValueError:
+        return None
+    start = doc.get("startFrom") if isinstance(doc, dict) else None
+    if not isinstance(start, dict) or not start.get("sha256") or parse_location(str(start.get("location"))) is None:
+        return None
+    return {"fineTuneJob": name, "location": str(start["location"]), "sha256": str(start["sha256"]),
+            "baseModel": spec.base_model}
 
 
 def describe(pin: dict[str, Any]) -> str:
