@@ -95,6 +95,9 @@ def test_continued_training_starts_where_the_first_run_ended(tiny_model, dataset
     third_sha = sha256(out_dir / "third" / "adapter" / "adapter_model.safetensors")
     assert len({first_sha, second_sha, third_sha}) == 3
     assert second_losses[0] < 0.5 * losses(scratch_events)[0]
+    print(f"first run: loss {first_losses[0]:.3f} -> {first_losses[-1]:.3f}; continued: {second_losses[0]:.3f} -> "
+          f"{second_losses[-1]:.3f}; same spec from scratch: {losses(scratch_events)[0]:.3f} -> "
+          f"{losses(scratch_events)[-1]:.3f}")
     assert next(e for e in scratch_events if e.get("event") == "start").get("startedFrom") is None
 
 
