@@ -124,3 +124,27 @@ def test_a_changed_starting_adapter_fails_before_anything_is_written(tiny_model,
     cfg.write_text(json.dumps(doc))
     run = run_trainer(cfg)
     assert run.rc == 2 and "spec.startFrom: not resolved" in run.termination["message"]
+
+
+def test_a_trainer_checkpoint_directory_is_loaded_as_the_adapter(tiny_model, datasets, tmp_path):
+    """A checkpoint-N directory: its adapter weights are loaded (optimizer and schedule start fresh);
+    without a pinned sha256 the trainer reports the one it loaded."""
+    out_dir = tmp_path / "out"
+    first = run_trainer(make_config(tmp_path / "first.json", tiny_model, datasets["pc_train"], out_dir / "first",
+                                    hyperparameters={"maxSteps": 4}))
+    assert first.rc == 0, first.stderr[-3000:]
+    checkpoint = sorted((out_dir / "first" / "checkpoints").glob("*/checkpoint-*"))[-1]
+    assert (checkpoint / "optimizer.pt").exists()  # a real Trainer checkpoint
+    rel = checkpoint.relative_to(out_dir).as_posix()
+    cfg = make_config(tmp_path / "second.json", tiny_model, datasets["pc_train"], out_dir / "second",
+                      hyperparameters={"maxSteps": 2}, startFrom={"pvc": {"claimName": "out", "path": rel}})
+    doc = json.loads(cfg.read_text())
+    doc["startFrom"] = {"path": str(checkpoint), "location": f"pvc://out/{rel}"}
+    cfg.write_text(json.dumps(doc))
+    run = run_trainer(cfg)
+    assert run.rc == 0, run.stderr[-3000:]
+    loaded = sha256(checkpoint / "adapter_model.safetensors")
+    assert run.one("start")["startedFrom"] == {"location": f"pvc://out/{rel}", "sha256": loaded}
+    assert run.one("start")["resumed_from"] is None  # not a resume: a new training from those weights
+    assert run.termination["startedFrom"]["sha256"] == loaded
+    assert run.termination["metrics"]["steps"] == 2
