@@ -112,8 +112,11 @@ def test_a_changed_starting_adapter_fails_before_anything_is_written(tiny_model,
     doc["startFrom"] = {"path": str(out_dir / "first" / "adapter"), "location": "pvc://out/first/adapter",
                         "sha256": "0" * 64}
     cfg.write_text(json.dumps(doc))
-    run = run_trainer(cfg)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = run_trainer(cfg, env={"TMPDIR": str(scratch)})
     assert run.rc == 2
+    assert not list(scratch.glob("tuneop-start-*"))
     assert run.termination["reason"] == "ConfigInvalid"
     assert "spec.startFrom" in run.termination["message"] and "0" * 64 in run.termination["message"]
     assert not (out_dir / "second").exists()
@@ -141,8 +144,11 @@ def test_a_trainer_checkpoint_directory_is_loaded_as_the_adapter(tiny_model, dat
     doc = json.loads(cfg.read_text())
     doc["startFrom"] = {"path": str(checkpoint), "location": f"pvc://out/{rel}"}
     cfg.write_text(json.dumps(doc))
-    run = run_trainer(cfg)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = run_trainer(cfg, env={"TMPDIR": str(scratch)})
     assert run.rc == 0, run.stderr[-3000:]
+    assert not list(scratch.glob("tuneop-start-*"))  # the staged copy is gone
     loaded = sha256(checkpoint / "adapter_model.safetensors")
     assert run.one("start")["startedFrom"] == {"location": f"pvc://out/{rel}", "sha256": loaded}
     assert run.one("start")["resumed_from"] is None  # not a resume: a new training from those weights

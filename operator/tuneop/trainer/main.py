@@ -116,6 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     finally:
         restore_signals()
+        if context.get("start_dir"):
+            shutil.rmtree(context["start_dir"], ignore_errors=True)  # spec.startFrom's staged copy
         try:
             stream.flush()
             if stream is not sys.stdout and stream is not sys.__stdout__:
@@ -172,7 +174,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     if cfg.start_from is not None:
         SF.check_base_model(cfg.start_from, base_name)
         start_dir, start_sha = SF.staged_sha256(cfg.start_from)
-        context["start_dir"] = start_dir
+        context["start_dir"] = start_dir  # main() removes it whatever happens next
     os.makedirs(output, exist_ok=True)
     local = D.local_paths(cfg)
     # what this run trains (spec + data + starting adapter content): names its checkpoints, marks its adapter
@@ -183,8 +185,6 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256, start_sha)
     checkpoints = os.path.join(output, "checkpoints")
     if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter):
-        if start_dir is not None:
-            shutil.rmtree(start_dir, ignore_errors=True)
         if rank == 0:
             remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
         return 0
