@@ -19,6 +19,7 @@ from tuneop.finetunejob import startfrom as sf
 from tuneop.finetunejob.handlers import StartWaiters
 from tuneop.jobconfig import resolve
 from tuneop.trainer import config as C
+from tuneop.trainer import startfrom as TSF
 from tuneop.trainer.errors import TrainerError
 
 NOW = "2026-01-01T00:00:00Z"
@@ -378,3 +379,20 @@ def test_a_config_map_left_by_a_reconcile_that_died_keeps_its_pin():
     cm["metadata"]["annotations"][b.SPEC_HASH_ANNOTATION] = "older"
     d = decide(body, source(sha=OTHER_SHA), config_map=cm, inline_datasets={"train": {"ok": True, "rows": 3, "errors": []}})
     assert d.status["startedFrom"]["sha256"] == OTHER_SHA
+
+
+def test_trainer_refuses_to_start_from_its_own_output_and_an_adapter_of_another_base(tmp_path):
+    own = tmp_path / "out" / "adapter"
+    own.mkdir(parents=True)
+    with pytest.raises(TrainerError, match="spec.output"):
+        TSF.check_not_output(C.StartFromConfig(path=str(own), location="pvc://out/adapter"), str(tmp_path / "out"))
+    TSF.check_not_output(C.StartFromConfig(path=str(own), location="pvc://out/adapter"), str(tmp_path / "other"))
+    (own / "tuneop-manifest.json").write_text(json.dumps({"baseModel": "org/a"}))
+    start = C.StartFromConfig(path=str(own), location="pvc://out/adapter")
+    with pytest.raises(TrainerError, match="trained on 'org/a'"):
+        TSF.check_base_model(start, "org/b")
+    TSF.check_base_model(start, "org/a")
+    # not an adapter directory: named, nothing staged
+    with pytest.raises(TrainerError, match="no adapter_config.json, adapter_model.safetensors"):
+        TSF.staged_sha256(start, scratch=str(tmp_path))
+    assert not list(tmp_path.glob("tuneop-start-*"))

@@ -172,6 +172,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     start_dir: Optional[str] = None
     start_sha: Optional[str] = None
     if cfg.start_from is not None:
+        SF.check_not_output(cfg.start_from, output)
         SF.check_base_model(cfg.start_from, base_name)
         start_dir, start_sha = SF.staged_sha256(cfg.start_from)
         context["start_dir"] = start_dir  # main() removes it whatever happens next

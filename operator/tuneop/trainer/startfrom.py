@@ -60,6 +60,13 @@ def check_base_model(start: StartFromConfig, base_name: str) -> None:
                            f"this job's baseModel is {base_name!r}")
 
 
+def check_not_output(start: StartFromConfig, output: str) -> None:
+    """The new adapter goes to <output>/adapter: starting from that very directory would replace it."""
+    if os.path.realpath(start.path) == os.path.realpath(os.path.join(output, "adapter")):
+        raise TrainerError(CONFIG_INVALID, f"{FIELD}: {start.location} is where this job writes its own adapter "
+                           "(spec.output): the new adapter would replace it; use another output path")
+
+
 def differences(loaded: Any, wanted: Any) -> list[str]:
     """What of spec.adapter (r, alpha, dropout) differs from the loaded adapter's config: the loaded
     adapter keeps its own shape."""
