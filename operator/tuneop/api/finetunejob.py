@@ -302,7 +302,11 @@ class TogetherSpec(Model):
     n_checkpoints: Optional[int] = Field(default=None, ge=1)
     n_evals: Optional[int] = Field(default=None, ge=0)
     lora_trainable_modules: Optional[str] = None
-    from_checkpoint: Optional[str] = None
+    from_checkpoint: Optional[str] = Field(
+        default=None,
+        description="A Together job id or checkpoint (ft-...[:step]) to continue from: the same as "
+        "startFrom.togetherCheckpoint (set one of the two); status.startedFrom records it.",
+    )
 
 
 class FineTuneJobSpec(Model):
