@@ -254,6 +254,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = job["spec"]
     if spec.backend != "kubernetes":
         return _err(f"tuneop run runs backend: kubernetes jobs locally; this one is backend: {spec.backend}")
+    if spec.start_from is not None and spec.start_from.fine_tune_job is not None:
+        return _err("spec.startFrom.fineTuneJob: another FineTuneJob exists only in a cluster; locally, start from "
+                    "its adapter directory with startFrom.pvc (claimName + path; --volume CLAIM=DIR)")
     resolved = _resolve_local(job, path, args.volume or [])
     if args.output:
         resolved["paths"]["output"] = str(Path(args.output).resolve())
@@ -296,6 +299,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                     + (f", resuming from {ev['resumed_from']}" if ev.get("resumed_from") else ""),
                     file=sys.stderr,
                 )
+                if isinstance(ev.get("startedFrom"), dict):
+                    sf = ev["startedFrom"]
+                    print(f"tuneop: continuing the adapter at {sf.get('location')} (sha256 {sf.get('sha256')})",
+                          file=sys.stderr)
             elif kind == "error":
                 print(f"tuneop: {ev.get('reason', 'Error')}: {ev.get('message', '')}", file=sys.stderr)
             elif kind == "interrupted":

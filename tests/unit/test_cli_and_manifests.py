@@ -149,3 +149,21 @@ def test_operator_refuses_bad_workload_defaults_before_starting(capsys, monkeypa
     monkeypatch.setenv("TUNEOP_WORKLOAD_DEFAULTS", '{"vllm": {"memory": "8Gi"}}')
     assert main(["operator", "--metrics-port", "0"]) == 0
     assert started["workload_defaults"] == {"vllm": {"memory": "8Gi"}}
+
+
+def test_run_refuses_a_start_from_another_finetunejob_and_resolves_a_local_adapter(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(GOOD + "  startFrom: {fineTuneJob: {name: earlier}}\n")
+    assert main(["run", str(job)]) != 0
+    err = capsys.readouterr().err
+    assert "spec.startFrom.fineTuneJob" in err and "startFrom.pvc" in err and "--volume" in err
+    # startFrom.pvc maps its claim like any other volume
+    spec = load_finetunejob_spec(GOOD + "  startFrom: {pvc: {claimName: old, path: run0/adapter}}\n", tmp_path)
+    doc = resolve({"name": "t"}, spec, pvc_dir=local_pvc_resolver(tmp_path, {"old": str(tmp_path / "o")}, tmp_path))
+    assert doc["startFrom"] == {"path": str(tmp_path / "o" / "run0" / "adapter"), "location": "pvc://old/run0/adapter"}
+
+
+def load_finetunejob_spec(text: str, tmp_path: Path):
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    return load_finetunejob(p)["spec"]

@@ -19,6 +19,7 @@ from .common import (
     SecretKeyRef,
     Toleration,
 )
+from .startfrom import StartedFrom, StartFrom
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -301,7 +302,11 @@ class TogetherSpec(Model):
     n_checkpoints: Optional[int] = Field(default=None, ge=1)
     n_evals: Optional[int] = Field(default=None, ge=0)
     lora_trainable_modules: Optional[str] = None
-    from_checkpoint: Optional[str] = None
+    from_checkpoint: Optional[str] = Field(
+        default=None,
+        description="A Together job id or checkpoint (ft-...[:step]) to continue from: the same as "
+        "startFrom.togetherCheckpoint (set one of the two); status.startedFrom records it.",
+    )
 
 
 class FineTuneJobSpec(Model):
@@ -359,6 +364,10 @@ class FineTuneJobSpec(Model):
         default=False, description="Stop the job (its pods are deleted); unset to resume."
     )
     together: Optional[TogetherSpec] = Field(default=None, description="backend: together only.")
+    start_from: Optional[StartFrom] = Field(
+        default=None, description="Continue from earlier work: another FineTuneJob's adapter, an adapter or "
+        "checkpoint in a PVC, or a Together checkpoint.",
+    )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
         (
@@ -374,6 +383,19 @@ class FineTuneJobSpec(Model):
             "!has(self.method) || self.method != 'dpo' || !has(self.dataset.format) "
             "|| self.dataset.format in ['auto', 'preference']",
             "method dpo requires dataset.format preference (or auto)",
+        ),
+        (
+            "!has(self.startFrom) || !has(self.startFrom.togetherCheckpoint) "
+            "|| (has(self.backend) && self.backend == 'together')",
+            "startFrom.togetherCheckpoint requires backend together",
+        ),
+        (
+            "!has(self.startFrom) || !has(self.together) || !has(self.together.fromCheckpoint)",
+            "set startFrom or together.fromCheckpoint, not both",
+        ),
+        (
+            "!has(self.startFrom) || !has(self.adapter) || !has(self.adapter.type) || self.adapter.type != 'full'",
+            "startFrom continues a LoRA adapter; for adapter.type full set baseModel to the earlier model",
         ),
     ]
 
@@ -395,6 +417,15 @@ class FineTuneJobSpec(Model):
             DatasetFormat.preference,
         ):
             raise ValueError("method dpo requires dataset.format preference (or auto)")
+        if self.start_from is not None:
+            if self.start_from.together_checkpoint is not None and self.backend != Backend.together:
+                raise ValueError("startFrom.togetherCheckpoint requires backend together")
+            if self.together is not None and self.together.from_checkpoint:
+                raise ValueError("set startFrom or together.fromCheckpoint, not both")
+            if self.adapter.type == AdapterType.full:
+                raise ValueError(
+                    "startFrom continues a LoRA adapter; for adapter.type full set baseModel to the earlier model"
+                )
         return self
 
 
@@ -527,6 +558,9 @@ class FineTuneJobStatus(Model):
         "checkpoint after one failed (at most spec.maxRetries).",
     )
     together: Optional[TogetherStatus] = Field(default=None, description="backend: together only.")
+    started_from: Optional[StartedFrom] = Field(
+        default=None, description="What the job started from (spec.startFrom), pinned with its sha256."
+    )
     start_time: Optional[str] = None
     completion_time: Optional[str] = None
 

@@ -26,6 +26,7 @@ from .. import objects as common
 from ..api.common import API_VERSION
 from ..api.finetunejob import KIND, FineTuneJobSpec, parse_spec
 from ..jobconfig import CONFIG_KEY, pod_configmap_dir, pod_pvc_dir, resolve
+from . import startfrom as sf
 
 DEFAULT_IMAGE = "ghcr.io/tuneop/trainer:latest"
 CONFIG_DIR = "/etc/tuneop"
@@ -120,8 +121,14 @@ def _metadata(
     return out
 
 
+def start_pin(ftj: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """status.startedFrom as the reducer pinned it for this spec (spec.startFrom)."""
+    pin = (ftj.get("status") or {}).get("startedFrom")
+    return pin if isinstance(pin, dict) and pin else None
+
+
 def resolved_config(ftj: dict[str, Any], spec: Optional[FineTuneJobSpec] = None) -> dict[str, Any]:
-    return resolve(ftj.get("metadata") or {}, _spec_of(ftj, spec))
+    return resolve(ftj.get("metadata") or {}, _spec_of(ftj, spec), start=start_pin(ftj))
 
 
 def output_dir(spec: FineTuneJobSpec) -> str:
@@ -145,6 +152,8 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
     claims.append(spec.output.pvc.claim_name)
     if spec.model_volume is not None:
         claims.append(spec.model_volume.claim_name)
+    if spec.start_from is not None and spec.start_from.pvc is not None:
+        claims.append(spec.start_from.pvc.claim_name)
     return list(dict.fromkeys(claims))
 
 
@@ -176,7 +185,8 @@ def _volumes(
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
     ]
     output_claim = spec.output.pvc.claim_name
-    for i, claim in enumerate(pvc_claims(spec)):
+    start = sf.start_claim(start_pin(ftj))
+    for i, claim in enumerate(dict.fromkeys([*pvc_claims(spec), *([start] if start else [])])):
         writable = claim == output_claim and not read_only_output
         vol = f"pvc-{i}"
         volumes.append(

@@ -52,6 +52,7 @@ from ..glue import EVENTS, ObjectLocks, PeeringSelf, get_live, now_iso, still_le
 from ..metrics import METRICS
 from . import builders as b
 from . import reconcile as st
+from . import startfrom
 
 GROUP, VERSION, PLURAL = "tuneop.dev", "v1alpha1", "finetunejobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -447,7 +448,11 @@ async def observe(
     except Exception:  # noqa: BLE001  (pydantic.ValidationError; the reducer reports SpecInvalid)
         return st.Observed()
     backend = backends.get(spec.backend)
-    return await backend.observe(host(), kc, body, spec, children if backend.prefetch else None)
+    observed = await backend.observe(host(), kc, body, spec, children if backend.prefetch else None)
+    source = startfrom.needs_source(spec, body.get("status"), st.current_hash(body))
+    if source is not None and not st.is_settled(body):
+        observed.start_from_job = await kc.get(API_VERSION, KIND, source, body["metadata"]["namespace"])
+    return observed
 
 
 async def reconcile_object(
@@ -632,6 +637,37 @@ async def on_ftj_event(
         METRICS.set_phase(namespace, name, (status or {}).get("phase"))
         restore_metrics(namespace, name, status)
         _poller.track(namespace, name, status, spec)
+    for waiter in _start_waiters.update(namespace, name, None if type == "DELETED" else status, spec):
+        # a job waits for this one (spec.startFrom.fineTuneJob): it may start now, or fail
+        await reconcile_or_report(namespace, waiter, logging.getLogger("tuneop"))
+
+
+class StartWaiters:
+    """Which FineTuneJobs wait for which (status reason WaitingForStartFrom, from the watch): an
+    event of a waited-for job that could end the wait (it finished, changed or went away) reconciles
+    its waiters at once; the `retry` timer looks again anyway."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, str], str] = {}  # (namespace, waiter) -> the job it waits for
+
+    def update(self, namespace: str, name: str, status: Any, spec: Any) -> list[str]:
+        """Record the event of `name`; -> the jobs to reconcile because of it."""
+        st_ = dict(status or {})
+        ref = ((dict(spec or {}).get("startFrom") or {}).get("fineTuneJob") or {}).get("name")
+        if st_.get("reason") == startfrom.WAITING_FOR_START and ref:
+            self._waiting[(namespace, name)] = str(ref)
+        else:
+            self._waiting.pop((namespace, name), None)
+        if status is not None and st_.get("phase") not in st.TERMINAL:
+            return []
+        return sorted(w for (ns, w), ref_ in self._waiting.items() if ns == namespace and ref_ == name)
+
+    def waits_for(self, namespace: str, name: str) -> Optional[str]:
+        """The job `name` waits for, as the watch last showed it (None: it does not wait)."""
+        return self._waiting.get((namespace, name))
+
+
+_start_waiters = StartWaiters()
 
 
 def restore_metrics(namespace: str, name: str, status: Any) -> None:

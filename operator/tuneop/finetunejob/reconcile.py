@@ -56,6 +56,7 @@ from ..dataset import DatasetReport
 from ..workload_defaults import apply_to_pod
 from . import builders as b
 from . import gang
+from . import startfrom as sf
 
 # Phases
 PENDING = "Pending"
@@ -134,7 +135,7 @@ GANG_RETRYABLE = (BACKOFF_LIMIT_EXCEEDED, POD_EVICTED, OOM_KILLED)
 
 # Waiting states: the operator looks again every retry interval.
 RETRY_REASONS = (
-    DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR, GANG_RESTART,
+    DEPENDENCY_MISSING, sf.WAITING_FOR_START, SPEC_CHANGED, API_ERROR, GANG_RESTART,
     TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB,
 )
 
@@ -753,6 +754,8 @@ class Observed:
     together_event_cursor: Optional[int] = None
     # The poll failed: {"reason", "message", "statusCode"} (TogetherBackendError fields).
     together_error: Optional[dict[str, Any]] = None
+    # spec.startFrom.fineTuneJob as read (only while nothing is pinned for the spec; None: absent).
+    start_from_job: Optional[dict[str, Any]] = None
     # What another backend (a plug-in) observed, in its own terms.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -897,10 +900,38 @@ def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     st = bld.status
     if st.get("specHash") == h:
         return
-    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName", "restarts"):
+    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName",
+                "restarts", "startedFrom"):
         st.pop(key, None)
     bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
     st["specHash"] = h
+
+
+def resolve_start_from(
+    bld: StatusBuilder, body: dict[str, Any], spec: FineTuneJobSpec, obs: Observed,
+) -> tuple[Optional[Decision], dict[str, Any]]:
+    """spec.startFrom, after a new spec has reset the status and before anything is created: a
+    Decision when the job waits for the FineTuneJob it continues (phase Pending, reason
+    WaitingForStartFrom, looked at again) or cannot start from it (SpecInvalid naming the field);
+    else None and `body` with status.startedFrom pinned (the builders read the pin from it)."""
+    name = str((body.get("metadata") or {}).get("name") or "")
+    pinned = bld.status.get("startedFrom") if isinstance(bld.status.get("startedFrom"), dict) else None
+    if not pinned and obs.config_map is not None and child_hash(obs.config_map) == b.spec_hash(spec):
+        pinned = sf.pin_from_config(spec, obs.config_map)
+    res = sf.resolve(spec, own_name=name, pinned=pinned or None, source=obs.start_from_job, now=bld.now)
+    if res.invalid is not None:
+        bld.status.pop("startedFrom", None)
+        return bld.fail(SPEC_INVALID, res.invalid, invalid=True), body
+    if res.waiting is not None:
+        bld.status.pop("startedFrom", None)
+        bld.cond(VALIDATED, "Unknown", sf.WAITING_FOR_START, res.waiting)
+        bld.phase(PENDING, sf.WAITING_FOR_START, res.waiting)
+        bld.decision.retry_after = DEPENDENCY_RETRY_SECONDS
+        return bld.finish(), body
+    if res.pinned is None:
+        return None, body
+    bld.status["startedFrom"] = res.pinned
+    return None, {**body, "status": {**(body.get("status") or {}), "startedFrom": res.pinned}}
 
 
 @dataclass
@@ -983,6 +1014,9 @@ def reconcile_kubernetes(
             UNSUPPORTED_HARDWARE, "adapter.type qlora needs CUDA GPUs; set resources.gpus >= 1",
             invalid=True,
         )
+    waiting, body = resolve_start_from(bld, body, spec, obs)
+    if waiting is not None:
+        return waiting
 
     training = obs.training_job
     validated = is_true(bld.status["conditions"], VALIDATED)
@@ -1097,6 +1131,11 @@ def reconcile_kubernetes(
         adapter = adapter_status(b.adapter_location(spec), message)
         reused = bool(adapter.get("reused"))
         bld.status["adapter"] = adapter
+        loaded = message.get("startedFrom")
+        pin = bld.status.get("startedFrom")
+        if isinstance(pin, dict) and not pin.get("sha256") and isinstance(loaded, dict) and loaded.get("sha256"):
+            # startFrom.pvc without a sha256: the trainer says what it loaded
+            bld.status["startedFrom"] = {**pin, "sha256": str(loaded["sha256"])[:64]}
         ev = message.get("evaluation")
         if isinstance(ev, dict):
             evaluation = {k: ev[k] for k in ("metric", "samples", "base", "adapter") if k in ev}

@@ -32,10 +32,21 @@ class Paths:
 
 
 @dataclass(frozen=True)
+class StartFromConfig:
+    """The resolved spec.startFrom: the adapter or checkpoint directory to continue, where it is (for
+    messages) and the sha256 its weights must have (None: recorded, not checked)."""
+
+    path: str
+    location: str
+    sha256: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class JobConfig:
     spec: FineTuneJobSpec
     paths: Paths
     metadata: dict[str, Any] = field(default_factory=dict)
+    start_from: Optional[StartFromConfig] = None
 
     @property
     def name(self) -> str:
@@ -73,7 +84,23 @@ def parse_config(doc: Any) -> JobConfig:
     )
     raw_metadata = doc.get("metadata")
     metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
-    return JobConfig(spec=spec, paths=paths, metadata=metadata)
+    return JobConfig(spec=spec, paths=paths, metadata=metadata, start_from=parse_start_from(spec, doc.get("startFrom")))
+
+
+def parse_start_from(spec: FineTuneJobSpec, raw: Any) -> Optional[StartFromConfig]:
+    """The job config's ``startFrom`` ({"path", "location", "sha256"}). A spec.startFrom the config does not
+    resolve to a directory is refused: training from scratch instead would be a silent surprise."""
+    if spec.start_from is None or spec.start_from.together_checkpoint is not None:
+        if raw is not None:
+            raise TrainerError(CONFIG_INVALID, "startFrom: the job config has one but spec.startFrom does not")
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("path"), str) or not raw["path"]:
+        raise TrainerError(CONFIG_INVALID, "spec.startFrom: not resolved to a directory (startFrom.fineTuneJob is "
+                           "resolved by the operator once that job has succeeded; locally use startFrom.pvc)")
+    sha = raw.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+        raise TrainerError(CONFIG_INVALID, "startFrom.sha256 must be 64 hex digits")
+    return StartFromConfig(path=raw["path"], location=str(raw.get("location") or raw["path"]), sha256=sha)
 
 
 def load_config(path: str) -> JobConfig:
@@ -646,14 +673,18 @@ FINGERPRINT_IGNORED = (
     # where the data and the output live (data are hashed by content), how the pod runs, evaluation
     "suspend", "evaluation", "activeDeadlineSeconds", "maxRetries", "image", "hfTokenSecretRef", "output",
     "terminationGracePeriodSeconds", "backend", "together", "modelVolume",
+    "startFrom",  # where the starting adapter is: it counts by the sha256 of its weights (start_sha256)
 )
 FINGERPRINT_RESOURCES = ("gpus", "nodes")  # the world size changes the steps; the rest places the pods
 FINGERPRINT_DATASET = ("format", "validationSplit")  # train/validation sources: hashed by content; test: evaluation
 
 
-def fingerprint_fields(spec: dict[str, Any], data_sha256: dict[str, Optional[str]]) -> dict[str, Any]:
+def fingerprint_fields(
+    spec: dict[str, Any], data_sha256: dict[str, Optional[str]], start_sha256: Optional[str] = None,
+) -> dict[str, Any]:
     """The part of a resolved spec (camelCase, as `FineTuneJobSpec.to_dict()` writes it) that changes what
-    is trained, plus the sha256 of the train and validation files' contents."""
+    is trained, plus the sha256 of the train and validation files' contents and (spec.startFrom) of the
+    starting adapter's weights."""
     kept = {k: v for k, v in spec.items() if k not in FINGERPRINT_IGNORED}
     resources = spec.get("resources") or {}
     kept["resources"] = {k: resources[k] for k in FINGERPRINT_RESOURCES if k in resources}
@@ -661,12 +692,16 @@ def fingerprint_fields(spec: dict[str, Any], data_sha256: dict[str, Optional[str
     kept["dataset"] = {k: dataset[k] for k in FINGERPRINT_DATASET if dataset.get(k) is not None}
     kept["data"] = {split: data_sha256.get(split) for split in ("train", "validation")}
     kept["fingerprintVersion"] = FINGERPRINT_VERSION
+    if start_sha256 is not None:
+        kept["startFrom"] = start_sha256
     return kept
 
 
-def training_fingerprint(spec: dict[str, Any], data_sha256: dict[str, Optional[str]]) -> str:
+def training_fingerprint(
+    spec: dict[str, Any], data_sha256: dict[str, Optional[str]], start_sha256: Optional[str] = None,
+) -> str:
     """A short hash (16 hex digits) of `fingerprint_fields`: the name of the run's checkpoint directory
     and the adapter manifest's `trainingFingerprint`."""
 
-    text = json.dumps(fingerprint_fields(spec, data_sha256), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(fingerprint_fields(spec, data_sha256, start_sha256), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

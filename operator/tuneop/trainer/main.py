@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -14,6 +15,7 @@ from . import data as D
 from . import evaluate as E
 from . import model as M
 from . import prefix as PF
+from . import startfrom as SF
 from .errors import TRAINING_ERROR, TrainerError
 from .events import Emitter, shorten
 from .manifest import (
@@ -114,6 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     finally:
         restore_signals()
+        if context.get("start_dir"):
+            shutil.rmtree(context["start_dir"], ignore_errors=True)  # spec.startFrom's staged copy
         try:
             stream.flush()
             if stream is not sys.stdout and stream is not sys.__stdout__:
@@ -163,14 +167,23 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     termination = termination if termination is not None else Termination()
     context = context if context is not None else {}
     output = cfg.paths.output
+    base_name = base_model_name(spec.base_model, source)
+    # spec.startFrom: the starting adapter, staged and checked against its pin before anything is written
+    start_dir: Optional[str] = None
+    start_sha: Optional[str] = None
+    if cfg.start_from is not None:
+        SF.check_not_output(cfg.start_from, output)
+        SF.check_base_model(cfg.start_from, base_name)
+        start_dir, start_sha = SF.staged_sha256(cfg.start_from)
+        context["start_dir"] = start_dir  # main() removes it whatever happens next
     os.makedirs(output, exist_ok=True)
     local = D.local_paths(cfg)
-    # what this run trains (spec + data content): names its checkpoints, marks its adapter
+    # what this run trains (spec + data + starting adapter content): names its checkpoints, marks its adapter
     data_sha256 = {
         split: sha256_file(split_path) if (split_path := local.get(split)) and os.path.isfile(split_path) else None
         for split in ("train", "validation")
     }
-    fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256)
+    fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256, start_sha)
     checkpoints = os.path.join(output, "checkpoints")
     if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter):
         if rank == 0:
@@ -238,6 +251,22 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     peft_config = None if adapter_type == AdapterType.full else M.lora_config(spec.adapter, model)
     # adapter.layers resolved for this model (absolute, ascending); None: every layer
     adapter_layers = getattr(peft_config, "layers_to_transform", None) or None
+    started_from = None
+    if cfg.start_from is not None and start_dir is not None and start_sha is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start_dir, is_trainable=True)
+        shutil.rmtree(start_dir, ignore_errors=True)  # loaded: the staged copy is no longer needed
+        loaded = model.peft_config["default"]
+        notes = SF.differences(loaded, spec.adapter)
+        if notes:
+            print(f"tuneop: continuing the adapter at {cfg.start_from.location} with its own shape: "
+                  f"{'; '.join(notes)} not applied", file=sys.stderr)
+        if grad_ckpt:
+            model.enable_input_require_grads()
+        peft_config = None  # the model is the PEFT model already
+        adapter_layers = getattr(loaded, "layers_to_transform", None) or None
+        started_from = SF.report(cfg.start_from, start_sha)
 
     bar = progress == "bar"
     start_info = {
@@ -259,6 +288,8 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
         "resumed_from": resume,
         "trainingFingerprint": fingerprint,
     }
+    if started_from is not None:
+        start_info["startedFrom"] = started_from
     budget = None
     if hp.max_train_seconds:
         from .callbacks import TimeBudget, spent_before
@@ -382,8 +413,6 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
         evaluation = E.result(len(pairs), base_score, adapter_score)
         emitter.emit({"event": "eval", **evaluation})
 
-    base_name = base_model_name(spec.base_model, source)
-
     def save(directory: str) -> None:
         if adapter_type == AdapterType.full:
             unwrapped.config.name_or_path = base_name
@@ -407,12 +436,16 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
                 "metrics": metrics,
                 "evaluation": evaluation,
                 "extra": {"datasetFormat": fmt, "precision": precision, "trainingFingerprint": fingerprint,
-                          "baseModelInfo": model_info},
+                          "baseModelInfo": model_info,
+                          **({"startedFrom": started_from} if started_from is not None else {})},
             },
         )
         # the new adapter is complete: checkpoints of other specs or data (and of older trainers) go
         remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
-        emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
+        done: dict[str, Any] = {"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics}
+        if started_from is not None:
+            done["startedFrom"] = started_from
+        emitter.terminate(done)
     return 0
 
 

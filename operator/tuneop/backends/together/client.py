@@ -193,7 +193,8 @@ def unsupported(spec: FineTuneJobSpec) -> list[str]:
         out.append("adapter.type: qlora is not offered by Together; use lora or full")
     if spec.adapter.layers:
         out.append("adapter.layers: Together adapts every layer; remove adapter.layers")
-    from_checkpoint = spec.together.from_checkpoint if spec.together else None
+    from_checkpoint = bool(spec.together and spec.together.from_checkpoint) or bool(
+        spec.start_from and (spec.start_from.together_checkpoint or spec.start_from.fine_tune_job))
     if not from_checkpoint and together_model(spec) is None:
         if _is_local_model(spec.base_model):
             out.append(
@@ -272,8 +273,11 @@ def create_params(
     validation_file: Optional[str],
     suffix: str,
     dataset_format: Optional[str] = None,
+    from_checkpoint: Optional[str] = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``client.fine_tuning.create(**params)`` (SDK 3.1.1).
+    ``from_checkpoint``: status.startedFrom's Together job id or checkpoint (spec.startFrom, or
+    together.fromCheckpoint) when the reducer pinned one; else together.fromCheckpoint.
 
     Mapping: epochs->n_epochs, learningRate->learning_rate, batchSize->batch_size,
     gradientAccumulationSteps->gradient_accumulation_steps (when > 1), lrScheduler->
@@ -303,8 +307,9 @@ def create_params(
     params.update(_lr_scheduler(hp.lr_scheduler))
     if hp.gradient_accumulation_steps > 1:
         params["gradient_accumulation_steps"] = int(hp.gradient_accumulation_steps)
-    if tg is not None and tg.from_checkpoint:
-        params["from_checkpoint"] = tg.from_checkpoint
+    checkpoint = from_checkpoint or (tg.from_checkpoint if tg is not None else None)
+    if checkpoint:
+        params["from_checkpoint"] = checkpoint
     else:
         params["model"] = together_model(spec)
     if spec.adapter.type == AdapterType.full:

@@ -322,6 +322,11 @@ def reconcile_together(
     problems = T.unsupported(spec)
     if problems:
         return _finish_fail(bld, extra, st.UNSUPPORTED_BY_BACKEND, "; ".join(problems), invalid=True)
+    if not tg.get("jobId"):  # spec.startFrom: pinned before the Together job is created
+        waiting, body = st.resolve_start_from(bld, body, spec, obs)
+        if waiting is not None:
+            waiting.events[:0] = extra
+            return waiting
 
     job_id = tg.get("jobId")
 
@@ -429,6 +434,7 @@ def reconcile_together(
             validation_file=tg.get("validationFile"),
             suffix=tg["suffix"],
             dataset_format=tg.get("datasetFormat"),
+            from_checkpoint=(status.get("startedFrom") or {}).get("togetherCheckpoint"),
         )
         d.calls.append({"op": "create", "params": params})
         # The retry timer looks again should the call (or the operator) die before the id is known.
