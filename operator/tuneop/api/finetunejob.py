@@ -19,6 +19,7 @@ from .common import (
     SecretKeyRef,
     Toleration,
 )
+from .cost import CostStatus
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -357,6 +358,14 @@ class FineTuneJobSpec(Model):
         default=False, description="Stop the job (its pods are deleted); unset to resume."
     )
     together: Optional[TogetherSpec] = Field(default=None, description="backend: together only.")
+    max_cost_usd: Optional[float] = Field(
+        default=None, alias="maxCostUSD", gt=0, le=10_000_000,
+        description=(
+            "Refuse to start when the cost estimate (status.cost) is over this many USD, or when there is "
+            "no estimate; backend together also cancels a job whose cost at Together passes it. Changing "
+            "it does not restart anything."
+        ),
+    )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
         (
@@ -521,6 +530,7 @@ class FineTuneJobStatus(Model):
     evaluation: Optional[EvaluationStatus] = None
     job_name: Optional[str] = None
     together: Optional[TogetherStatus] = Field(default=None, description="backend: together only.")
+    cost: Optional[CostStatus] = Field(default=None, description="Estimated and actual cost.")
     start_time: Optional[str] = None
     completion_time: Optional[str] = None
 

@@ -73,6 +73,8 @@ class OperatorConfig:
     together_max_retries: int = 2
     together_timeout: float = 30.0
     together_delete_retries: int = 5
+    # USD per GPU-hour by GPU resource name (--gpu-hourly-price): the cost estimate of backend kubernetes.
+    gpu_hourly_price_usd: dict[str, float] = dataclasses.field(default_factory=dict)
     # kopf peering of this replica (None: standalone). kopf pauses its handlers while another
     # replica leads; the operator's own tasks (ProgressPoller) check the peering objects themselves.
     peering: Optional[PeeringSelf] = None
@@ -390,6 +392,7 @@ def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
         body, observed, image=CONFIG.image, now=now_iso(),
         together_base_url=together_base_url(CONFIG),
         trainer_defaults=CONFIG.workload_defaults.get("trainer"),
+        gpu_prices=CONFIG.gpu_hourly_price_usd,
     )
 
 

@@ -45,7 +45,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from .. import podcauses
+from .. import cost, podcauses
 from ..api.finetunejob import AdapterType, FineTuneJobSpec, parse_spec
 from ..dataset import DatasetReport
 from ..workload_defaults import apply_to_pod
@@ -66,6 +66,7 @@ VALIDATED = "Validated"
 RUNNING_COND = "Running"
 SUCCEEDED_COND = "Succeeded"
 FAILED_COND = "Failed"
+COST_LIMIT_COND = "CostLimitExceeded"  # True while spec.maxCostUSD keeps the job from starting
 
 # Reasons: user errors
 SPEC_INVALID = "SpecInvalid"
@@ -97,6 +98,7 @@ EVALUATING_REASON = "Evaluating"
 ADAPTER_REUSED = "AdapterReused"
 SUSPENDED_REASON = "Suspended"
 SUCCEEDED_REASON = "Succeeded"
+COST_LIMIT_EXCEEDED = "CostLimitExceeded"
 
 # backend: together (see backends/together/status.py)
 UNSUPPORTED_BY_BACKEND = "UnsupportedByBackend"
@@ -131,7 +133,9 @@ RETRY_REASONS = (
 # Why pods do not start (pending_cause): the phase stays Pending, the reason says why.
 POD_CAUSES = podcauses.REASONS
 
-WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED} | set(POD_CAUSES)
+WARNING_REASONS = (
+    set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED, COST_LIMIT_EXCEEDED} | set(POD_CAUSES)
+)
 
 # Trainer termination-message reasons -> ours.
 _TRAINER_REASONS = {
@@ -850,7 +854,7 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str
     key_old = (old.get("phase"), old.get("reason"))
     key_new = (new.get("phase"), new.get("reason"))
     changed = key_old != key_new
-    if not changed and new.get("reason") == DEPENDENCY_MISSING:
+    if not changed and new.get("reason") in (DEPENDENCY_MISSING, COST_LIMIT_EXCEEDED):
         changed = old.get("message") != new.get("message")
     if changed and new.get("phase"):
         reason = new.get("reason") or new["phase"]
@@ -863,9 +867,9 @@ def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     st = bld.status
     if st.get("specHash") == h:
         return
-    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName"):
+    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName", "cost"):
         st.pop(key, None)
-    bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
+    bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND, COST_LIMIT_COND)
     st["specHash"] = h
 
 
@@ -906,8 +910,24 @@ def begin(body: dict[str, Any], observed: Observed | dict[str, Any], *, now: str
     return Start(bld=bld, body=body, spec=spec, h=h, obs=obs)
 
 
+def cost_refused(bld: StatusBuilder, spec: FineTuneJobSpec, estimate: dict[str, Any]) -> Optional[Decision]:
+    """Record the estimate in status.cost; when ``spec.maxCostUSD`` refuses it (over the limit, or
+    no USD estimate: deny by default): phase Pending, condition and reason CostLimitExceeded naming
+    both figures, nothing created. Raising the limit (it is not in the spec hash) lets it start."""
+    bld.status["cost"] = estimate
+    why = cost.refusal(spec.max_cost_usd, estimate)
+    if why is None:
+        bld.drop(COST_LIMIT_COND)
+        return None
+    msg = f"{why}: nothing is started; raise spec.maxCostUSD or make the job smaller"
+    bld.cond(COST_LIMIT_COND, True, COST_LIMIT_EXCEEDED, msg)
+    bld.phase(PENDING, COST_LIMIT_EXCEEDED, msg)
+    return bld.finish()
+
+
 def reconcile_kubernetes(
     start: Start, *, image: str, trainer_defaults: Optional[dict[str, Any]] = None,
+    gpu_prices: Optional[dict[str, float]] = None,
 ) -> Decision:
     """backend: kubernetes: what exists (ConfigMap, validation Job, training Job, their pods) ->
     the children to create or delete and the status they imply.
@@ -1019,6 +1039,10 @@ def reconcile_kubernetes(
 
     # --- training
     tname = b.training_job_name(name)
+    if training is None:
+        refused = cost_refused(bld, spec, cost.estimate_kubernetes(spec, bld.status.get("dataset") or {}, gpu_prices))
+        if refused is not None:
+            return refused
     bld.status["jobName"] = tname
     if training is None:
         ensure_config()
@@ -1037,6 +1061,10 @@ def reconcile_kubernetes(
 
     tpods = pods_of(training, obs.training_pods)
     tstate = job_state(training)
+    if tstate in ("succeeded", "failed"):
+        actual = cost.actual_kubernetes(bld.status.get("cost"), training, spec, gpu_prices)
+        if actual:
+            bld.status["cost"] = actual
     if tstate == "succeeded":
         message = success_message(tpods, b.TRAINER_CONTAINER)
         adapter = adapter_status(b.adapter_location(spec), message)
