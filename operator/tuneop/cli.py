@@ -13,7 +13,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import ValidationError
 
-from . import handlers
+from . import cost, handlers
 from . import workload_defaults as wd
 from .adapterdeployment import builders as ab
 from .adapterdeployment import reconcile as sa
@@ -315,9 +315,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
         defaults = wd.parse(args.workload_defaults)
     except wd.DefaultsError as exc:
         return _err(f"--workload-defaults / ${wd.ENV}: {exc}")
+    try:
+        prices = cost.parse_prices(args.gpu_hourly_price)
+    except cost.PriceError as exc:
+        return _err(f"--gpu-hourly-price / $TUNEOP_GPU_HOURLY_PRICE_USD: {exc}")
     namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
     handlers.run_operator(
         workload_defaults=defaults,
+        gpu_hourly_price_usd=prices,
         namespaces=namespaces,
         metrics_port=args.metrics_port,
         image=args.trainer_image,
@@ -405,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workload-defaults", default=os.environ.get("TUNEOP_WORKLOAD_DEFAULTS"),
                    help="JSON: the platform's nodeSelector/tolerations/cpu/memory for created pods, "
                         '{"trainer": {...}, "vllm": {...}} (default: $TUNEOP_WORKLOAD_DEFAULTS)')
+    s.add_argument("--gpu-hourly-price", default=os.environ.get("TUNEOP_GPU_HOURLY_PRICE_USD"),
+                   help="USD per GPU-hour by GPU resource name, for the cost estimate of backend kubernetes: "
+                        "'nvidia.com/gpu=2.5,amd.com/gpu=1.8' or JSON (default: $TUNEOP_GPU_HOURLY_PRICE_USD; "
+                        "none: no USD estimate, and spec.maxCostUSD refuses such jobs)")
     s.add_argument("--peering", metavar="NAME", default=None,
                    help="run as one of several replicas: kopf peering through the KopfPeering NAME in each "
                         "--namespace (ClusterKopfPeering NAME cluster-wide), created if missing; only the "
