@@ -114,6 +114,7 @@ TOGETHER_RATE_LIMITED = "TogetherRateLimited"
 ARCHIVE_INVALID = "ArchiveInvalid"
 UPLOADING = "Uploading"
 CREATING_TOGETHER_JOB = "CreatingTogetherJob"
+ESTIMATING_COST = "EstimatingCost"
 TOGETHER_JOB_CREATED = "TogetherJobCreated"
 DOWNLOADING = "Downloading"
 USER_ERRORS = USER_ERRORS + (
@@ -127,7 +128,7 @@ PLATFORM_ERRORS = PLATFORM_ERRORS + (
 # Waiting states: the operator looks again every retry interval.
 RETRY_REASONS = (
     DEPENDENCY_MISSING, SPEC_CHANGED, API_ERROR,
-    TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB,
+    TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB, ESTIMATING_COST,
 )
 
 # Why pods do not start (pending_cause): the phase stays Pending, the reason says why.
@@ -723,6 +724,9 @@ class Observed:
     together_event_cursor: Optional[int] = None
     # The poll failed: {"reason", "message", "statusCode"} (TogetherBackendError fields).
     together_error: Optional[dict[str, Any]] = None
+    # Together's price estimate before the create (wire dict), or why the call failed (as together_error).
+    together_estimate: Optional[dict[str, Any]] = None
+    together_estimate_error: Optional[dict[str, Any]] = None
     # What another backend (a plug-in) observed, in its own terms.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -910,7 +914,7 @@ def begin(body: dict[str, Any], observed: Observed | dict[str, Any], *, now: str
     return Start(bld=bld, body=body, spec=spec, h=h, obs=obs)
 
 
-def cost_refused(bld: StatusBuilder, spec: FineTuneJobSpec, estimate: dict[str, Any]) -> Optional[Decision]:
+def cost_refused(bld: StatusBuilder, spec: FineTuneJobSpec, estimate: dict[str, Any]) -> bool:
     """Record the estimate in status.cost; when ``spec.maxCostUSD`` refuses it (over the limit, or
     no USD estimate: deny by default): phase Pending, condition and reason CostLimitExceeded naming
     both figures, nothing created. Raising the limit (it is not in the spec hash) lets it start."""
@@ -918,11 +922,11 @@ def cost_refused(bld: StatusBuilder, spec: FineTuneJobSpec, estimate: dict[str, 
     why = cost.refusal(spec.max_cost_usd, estimate)
     if why is None:
         bld.drop(COST_LIMIT_COND)
-        return None
+        return False
     msg = f"{why}: nothing is started; raise spec.maxCostUSD or make the job smaller"
     bld.cond(COST_LIMIT_COND, True, COST_LIMIT_EXCEEDED, msg)
     bld.phase(PENDING, COST_LIMIT_EXCEEDED, msg)
-    return bld.finish()
+    return True
 
 
 def reconcile_kubernetes(
@@ -1040,9 +1044,8 @@ def reconcile_kubernetes(
     # --- training
     tname = b.training_job_name(name)
     if training is None:
-        refused = cost_refused(bld, spec, cost.estimate_kubernetes(spec, bld.status.get("dataset") or {}, gpu_prices))
-        if refused is not None:
-            return refused
+        if cost_refused(bld, spec, cost.estimate_kubernetes(spec, bld.status.get("dataset") or {}, gpu_prices)):
+            return bld.finish()
     bld.status["jobName"] = tname
     if training is None:
         ensure_config()
