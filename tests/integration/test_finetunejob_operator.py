@@ -658,13 +658,16 @@ def test_max_cost_refuses_the_training_job_until_raised_and_the_actual_cost_is_r
         assert len(ev) == 1 and ev[0]["type"] == "Warning"
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"maxCostUSD": est + 1}})
         wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job once the limit is raised")
-        api.patch(f"{JOBS}/news-train/status", {"status": {"startTime": "2026-01-01T00:00:00Z"}})
+        # The Job controller's times (it sets completionTime with the Complete condition).
+        api.patch(f"{JOBS}/news-train/status", {"status": {"startTime": "2026-01-01T00:00:00Z",
+                                                           "completionTime": "2026-01-01T00:00:30Z"}})
         finish_job(api, "news-train", container="trainer",
                    message=json.dumps({"event": "done", "adapter": {"path": "/x", "sha256": SHA}}))
-        api.patch(f"{JOBS}/news-train/status", {"status": {"completionTime": "2026-01-01T00:00:30Z"}})
         st = wait_phase(api, "Succeeded")
         st = wait_for(lambda: status_of(api) if "actualUSD" in (status_of(api).get("cost") or {}) else None,
                       what="actual cost")
     assert st["cost"]["actualGpuHours"] == round(30 * 2 / 3600, 4) and st["cost"]["actualUSD"] == 60.0
     assert st["cost"]["estimateUSD"] == est
     assert len(job_posts(api, "news-train")) == 1
+    assert metric("tuneop_finetunejob_cost_usd", namespace=NS, name="news") == 60.0
+    assert metric("tuneop_finetunejob_estimated_cost_usd", namespace=NS, name="news") == est

@@ -378,10 +378,9 @@ async def apply(
         except kube.ApiError as e:
             logging.getLogger("tuneop").warning(f"Event {ev['reason']} of {ns}/{name} not posted: {e}")
     METRICS.set_phase(ns, name, decision.status.get("phase"))
+    METRICS.set_costs(ns, name, decision.status)
     tg = decision.status.get("together") or {}
     if tg:
-        if tg.get("costUSD") is not None:
-            METRICS.set_cost(ns, name, tg["costUSD"])
         if decision.status.get("progress"):
             METRICS.set_progress(ns, name, decision.status["progress"])
     return created
@@ -600,9 +599,7 @@ def restore_metrics(namespace: str, name: str, status: Any) -> None:
     st_ = dict(status or {})
     if st_.get("progress"):
         METRICS.set_progress(namespace, name, dict(st_["progress"]))
-    cost = (st_.get("together") or {}).get("costUSD")
-    if cost is not None:
-        METRICS.set_cost(namespace, name, cost)
+    METRICS.set_costs(namespace, name, st_)
 
 
 def _is_running(status: Optional[Mapping[str, Any]], spec: Optional[Mapping[str, Any]], **_: Any) -> bool:
