@@ -89,6 +89,9 @@ def test_a_failed_estimate_waits_with_a_limit_and_is_noted_without() -> None:
     free, seen = uploaded(body())
     f = run(free, **seen, together_estimate_error=err)
     assert [c["op"] for c in f.calls] == ["create"] and "HTTP 503" in f.status["cost"]["basis"]
+    no_key = {"reason": "DependencyMissing", "message": "Secret together has no key api-key"}
+    k = run(ftj, **seen, together_estimate_error=no_key)
+    assert k.calls == [] and k.status["reason"] == "DependencyMissing" and "cost" not in k.status
     rejected = {"reason": "TogetherRejected", "message": "estimate price: HTTP 400: bad model", "statusCode": 400}
     r = run(ftj, **seen, together_estimate_error=rejected)
     assert r.calls == [] and r.status["reason"] == "CostLimitExceeded" and "HTTP 400" in r.status["message"]
@@ -144,3 +147,17 @@ def test_estimate_params_follow_the_sdks_shape() -> None:
     from together.types import fine_tuning_estimate_price_params as sdk
 
     assert set(lora) <= set(sdk.FineTuningEstimatePriceParams.__annotations__)
+
+
+def test_a_retry_after_of_the_estimate_is_kept_until_asked_again() -> None:
+    err = {"reason": "TogetherRateLimited", "message": "estimate price: HTTP 429", "statusCode": 429,
+           "retryAfter": 60.0}
+    ftj, seen = uploaded(body(maxCostUSD=100.0))
+    d = run(ftj, **seen, together_estimate_error=err)
+    retry_at = d.status["together"]["retryAt"]
+    assert d.status["reason"] == "TogetherRateLimited" and d.retry_after == 60.0
+    waiting = after(ftj, d)
+    assert TS.wait_seconds(waiting["status"], "2026-01-01T00:00:00Z") > 0  # observe does not ask yet
+    w = run(waiting, **seen)  # not asked this time
+    assert w.calls == [] and w.status["reason"] == "EstimatingCost" and w.status["together"]["retryAt"] == retry_at
+    assert w.retry_after == pytest.approx(60.0)

@@ -147,8 +147,9 @@ def _cost_before_create(
         return None, {"reason": st.ESTIMATING_COST, "message": "asking Together for its price estimate",
                       "retryAfter": None}
     text = str(err.get("message") or err.get("reason") or "failed")
-    transient = err.get("reason") in (st.TOGETHER_UNAVAILABLE, st.TOGETHER_RATE_LIMITED, "TogetherError")
-    if spec.max_cost_usd is not None and transient:
+    # Worth waiting for (a limit needs a figure): Together unreachable, rate limits, the key's Secret.
+    waiting = err.get("reason") in st.RETRY_REASONS or err.get("reason") == st.TOGETHER_ERROR
+    if spec.max_cost_usd is not None and waiting:
         return None, {"reason": err.get("reason") if err.get("reason") in st.RETRY_REASONS else st.TOGETHER_UNAVAILABLE,
                       "message": text, "retryAfter": err.get("retryAfter")}
     return C.estimate_together(None, text), None
@@ -470,8 +471,12 @@ def reconcile_together(
         # --- the estimate first; spec.maxCostUSD may refuse to create anything
         estimate, waiting = _cost_before_create(bld, spec, obs)
         if waiting is not None:
-            d.retry_after = retry_after_fields(tg, waiting.get("retryAfter"), bld.now)
-            set_tg()
+            wait = wait_seconds(status, bld.now)
+            if waiting.get("retryAfter") is None and wait > 0:  # not asked: Together's Retry-After holds
+                d.retry_after = wait
+            else:
+                d.retry_after = retry_after_fields(tg, waiting.get("retryAfter"), bld.now)
+                set_tg()
             bld.phase(st.PENDING, waiting["reason"], f"estimating the price: {waiting['message']}")
             return _finish(bld, extra)
         assert estimate is not None
