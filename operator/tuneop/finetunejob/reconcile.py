@@ -1043,9 +1043,11 @@ def reconcile_kubernetes(
 
     # --- training
     tname = b.training_job_name(name)
-    if training is None:
-        if cost_refused(bld, spec, cost.estimate_kubernetes(spec, bld.status.get("dataset") or {}, gpu_prices)):
-            return bld.finish()
+    # the estimate, before anything that costs GPU time exists; spec.maxCostUSD may stop here
+    if training is None and cost_refused(
+        bld, spec, cost.estimate_kubernetes(spec, bld.status.get("dataset") or {}, gpu_prices)
+    ):
+        return bld.finish()
     bld.status["jobName"] = tname
     if training is None:
         ensure_config()
