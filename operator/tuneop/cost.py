@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any, Mapping, Optional
 
-from .api.finetunejob import AdapterType, FineTuneJobSpec, Method
+from .api.finetunejob import FineTuneJobSpec, Method
 
 SOURCE_THROUGHPUT = "throughput"
 SOURCE_TOGETHER = "together"
@@ -120,7 +120,7 @@ def estimate_kubernetes(
         out["basis"] = (f"no estimate: the size of baseModel {spec.base_model!r} is unknown "
                         "(its name has no size such as 8B or 135M)")
         return out
-    adapter = spec.adapter.type.value if spec.adapter.type != AdapterType.full else "full"
+    adapter = spec.adapter.type.value  # lora | qlora | full: the keys of MODEL_TFLOPS
     tps = tokens_per_second_per_gpu(params, adapter, spec.method.value)
     gpu_hours = tokens / tps / 3600.0
     budget = spec.hyperparameters.max_train_seconds

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tuneop import cost as C
-from tuneop.api.finetunejob import parse_spec
+from tuneop.api.finetunejob import AdapterType, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 PRICES = {"nvidia.com/gpu": 2.0}
@@ -171,3 +171,7 @@ def test_price_settings(text: str, expected: dict[str, float]) -> None:
 def test_bad_price_settings_are_refused(text: str) -> None:
     with pytest.raises(C.PriceError):
         C.parse_prices(text)
+
+
+def test_the_table_covers_every_adapter_type() -> None:
+    assert set(C.MODEL_TFLOPS) == set(C.FLOPS_PER_PARAM) == {t.value for t in AdapterType}
