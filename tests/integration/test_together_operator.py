@@ -378,7 +378,9 @@ def test_suspend_cancels_shows_suspended_and_resume_starts_a_new_job(
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
         wait_for(lambda: posts(fake, rf"^/v1/fine-tunes/{jid}/cancel$") >= 1, what="cancel at Together")
         wait_for(lambda: fake.jobs[jid]["status"] == "cancelled", what="cancelled at Together")
-        wait_for(lambda: "cancelled;" in status_of(api).get("message", ""), what="Suspended after the cancel")
+        # ("being cancelled; ..." before Together says so: wait for the status that mirrors it)
+        wait_for(lambda: (status_of(api).get("together") or {}).get("status") == "cancelled",
+                 what="Suspended after the cancel")
         st = status_of(api)
         assert st["phase"] == "Suspended" and st["reason"] == "Suspended"
         assert st["together"]["status"] == "cancelled" and st["together"]["cancelRequested"] is True
