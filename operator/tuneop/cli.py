@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import ValidationError
 
-from . import handlers
+from . import cost, handlers
 from . import workload_defaults as wd
 from .adapterdeployment import builders as ab
 from .adapterdeployment import reconcile as sa
@@ -245,6 +246,31 @@ def summary_table(events: dict[str, dict[str, Any]], wall_seconds: float) -> str
     return "\n".join(out)
 
 
+def _local_cost(spec: Any, resolved: dict[str, Any], price_text: str) -> Optional[int]:
+    """``tuneop run --gpu-hourly-price``: print the estimate the operator would put in status.cost
+    (the local train file's token count) and refuse, as the operator does, when spec.maxCostUSD is
+    under it or there is none. A bare number is the price of the spec's GPU resource."""
+    try:
+        prices = ({spec.resources.gpu_resource_name: float(price_text)}
+                  if re.fullmatch(r"\s*[0-9.]+\s*", price_text) else cost.parse_prices(price_text))
+    except (cost.PriceError, ValueError) as exc:
+        return _err(f"--gpu-hourly-price: {exc}")
+    train = resolved["paths"].get("train")
+    dataset: dict[str, Any] = {}
+    if train and Path(train).is_file():
+        report = check_file(train, spec.dataset.format.value)
+        dataset = {"estimatedTokens": report.estimated_tokens, "trainRows": report.rows}
+    estimate = cost.estimate_kubernetes(spec, dataset, prices)
+    usd = estimate.get("estimateUSD")
+    figure = cost.usd(usd) if usd is not None else "no USD estimate"
+    print(f"tuneop: cost estimate {figure} ({estimate.get('basis')})", file=sys.stderr)
+    why = cost.refusal(spec.max_cost_usd, estimate)
+    if why is not None:
+        print(f"tuneop: CostLimitExceeded: {why}: not started", file=sys.stderr)
+        return 2
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
@@ -264,6 +290,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         resolved["spec"]["hyperparameters"]["maxSteps"] = args.max_steps
     if args.max_train_seconds:
         resolved["spec"]["hyperparameters"]["maxTrainSeconds"] = args.max_train_seconds
+    if args.gpu_hourly_price:
+        refused = _local_cost(spec, resolved, args.gpu_hourly_price)
+        if refused is not None:
+            return refused
     name = resolved["metadata"]["name"]
     run_dir = Path(os.environ.get("TUNEOP_HOME", ".tuneop")) / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,9 +355,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
         defaults = wd.parse(args.workload_defaults)
     except wd.DefaultsError as exc:
         return _err(f"--workload-defaults / ${wd.ENV}: {exc}")
+    try:
+        prices = cost.parse_prices(args.gpu_hourly_price)
+    except cost.PriceError as exc:
+        return _err(f"--gpu-hourly-price / $TUNEOP_GPU_HOURLY_PRICE_USD: {exc}")
     namespaces = None if args.all_namespaces or not args.namespace else list(args.namespace)
     handlers.run_operator(
         workload_defaults=defaults,
+        gpu_hourly_price_usd=prices,
         namespaces=namespaces,
         metrics_port=args.metrics_port,
         image=args.trainer_image,
@@ -376,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-train-seconds", type=int, help="override hyperparameters.maxTrainSeconds (time budget)")
     s.add_argument("--gpus", type=int, default=0, help="processes to start with torchrun (>1)")
     s.add_argument("--json-events", action="store_true", help="print the trainer's JSON events as they come")
+    s.add_argument("--gpu-hourly-price", metavar="USD|RESOURCE=USD,...",
+                   help="print the cost estimate (status.cost) at this GPU price first; spec.maxCostUSD "
+                        "then refuses to start over it, as the operator does")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("validate", help="check a dataset (JSONL) or a FineTuneJob YAML and its local datasets")
@@ -415,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workload-defaults", default=os.environ.get("TUNEOP_WORKLOAD_DEFAULTS"),
                    help="JSON: the platform's nodeSelector/tolerations/cpu/memory for created pods, "
                         '{"trainer": {...}, "vllm": {...}} (default: $TUNEOP_WORKLOAD_DEFAULTS)')
+    s.add_argument("--gpu-hourly-price", default=os.environ.get("TUNEOP_GPU_HOURLY_PRICE_USD"),
+                   help="USD per GPU-hour by GPU resource name, for the cost estimate of backend kubernetes: "
+                        "'nvidia.com/gpu=2.5,amd.com/gpu=1.8' or JSON (default: $TUNEOP_GPU_HOURLY_PRICE_USD; "
+                        "none: no USD estimate, and spec.maxCostUSD refuses such jobs)")
     s.add_argument("--peering", metavar="NAME", default=None,
                    help="run as one of several replicas: kopf peering through the KopfPeering NAME in each "
                         "--namespace (ClusterKopfPeering NAME cluster-wide), created if missing; only the "

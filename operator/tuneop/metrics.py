@@ -5,7 +5,10 @@
 - ``tuneop_reconcile_duration_seconds{kind}``: reconcile duration histogram.
 - ``tuneop_training_step|total_steps|loss|progress_ratio{namespace,name}``: the latest progress
   of each training job; removed when the job is deleted (:meth:`Metrics.forget`).
-- ``tuneop_finetunejob_cost_usd{namespace,name}``: price of a backend-together job so far (USD).
+- ``tuneop_finetunejob_cost_usd{namespace,name}``: price of a backend-together job so far (USD), or
+  what a backend-kubernetes job cost at its end (``status.cost.actualUSD``).
+- ``tuneop_finetunejob_estimated_cost_usd{namespace,name}``: the estimate before it started
+  (``status.cost.estimateUSD``).
 - ``tuneop_together_requests_total{method,code}``: requests to the Together API
   (:class:`TogetherRequestMetrics`, the ``on_request`` callback of the Together client).
 - ``tuneop_adapterdeployment_replicas{namespace,name,state=desired|ready}``: vLLM pods.
@@ -75,7 +78,12 @@ class Metrics:
             "tuneop_training_progress_ratio", "step / total steps (0..1).", labels, registry=r
         )
         self.cost_usd = Gauge(
-            "tuneop_finetunejob_cost_usd", "Price of the job so far in USD (backend together).",
+            "tuneop_finetunejob_cost_usd",
+            "Price of the job so far in USD (backend together), or its actual cost at the end.",
+            labels, registry=r,
+        )
+        self.estimated_cost_usd = Gauge(
+            "tuneop_finetunejob_estimated_cost_usd", "Estimated cost in USD before the job started.",
             labels, registry=r,
         )
         self.together = TogetherRequestMetrics(r)
@@ -141,11 +149,23 @@ class Metrics:
     def set_cost(self, namespace: str, name: str, usd: float) -> None:
         self.cost_usd.labels(namespace, name).set(float(usd))
 
+    def set_costs(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """The cost series from a FineTuneJob's status: ``together.costUSD`` (else ``cost.actualUSD``)
+        and ``cost.estimateUSD``."""
+        cost = status.get("cost") or {}
+        actual = (status.get("together") or {}).get("costUSD")
+        if actual is None:
+            actual = cost.get("actualUSD")
+        if isinstance(actual, (int, float)):
+            self.set_cost(namespace, name, actual)
+        if isinstance(cost.get("estimateUSD"), (int, float)):
+            self.estimated_cost_usd.labels(namespace, name).set(float(cost["estimateUSD"]))
+
     def forget(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted FineTuneJob."""
         for g in (
             self.training_step, self.training_total_steps, self.training_loss,
-            self.training_progress_ratio, self.cost_usd,
+            self.training_progress_ratio, self.cost_usd, self.estimated_cost_usd,
         ):
             try:
                 g.remove(namespace, name)

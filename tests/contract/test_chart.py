@@ -568,3 +568,16 @@ def test_workload_defaults_reach_the_operator_as_valid_json():
            "cpu": 8, "memory": "64Gi"}
     got = wd.parse(env_of({"workloads": {"trainer": gpu, "vllm": {"memory": "32Gi"}}})[wd.ENV])
     assert got == {"trainer": {**gpu, "cpu": "8"}, "vllm": {"memory": "32Gi"}}
+
+
+def test_gpu_hourly_price_reaches_the_operator_as_it_parses_it():
+    """operator.gpuHourlyPriceUSD -> $TUNEOP_GPU_HOURLY_PRICE_USD, read by `tuneop operator`; none by default."""
+    from tuneop import cost
+
+    def env(values):
+        c = by_kind(render(values), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+    assert "TUNEOP_GPU_HOURLY_PRICE_USD" not in env({})
+    priced = env({"operator": {"gpuHourlyPriceUSD": {"nvidia.com/gpu": 2.5, "amd.com/gpu": 1}}})
+    assert cost.parse_prices(priced["TUNEOP_GPU_HOURLY_PRICE_USD"]) == {"nvidia.com/gpu": 2.5, "amd.com/gpu": 1.0}

@@ -11,7 +11,8 @@ Endpoints (all under ``/v1`` except the upload target):
   (``/upload/{id}`` on this server) and ``X-Together-File-Id``; ``PUT /upload/{id}`` stores the
   bytes; ``POST /v1/files/{id}/preprocess`` -> FileResponse with ``validation_report`` (valid unless
   a line is not a JSON object, or ``fake.file_invalid`` is set); ``GET /v1/files[/{id}]``.
-- ``GET /v1/fine-tunes/models/limits``, ``POST /v1/fine-tunes/estimate-price``.
+- ``GET /v1/fine-tunes/models/limits``, ``POST /v1/fine-tunes/estimate-price`` (``fake.estimate_usd``,
+  ``fake.estimate_unavailable``; ``fake.running_price_nanodollars``: ``total_price`` while running).
 - ``POST /v1/fine-tunes`` (create; the body is kept in ``fake.create_bodies``), ``GET
   /v1/fine-tunes`` (list, truncated jobs with ``suffix``), ``GET /v1/fine-tunes/{id}`` (retrieve:
   each call advances the job one state along ``fake.progression``, adding events), ``GET
@@ -118,6 +119,12 @@ class FakeTogether:
         self.file_invalid: Optional[str] = None
         self.limits = dict(DEFAULT_LIMITS)
         self.price_nanodollars = 1_234_567_890
+        # What estimate-price answers (USD; None: the price above), or why it cannot estimate.
+        self.estimate_usd: Optional[float] = None
+        self.estimate_unavailable: Optional[str] = None
+        # total_price once training runs (Together prices the job after tokenizing it); None: 0
+        # until the job completes, then price_nanodollars.
+        self.running_price_nanodollars: Optional[int] = None
         self.files: dict[str, dict[str, Any]] = {}
         self.uploads: dict[str, bytes] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -344,9 +351,12 @@ class FakeTogether:
         body = json.loads(request[BODY] or b"{}")
         if body.get("training_file") not in self.files:
             return web.json_response({"estimation_available": False, "unavailable_reason": "train_file_not_validated"})
+        if self.estimate_unavailable:
+            return web.json_response({"estimation_available": False, "unavailable_reason": self.estimate_unavailable})
+        price = self.estimate_usd if self.estimate_usd is not None else self.price_nanodollars / 1e9
         return web.json_response({
             "estimation_available": True, "allowed_to_proceed": True,
-            "estimated_total_price": self.price_nanodollars / 1e9, "estimated_train_token_count": 123456,
+            "estimated_total_price": price, "estimated_train_token_count": 123456 * int(body.get("n_epochs") or 1),
             "estimated_eval_token_count": 0, "user_limit": 1000.0,
         })
 
@@ -411,6 +421,8 @@ class FakeTogether:
             if job["_step"] == TOTAL_STEPS // 2:
                 self._event(job, "training_start", "Training started")
             job["token_count"] = 1000 * job["_step"]
+            if self.running_price_nanodollars is not None:
+                job["total_price"] = self.running_price_nanodollars
             job["epochs_completed"] = job["_step"] * int(job.get("n_epochs") or 1) // TOTAL_STEPS
             job["progress"] = {"estimate_available": True, "seconds_remaining": 60 * (TOTAL_STEPS - job["_step"]) // 10}
             self._event(job, "checkpoint_save", "Checkpoint saved", step=job["_step"], total_steps=TOTAL_STEPS,

@@ -671,3 +671,38 @@ def test_a_volume_that_cannot_be_mounted_is_named_in_the_status(api: KMockThread
         assert "hostPath type check failed" in status_of(api)["message"]
         assert status_of(api)["phase"] == "Pending"
         wait_for(lambda: "VolumeMountFailed" in reasons(api), what="VolumeMountFailed event")
+
+
+def test_max_cost_refuses_the_training_job_until_raised_and_the_actual_cost_is_recorded(api: KMockThread) -> None:
+    """status.cost before the training Job (dataset tokens, the trainer's measured speed, the
+    operator's GPU price); spec.maxCostUSD under it creates no training Job; raised, it runs; at
+    the end the Job's run time x GPUs x price."""
+    pvc(api, "adapters")
+    configmap(api, "news-data", {"train.jsonl": GOOD_JSONL})
+    api.create(FTJ_PATH, ftj(train={"configMap": {"name": "news-data", "key": "train.jsonl"}},
+                             maxCostUSD=0.0001, hyperparameters={"epochs": 100}, resources={"gpus": 2}))
+    with Operator(gpu_hourly_price_usd={"nvidia.com/gpu": 3600.0}):
+        st = wait_phase(api, "Pending")
+        st = wait_for(lambda: status_of(api) if status_of(api).get("reason") == "CostLimitExceeded" else None,
+                      what="CostLimitExceeded")
+        est = st["cost"]["estimateUSD"]
+        assert est > 0.0001 and st["cost"]["source"] == "throughput"
+        assert f"${est:,.2f}" in st["message"] and "$0.00" in st["message"]
+        assert api.get(f"{JOBS}/news-train") is None and job_posts(api) == []
+        ev = [e for e in api.events() if e["reason"] == "CostLimitExceeded"]
+        assert len(ev) == 1 and ev[0]["type"] == "Warning"
+        api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"maxCostUSD": est + 1}})
+        wait_for(lambda: api.get(f"{JOBS}/news-train"), what="training Job once the limit is raised")
+        # The Job controller's times (it sets completionTime with the Complete condition).
+        api.patch(f"{JOBS}/news-train/status", {"status": {"startTime": "2026-01-01T00:00:00Z",
+                                                           "completionTime": "2026-01-01T00:00:30Z"}})
+        finish_job(api, "news-train", container="trainer",
+                   message=json.dumps({"event": "done", "adapter": {"path": "/x", "sha256": SHA}}))
+        st = wait_phase(api, "Succeeded")
+        st = wait_for(lambda: status_of(api) if "actualUSD" in (status_of(api).get("cost") or {}) else None,
+                      what="actual cost")
+    assert st["cost"]["actualGpuHours"] == round(30 * 2 / 3600, 4) and st["cost"]["actualUSD"] == 60.0
+    assert st["cost"]["estimateUSD"] == est
+    assert len(job_posts(api, "news-train")) == 1
+    assert metric("tuneop_finetunejob_cost_usd", namespace=NS, name="news") == 60.0
+    assert metric("tuneop_finetunejob_estimated_cost_usd", namespace=NS, name="news") == est

@@ -378,7 +378,9 @@ def test_suspend_cancels_shows_suspended_and_resume_starts_a_new_job(
         api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
         wait_for(lambda: posts(fake, rf"^/v1/fine-tunes/{jid}/cancel$") >= 1, what="cancel at Together")
         wait_for(lambda: fake.jobs[jid]["status"] == "cancelled", what="cancelled at Together")
-        wait_for(lambda: "cancelled;" in status_of(api).get("message", ""), what="Suspended after the cancel")
+        # ("being cancelled; ..." before Together says so: wait for the status that mirrors it)
+        wait_for(lambda: (status_of(api).get("together") or {}).get("status") == "cancelled",
+                 what="Suspended after the cancel")
         st = status_of(api)
         assert st["phase"] == "Suspended" and st["reason"] == "Suspended"
         assert st["together"]["status"] == "cancelled" and st["together"]["cancelRequested"] is True
@@ -405,3 +407,57 @@ def test_unsupported_spec_fails_validation_without_touching_together(api: KMockT
     assert validated["status"] == "False"
     assert job_posts(api) == [] and fake.requests == []
     assert "tuneop.dev/finalizer" not in (api.get(f"{FTJ_PATH}/news")["metadata"].get("finalizers") or [])
+
+
+ESTIMATE = r"^/v1/fine-tunes/estimate-price$"
+
+
+def test_an_estimate_over_max_cost_creates_nothing_until_the_limit_is_raised(
+    api: KMockThread, fake: FakeTogether, tmp_path: Path
+) -> None:
+    cluster(api)
+    fake.estimate_usd = 4.2
+    api.create(FTJ_PATH, ftj(maxCostUSD=3.0))
+    with together_operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-upload"), what="upload Job")
+        file_id = upload_pod(api, fake, tmp_path)
+        st = wait_for(lambda: status_of(api) if status_of(api).get("reason") == "CostLimitExceeded" else None,
+                      what="CostLimitExceeded")
+        assert st["phase"] == "Pending" and "$4.20" in st["message"] and "$3.00" in st["message"]
+        assert st["cost"]["estimateUSD"] == 4.2 and st["cost"]["source"] == "together"
+        ev = [e for e in api.events() if e["reason"] == "CostLimitExceeded"]
+        assert len(ev) == 1 and ev[0]["type"] == "Warning" and "$4.20" in ev[0]["message"]
+        asked = fake.calls("POST", ESTIMATE)
+        assert len(asked) == 1 and asked[0].json()["training_file"] == file_id
+        assert asked[0].json()["n_epochs"] == 2 and asked[0].json()["training_type"]["type"] == "Lora"
+        assert posts(fake, CREATE) == 0 and fake.jobs == {}
+        assert "tuneop.dev/finalizer" not in (api.get(f"{FTJ_PATH}/news")["metadata"].get("finalizers") or [])
+        # Raising the limit (not part of the spec hash: nothing is uploaded again) creates the job.
+        api.patch(f"{FTJ_PATH}/news", {"metadata": {"generation": 2}, "spec": {"maxCostUSD": 5.0}})
+        wait_for(lambda: job_id(api), what="Together job id in status")
+    st = status_of(api)
+    # The SDK's own fine_tuning.create() asks for an estimate too: ours, then the SDK's.
+    assert posts(fake, CREATE) == 1 and len(fake.calls("POST", ESTIMATE)) == 2
+    assert len(job_posts(api, "news-upload")) == 1
+    assert not [c for c in st["conditions"] if c["type"] == "CostLimitExceeded"]
+    assert_key_nowhere(api)
+
+
+def test_a_price_past_max_cost_while_running_cancels_the_job(
+    api: KMockThread, fake: FakeTogether, tmp_path: Path
+) -> None:
+    cluster(api)
+    fake.estimate_usd = 1.0  # Together's estimate was under the limit...
+    fake.running_price_nanodollars = 5_000_000_000  # ...the price after tokenizing is not
+    api.create(FTJ_PATH, ftj(maxCostUSD=2.0))
+    with together_operator():
+        wait_for(lambda: api.get(f"{JOBS}/news-upload"), what="upload Job")
+        upload_pod(api, fake, tmp_path)
+        jid = wait_for(lambda: job_id(api), what="Together job id in status")
+        st = wait_phase(api, "Failed", timeout=60)
+    assert st["reason"] == "CostLimitExceeded" and "$5.00" in st["message"] and "$2.00" in st["message"]
+    assert fake.jobs[jid]["status"] == "cancelled" and len(fake.calls("POST", r"/cancel$")) == 1
+    assert st["cost"] == {"source": "together", "estimateUSD": 1.0, "estimatedTokens": 123456 * 2,
+                          "basis": "Together's estimate-price", "actualUSD": 5.0, "cancelledOverLimit": True}
+    assert reasons(api).count("CostLimitExceeded") >= 1
+    assert api.get(f"{JOBS}/news-download") is None

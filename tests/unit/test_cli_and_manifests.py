@@ -167,3 +167,26 @@ def load_finetunejob_spec(text: str, tmp_path: Path):
     p = tmp_path / "spec.yaml"
     p.write_text(text)
     return load_finetunejob(p)["spec"]
+
+
+def test_run_prints_the_cost_estimate_and_refuses_over_max_cost(tmp_path, capsys, monkeypatch):
+    """`tuneop run --gpu-hourly-price`: the estimate the operator would show, from the local train
+    file; spec.maxCostUSD under it: rc 2 and no trainer started."""
+    (tmp_path / "data").mkdir()
+    rows = "".join(json.dumps({"prompt": "x" * 400, "completion": "y" * 400}) + "\n" for _ in range(50))
+    (tmp_path / "data" / "train.jsonl").write_text(rows)
+    spec = GOOD.replace("baseModel: m", "baseModel: Qwen/Qwen3-8B").replace(
+        "    test: {configMap: {name: cm, key: test.jsonl}}\n", "").replace(
+        "  output:", "  maxCostUSD: 0.01\n  output:")
+    job = tmp_path / "job.yaml"
+    job.write_text(spec)
+    monkeypatch.setenv("TUNEOP_HOME", str(tmp_path / "home"))
+    started = []
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: started.append(a) or pytest.fail("trainer started"))
+    rc = main(["run", str(job), "--volume", f"data={tmp_path / 'data'}", "--gpu-hourly-price", "10000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not started
+    assert "tuneop: cost estimate $" in err
+    assert "CostLimitExceeded" in err and "$0.01" in err and "~10,000 dataset tokens" in err
+    assert main(["run", str(job), "--gpu-hourly-price", "nvidia.com/gpu"]) == 2 and not started
+    assert "--gpu-hourly-price: 'nvidia.com/gpu': expected RESOURCE=USD_PER_HOUR" in capsys.readouterr().err

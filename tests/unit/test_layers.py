@@ -28,7 +28,7 @@ HEAVY = {"torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "li
 OPTIONAL_IN = {"tuneop.serving.guard": {"prometheus_client"}}
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("tuneop.api",)),
-    ("pure", ("tuneop.dataset", "tuneop.archive", "tuneop.jobconfig", "tuneop.podcauses", "tuneop.workload_defaults",
+    ("pure", ("tuneop.dataset", "tuneop.cost", "tuneop.archive", "tuneop.jobconfig", "tuneop.podcauses", "tuneop.workload_defaults",
               "tuneop.manifests", "tuneop.quickstart", "tuneop.objects", "tuneop.trainer", "tuneop.serving.guard",
               "tuneop.serving.fetch", "tuneop.serving.client")),
     ("decide", ("tuneop.finetunejob.builders", "tuneop.finetunejob.reconcile", "tuneop.finetunejob.gang",

@@ -99,3 +99,18 @@ def test_together_requests_and_cost_share_the_operators_registry() -> None:
     assert "tuneop_finetunejob_cost_usd" in text
     m.forget("team-a", "news")
     assert value(m, "tuneop_finetunejob_cost_usd", namespace="team-a", name="news") is None
+
+
+def test_cost_series_come_from_the_status() -> None:
+    m = Metrics()
+    m.set_costs("ns", "k8s", {"cost": {"estimateUSD": 4.5}})
+    assert value(m, "tuneop_finetunejob_estimated_cost_usd", namespace="ns", name="k8s") == 4.5
+    assert value(m, "tuneop_finetunejob_cost_usd", namespace="ns", name="k8s") is None
+    m.set_costs("ns", "k8s", {"cost": {"estimateUSD": 4.5, "actualUSD": 6.0}})
+    assert value(m, "tuneop_finetunejob_cost_usd", namespace="ns", name="k8s") == 6.0
+    m.set_costs("ns", "tg", {"together": {"costUSD": 2.0}, "cost": {"estimateUSD": 1.0, "basis": "x"}})
+    assert value(m, "tuneop_finetunejob_cost_usd", namespace="ns", name="tg") == 2.0
+    m.set_costs("ns", "none", {"cost": {"basis": "no estimate"}})
+    assert value(m, "tuneop_finetunejob_estimated_cost_usd", namespace="ns", name="none") is None
+    m.forget("ns", "k8s")
+    assert value(m, "tuneop_finetunejob_estimated_cost_usd", namespace="ns", name="k8s") is None

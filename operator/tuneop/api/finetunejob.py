@@ -19,6 +19,7 @@ from .common import (
     SecretKeyRef,
     Toleration,
 )
+from .cost import CostStatus
 from .startfrom import StartedFrom, StartFrom
 
 KIND = "FineTuneJob"
@@ -368,6 +369,14 @@ class FineTuneJobSpec(Model):
         default=None, description="Continue from earlier work: another FineTuneJob's adapter, an adapter or "
         "checkpoint in a PVC, or a Together checkpoint.",
     )
+    max_cost_usd: Optional[float] = Field(
+        default=None, alias="maxCostUSD", gt=0, le=10_000_000,
+        description=(
+            "Refuse to start when the cost estimate (status.cost) is over this many USD, or when there is "
+            "no estimate; backend together also cancels a job whose cost at Together passes it. Changing "
+            "it does not restart anything."
+        ),
+    )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
         (
@@ -561,6 +570,7 @@ class FineTuneJobStatus(Model):
     started_from: Optional[StartedFrom] = Field(
         default=None, description="What the job started from (spec.startFrom), pinned with its sha256."
     )
+    cost: Optional[CostStatus] = Field(default=None, description="Estimated and actual cost.")
     start_time: Optional[str] = None
     completion_time: Optional[str] = None
 

@@ -65,6 +65,8 @@ class ReduceOptions:
     image: str
     together_base_url: Optional[str] = None
     trainer_defaults: Optional[dict[str, Any]] = None
+    # USD per GPU-hour by GPU resource name (nvidia.com/gpu): the cost estimate (tuneop/cost.py).
+    gpu_prices: Optional[dict[str, float]] = None
 
 
 @dataclasses.dataclass
@@ -138,11 +140,13 @@ def reconcile(
     body: dict[str, Any], observed: st.Observed | dict[str, Any], *, image: str, now: str,
     together_base_url: Optional[str] = None,
     trainer_defaults: Optional[dict[str, Any]] = None,
+    gpu_prices: Optional[dict[str, float]] = None,
 ) -> st.Decision:
     """The FineTuneJob `body` + what exists -> actions, new status and events: the checks every
     backend shares (:func:`tuneop.finetunejob.reconcile.begin`), then the backend's own check and reducer.
     ``together_base_url``: the Together endpoint the upload/download pods use (None: default).
-    ``trainer_defaults``: the platform's defaults for training pods (workload_defaults)."""
+    ``trainer_defaults``: the platform's defaults for training pods (workload_defaults).
+    ``gpu_prices``: USD per GPU-hour by GPU resource name (the cost estimate)."""
     start = st.begin(body, observed, now=now)
     if isinstance(start, st.Decision):
         return start
@@ -152,7 +156,8 @@ def reconcile(
         start.bld.status.pop("specHash", None)
         return start.bld.fail(st.SPEC_INVALID, f"invalid spec: {'; '.join(problems)}", invalid=True)
     return backend.reconcile(
-        start, ReduceOptions(image=image, together_base_url=together_base_url, trainer_defaults=trainer_defaults)
+        start, ReduceOptions(image=image, together_base_url=together_base_url, trainer_defaults=trainer_defaults,
+                             gpu_prices=gpu_prices)
     )
 
 

@@ -109,7 +109,8 @@ class KubernetesBackend:
         return await observe(kc, body, spec, children)
 
     def reconcile(self, start: st.Start, options: ReduceOptions) -> st.Decision:
-        return st.reconcile_kubernetes(start, image=options.image, trainer_defaults=options.trainer_defaults)
+        return st.reconcile_kubernetes(start, image=options.image, trainer_defaults=options.trainer_defaults,
+                                       gpu_prices=options.gpu_prices)
 
     async def act(
         self, host: Host, kc: kube.KubeClient, body: dict[str, Any], decision: st.Decision, logger: Any

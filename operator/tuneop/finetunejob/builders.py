@@ -84,9 +84,11 @@ def _spec_of(ftj: dict[str, Any], spec: Optional[FineTuneJobSpec]) -> FineTuneJo
 
 
 def spec_hash(spec: FineTuneJobSpec | dict[str, Any]) -> str:
-    """Hash of everything in the spec that changes what is trained (i.e. all but ``suspend``)."""
+    """Hash of everything in the spec that changes what is trained (i.e. all but ``suspend`` and
+    ``maxCostUSD``: raising the limit lets a refused job start, it restarts nothing)."""
     data = spec.to_dict() if isinstance(spec, FineTuneJobSpec) else dict(spec)
     data.pop("suspend", None)
+    data.pop("maxCostUSD", None)
     raw = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

@@ -75,6 +75,8 @@ class OperatorConfig:
     together_max_retries: int = 2
     together_timeout: float = 30.0
     together_delete_retries: int = 5
+    # USD per GPU-hour by GPU resource name (--gpu-hourly-price): the cost estimate of backend kubernetes.
+    gpu_hourly_price_usd: dict[str, float] = dataclasses.field(default_factory=dict)
     # kopf peering of this replica (None: standalone). kopf pauses its handlers while another
     # replica leads; the operator's own tasks (ProgressPoller) check the peering objects themselves.
     peering: Optional[PeeringSelf] = None
@@ -412,10 +414,9 @@ async def apply(
         # order after the reconcile; a refused one is logged, the status is written already.
         EVENTS.post(kc, body, ev["type"], ev["reason"], ev["message"])
     METRICS.set_phase(ns, name, decision.status.get("phase"))
+    METRICS.set_costs(ns, name, decision.status)
     tg = decision.status.get("together") or {}
     if tg:
-        if tg.get("costUSD") is not None:
-            METRICS.set_cost(ns, name, tg["costUSD"])
         if decision.status.get("progress"):
             METRICS.set_progress(ns, name, decision.status["progress"])
     return created
@@ -426,6 +427,7 @@ def _decide(body: dict[str, Any], observed: st.Observed) -> st.Decision:
         body, observed, image=CONFIG.image, now=now_iso(),
         together_base_url=together_base_url(CONFIG),
         trainer_defaults=CONFIG.workload_defaults.get("trainer"),
+        gpu_prices=CONFIG.gpu_hourly_price_usd,
     )
 
 
@@ -676,9 +678,7 @@ def restore_metrics(namespace: str, name: str, status: Any) -> None:
     st_ = dict(status or {})
     if st_.get("progress"):
         METRICS.set_progress(namespace, name, dict(st_["progress"]))
-    cost = (st_.get("together") or {}).get("costUSD")
-    if cost is not None:
-        METRICS.set_cost(namespace, name, cost)
+    METRICS.set_costs(namespace, name, st_)
 
 
 def _is_running(status: Optional[Mapping[str, Any]], spec: Optional[Mapping[str, Any]], **_: Any) -> bool:

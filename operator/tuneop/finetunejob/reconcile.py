@@ -50,7 +50,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from .. import podcauses
+from .. import cost, podcauses
 from ..api.finetunejob import AdapterType, FineTuneJobSpec, parse_spec
 from ..dataset import DatasetReport
 from ..workload_defaults import apply_to_pod
@@ -73,6 +73,7 @@ VALIDATED = "Validated"
 RUNNING_COND = "Running"
 SUCCEEDED_COND = "Succeeded"
 FAILED_COND = "Failed"
+COST_LIMIT_COND = "CostLimitExceeded"  # True while spec.maxCostUSD keeps the job from starting
 
 # Reasons: user errors
 SPEC_INVALID = "SpecInvalid"
@@ -104,6 +105,7 @@ EVALUATING_REASON = "Evaluating"
 ADAPTER_REUSED = "AdapterReused"
 SUSPENDED_REASON = "Suspended"
 SUCCEEDED_REASON = "Succeeded"
+COST_LIMIT_EXCEEDED = "CostLimitExceeded"
 
 # backend: together (see backends/together/status.py)
 UNSUPPORTED_BY_BACKEND = "UnsupportedByBackend"
@@ -119,6 +121,7 @@ TOGETHER_RATE_LIMITED = "TogetherRateLimited"
 ARCHIVE_INVALID = "ArchiveInvalid"
 UPLOADING = "Uploading"
 CREATING_TOGETHER_JOB = "CreatingTogetherJob"
+ESTIMATING_COST = "EstimatingCost"
 TOGETHER_JOB_CREATED = "TogetherJobCreated"
 DOWNLOADING = "Downloading"
 USER_ERRORS = USER_ERRORS + (
@@ -136,13 +139,16 @@ GANG_RETRYABLE = (BACKOFF_LIMIT_EXCEEDED, POD_EVICTED, OOM_KILLED)
 # Waiting states: the operator looks again every retry interval.
 RETRY_REASONS = (
     DEPENDENCY_MISSING, sf.WAITING_FOR_START, SPEC_CHANGED, API_ERROR, GANG_RESTART,
-    TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB,
+    TOGETHER_UNAVAILABLE, TOGETHER_RATE_LIMITED, TOGETHER_AUTH, CREATING_TOGETHER_JOB, ESTIMATING_COST,
 )
 
 # Why pods do not start (pending_cause): the phase stays Pending, the reason says why.
 POD_CAUSES = podcauses.REASONS
 
-WARNING_REASONS = set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED, GANG_RESTART} | set(POD_CAUSES)
+WARNING_REASONS = (
+    set(USER_ERRORS) | set(PLATFORM_ERRORS) | {BACKEND_NOT_IMPLEMENTED, GANG_RESTART, COST_LIMIT_EXCEEDED}
+    | set(POD_CAUSES)
+)
 
 # Trainer termination-message reasons -> ours.
 _TRAINER_REASONS = {
@@ -756,6 +762,9 @@ class Observed:
     together_error: Optional[dict[str, Any]] = None
     # spec.startFrom.fineTuneJob as read (only while nothing is pinned for the spec; None: absent).
     start_from_job: Optional[dict[str, Any]] = None
+    # Together's price estimate before the create (wire dict), or why the call failed (as together_error).
+    together_estimate: Optional[dict[str, Any]] = None
+    together_estimate_error: Optional[dict[str, Any]] = None
     # What another backend (a plug-in) observed, in its own terms.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -887,7 +896,7 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str
     key_old = (old.get("phase"), old.get("reason"))
     key_new = (new.get("phase"), new.get("reason"))
     changed = key_old != key_new
-    if not changed and new.get("reason") == DEPENDENCY_MISSING:
+    if not changed and new.get("reason") in (DEPENDENCY_MISSING, COST_LIMIT_EXCEEDED):
         changed = old.get("message") != new.get("message")
     if changed and new.get("phase"):
         reason = new.get("reason") or new["phase"]
@@ -901,9 +910,9 @@ def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     if st.get("specHash") == h:
         return
     for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName",
-                "restarts", "startedFrom"):
+                "restarts", "startedFrom", "cost"):
         st.pop(key, None)
-    bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
+    bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND, COST_LIMIT_COND)
     st["specHash"] = h
 
 
@@ -971,8 +980,24 @@ def begin(body: dict[str, Any], observed: Observed | dict[str, Any], *, now: str
     return Start(bld=bld, body=body, spec=spec, h=h, obs=obs)
 
 
+def cost_refused(bld: StatusBuilder, spec: FineTuneJobSpec, estimate: dict[str, Any]) -> bool:
+    """Record the estimate in status.cost; when ``spec.maxCostUSD`` refuses it (over the limit, or
+    no USD estimate: deny by default): phase Pending, condition and reason CostLimitExceeded naming
+    both figures, nothing created. Raising the limit (it is not in the spec hash) lets it start."""
+    bld.status["cost"] = estimate
+    why = cost.refusal(spec.max_cost_usd, estimate)
+    if why is None:
+        bld.drop(COST_LIMIT_COND)
+        return False
+    msg = f"{why}: nothing is started; raise spec.maxCostUSD or make the job smaller"
+    bld.cond(COST_LIMIT_COND, True, COST_LIMIT_EXCEEDED, msg)
+    bld.phase(PENDING, COST_LIMIT_EXCEEDED, msg)
+    return True
+
+
 def reconcile_kubernetes(
     start: Start, *, image: str, trainer_defaults: Optional[dict[str, Any]] = None,
+    gpu_prices: Optional[dict[str, float]] = None,
 ) -> Decision:
     """backend: kubernetes: what exists (ConfigMap, validation Job, training Job, their pods) ->
     the children to create or delete and the status they imply.
@@ -1093,6 +1118,11 @@ def reconcile_kubernetes(
 
     # --- training
     tname = b.training_job_name(name)
+    # the estimate, before anything that costs GPU time exists; spec.maxCostUSD may stop here
+    if training is None and cost_refused(
+        bld, spec, cost.estimate_kubernetes(spec, bld.status.get("dataset") or {}, gpu_prices)
+    ):
+        return bld.finish()
     bld.status["jobName"] = tname
     if training is None:
         restarts = gang.restarts_of(bld.status) if spec.resources.nodes > 1 else 0
@@ -1126,6 +1156,10 @@ def reconcile_kubernetes(
 
     tpods = pods_of(training, obs.training_pods)
     tstate = job_state(training)
+    if tstate in ("succeeded", "failed"):
+        actual = cost.actual_kubernetes(bld.status.get("cost"), training, spec, gpu_prices)
+        if actual:
+            bld.status["cost"] = actual
     if tstate == "succeeded":
         message = success_message(tpods, b.TRAINER_CONTAINER)
         adapter = adapter_status(b.adapter_location(spec), message)

@@ -83,6 +83,7 @@ def run_operator(
     vllm_image: Optional[str] = None,
     adapter_interval: float = 10.0,
     workload_defaults: Optional[dict[str, Any]] = None,
+    gpu_hourly_price_usd: Optional[dict[str, float]] = None,
     verbose: bool = False,
     debug: bool = False,
     stop_flag: Optional[threading.Event] = None,
@@ -109,6 +110,8 @@ def run_operator(
     restarted, vLLM errors retried).
     workload_defaults: the platform's defaults for created pods (``workload_defaults.parse``):
     ``trainer`` fills empty ``spec.resources`` fields of FineTuneJobs, ``vllm`` of AdapterDeployments.
+    gpu_hourly_price_usd: USD per GPU-hour by GPU resource name (``cost.parse_prices``): the cost
+    estimate of backend kubernetes FineTuneJobs (none: no USD estimate).
     settings: a ``kopf.OperatorSettings`` to start from (None: kopf's defaults); the startup
     handler applies tuneop's own settings on top (benchmarks pass scanning disabled for kmock).
     peering_name: None (one replica, Recreate): kopf runs standalone, without peering. A name: kopf
@@ -137,6 +140,7 @@ def run_operator(
             image=image, progress_interval=progress_interval, retry_interval=retry_interval,
             together_poll_interval=together_poll_interval, together_base_url=together_base_url,
             workload_defaults=dict(workload_defaults or {}), peering=me,
+            gpu_hourly_price_usd=dict(gpu_hourly_price_usd or {}),
         ),
     )
     adapterdeployment.register(

@@ -13,6 +13,9 @@ Pure parts (dict in, dict out; unit-tested without any network):
     ``Normal`` event, not a failure.
 ``create_params(spec, *, training_file, validation_file, suffix, dataset_format=None) -> dict``
     Keyword arguments for ``client.fine_tuning.create(...)`` (SDK 3.1.1).
+``estimate_params(params) -> dict``
+    The create params as ``POST /v1/fine-tunes/estimate-price`` takes them (Together's own price
+    estimate, in USD; ``total_price`` of a job is in nanodollars).
 ``check_limits(params, limits) -> list[str]``
     The request against ``GET /v1/fine-tunes/models/limits`` (a dict), messages naming our fields.
 ``unique_suffix(namespace, name, uid, generation, prefix=None) -> str``
@@ -333,6 +336,37 @@ def create_params(
     elif validation_file:
         params["n_evals"] = 1
     return params
+
+
+def estimate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """:func:`create_params` as ``fine_tuning.estimate_price(**...)`` takes them (SDK 3.1.1,
+    ``FineTuningEstimatePriceParams``): training/validation file, model or fromCheckpoint, epochs,
+    evaluations, the training method and type objects the SDK's own ``create`` sends."""
+    out: dict[str, Any] = {
+        "training_file": params["training_file"],
+        "n_epochs": int(params.get("n_epochs") or 1),
+        "n_evals": int(params.get("n_evals") or 0),
+    }
+    if params.get("validation_file"):
+        out["validation_file"] = params["validation_file"]
+    if params.get("from_checkpoint"):
+        out["from_checkpoint"] = params["from_checkpoint"]
+    else:
+        out["model"] = params.get("model") or ""
+    if params.get("training_method") == Method.dpo.value:
+        out["training_method"] = {"method": "dpo", "dpo_beta": float(params.get("dpo_beta", 0.1))}
+    else:
+        out["training_method"] = {"method": "sft", "train_on_inputs": params.get("train_on_inputs", "auto")}
+    if params.get("lora") is False:
+        out["training_type"] = {"type": "Full"}
+    else:
+        lora: dict[str, Any] = {"type": "Lora", "lora_r": int(params["lora_r"]), "lora_alpha": int(params["lora_alpha"])}
+        if params.get("lora_dropout") is not None:
+            lora["lora_dropout"] = float(params["lora_dropout"])
+        if params.get("lora_trainable_modules"):
+            lora["lora_trainable_modules"] = params["lora_trainable_modules"]
+        out["training_type"] = lora
+    return out
 
 
 def check_limits(params: dict[str, Any], limits: dict[str, Any]) -> list[str]:
@@ -814,6 +848,16 @@ class TogetherClient:
                 "TogetherUnavailable", self._safe(f"retrieve {ft_id}: Together reply is not a JSON object: "
                                                   f"{describe_reply(job)}"), 200)
         return job
+
+    def estimate_price(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Together's price estimate (``POST /v1/fine-tunes/estimate-price``; ``params`` from
+        :func:`estimate_params`) as a wire dict: ``estimated_total_price`` in USD, or
+        ``estimation_available: false`` with ``unavailable_reason``."""
+        reply = _to_dict(self._call("estimate price", lambda: self._sdk.fine_tuning.estimate_price(**params)))
+        if not isinstance(reply, dict):
+            raise TogetherTransientError("TogetherUnavailable", self._safe(
+                f"estimate price: Together reply is not a JSON object: {describe_reply(reply)}"), 200)
+        return reply
 
     def cancel(self, ft_id: str) -> dict[str, Any]:
         return _to_dict(self._call(f"cancel {ft_id}", lambda: self._sdk.fine_tuning.cancel(ft_id)))

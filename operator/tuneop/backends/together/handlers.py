@@ -125,9 +125,39 @@ async def observe(host: Host, kc: kube.KubeClient, body: dict[str, Any], spec: F
                 obs.inline_datasets[split] = await check_inline_dataset(
                     text, spec.dataset.format.value, f"configMap {cm}/{key}"
                 )
+    files = TS.estimate_files(body, obs)
+    if files is not None and not obs.missing and TS.wait_seconds(body.get("status") or {}, host.now()) <= 0:
+        await estimate(host, kc, body, spec, obs, files)
     if TS.needs_poll(body) and TS.poll_due(body, host.now()):
         await poll(host, kc, body, spec, obs)
     return obs
+
+
+async def estimate(
+    host: Host, kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed,
+    files: tuple[str, Optional[str], Optional[str]],
+) -> None:
+    """Together's price estimate of the job about to be created into ``obs`` (or why not)."""
+    training_file, validation_file, fmt = files
+    try:
+        key = await read_api_key(kc, body["metadata"]["namespace"], spec)
+    except SecretMissing as e:
+        obs.together_estimate_error = {"reason": st.DEPENDENCY_MISSING, "message": str(e)}
+        return
+    params = T.estimate_params(T.create_params(
+        spec, training_file=training_file, validation_file=validation_file, suffix="", dataset_format=fmt,
+    ))
+
+    def ask(client: T.TogetherClient) -> dict[str, Any]:
+        return client.estimate_price(params)
+
+    try:
+        obs.together_estimate = await with_client(host, key, ask)
+    except T.TogetherBackendError as e:
+        obs.together_estimate_error = {"reason": e.reason, "message": e.message, "statusCode": e.status_code,
+                                       "retryAfter": e.retry_after}
+    finally:
+        del key
 
 
 async def poll(host: Host, kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec, obs: st.Observed) -> None:

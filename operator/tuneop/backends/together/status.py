@@ -33,13 +33,21 @@ Reasons: user errors ``UnsupportedByBackend``, ``TogetherLimits``, ``TogetherRej
 (cancelled outside tuneop), ``TogetherJobNotFound``, ``ArchiveInvalid``, ``BackoffLimitExceeded``,
 ``DeadlineExceeded``; waiting (not terminal, retried) ``TogetherUnavailable``,
 ``TogetherRateLimited``, ``TogetherAuth`` (while polling), ``DependencyMissing``,
-``CreatingTogetherJob``.
+``CreatingTogetherJob``, ``EstimatingCost``.
+
+Cost (``status.cost``, ``tuneop/cost.py``): once the files are uploaded and before the create,
+observe asks Together for its estimate (:func:`estimate_files` says when); the reducer records it
+and, with ``spec.maxCostUSD``, refuses to create a job estimated over it or not estimated at all
+(Pending, ``CostLimitExceeded``). While the job runs, a ``total_price`` past the limit cancels it
+(``cost.cancelledOverLimit``; Failed, ``CostLimitExceeded`` once Together says cancelled).
+``cost.actualUSD`` is ``total_price`` when the job ends.
 """
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any, Callable, Optional
 
+from ... import cost as C
 from ...api.finetunejob import FineTuneJobSpec
 from ...finetunejob import builders as b
 from ...finetunejob import reconcile as st
@@ -63,7 +71,7 @@ UPLOAD_ERRORS = {
 MIRRORED_REASONS = {
     "TogetherPending", "TogetherQueued", "TogetherRunning", "TogetherCompressing",
     "TogetherUploading", "TogetherCancelRequested", "TogetherUnknownStatus",
-    st.CREATING_TOGETHER_JOB,
+    st.CREATING_TOGETHER_JOB, st.ESTIMATING_COST,
 }
 IGNORED_SETTINGS = "SettingsIgnored"
 POLL_RETRY_SECONDS = 30.0
@@ -97,6 +105,54 @@ def inline_sources(spec: FineTuneJobSpec) -> dict[str, tuple[str, str]]:
 
 def together_of(status: dict[str, Any]) -> dict[str, Any]:
     return dict((status or {}).get("together") or {})
+
+
+def estimate_files(body: dict[str, Any], obs: st.Observed) -> Optional[tuple[str, Optional[str], Optional[str]]]:
+    """(training file, validation file, dataset format) to ask Together's estimate for: the files
+    are uploaded (in status, or in the upload pod's termination message of this very reconcile),
+    no Together job exists yet and no estimate is recorded for the current spec. None: no call."""
+    status = body.get("status") or {}
+    h = st.current_hash(body)
+    if h is None or st.is_settled(body):
+        return None
+    same_spec = status.get("specHash") == h
+    tg = together_of(status) if same_spec else {}
+    if tg.get("jobId") or (same_spec and status.get("cost")):
+        return None
+    if tg.get("trainingFile"):
+        return str(tg["trainingFile"]), tg.get("validationFile"), tg.get("datasetFormat")
+    ujob = obs.upload_job
+    if ujob is None or st.child_hash(ujob) != h or st.job_state(ujob) != "succeeded":
+        return None
+    message = st.success_message(st.pods_of(ujob, obs.upload_pods), tb.UPLOAD_CONTAINER)
+    if message.get("event") != "uploaded" or not message.get("trainingFile"):
+        return None
+    validation = message.get("validationFile")
+    return str(message["trainingFile"]), (str(validation) if validation else None), message.get("format")
+
+
+def _cost_before_create(
+    bld: st.StatusBuilder, spec: FineTuneJobSpec, obs: st.Observed,
+) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """(status.cost to record, or None; a wait {reason, message, retryAfter} instead, or None)."""
+    recorded = bld.status.get("cost")
+    if recorded:
+        return recorded, None
+    if obs.together_estimate is not None:
+        return C.estimate_together(obs.together_estimate), None
+    err = obs.together_estimate_error
+    if err is None:  # not asked this time (e.g. Together's Retry-After): ask on the next reconcile
+        if spec.max_cost_usd is None:
+            return C.estimate_together(None, "not asked (Together had asked tuneop to wait)"), None
+        return None, {"reason": st.ESTIMATING_COST, "message": "asking Together for its price estimate",
+                      "retryAfter": None}
+    text = str(err.get("message") or err.get("reason") or "failed")
+    # Worth waiting for (a limit needs a figure): Together unreachable, rate limits, the key's Secret.
+    waiting = err.get("reason") in st.RETRY_REASONS or err.get("reason") == st.TOGETHER_ERROR
+    if spec.max_cost_usd is not None and waiting:
+        return None, {"reason": err.get("reason") if err.get("reason") in st.RETRY_REASONS else st.TOGETHER_UNAVAILABLE,
+                      "message": text, "retryAfter": err.get("retryAfter")}
+    return C.estimate_together(None, text), None
 
 
 def needs_poll(body: dict[str, Any]) -> bool:
@@ -417,6 +473,20 @@ def reconcile_together(
             bld.phase(st.SUSPENDED, st.SUSPENDED_REASON,
                       "suspended: no Together job is created until spec.suspend is unset")
             return _finish(bld, extra)
+        # --- the estimate first; spec.maxCostUSD may refuse to create anything
+        estimate, estimating = _cost_before_create(bld, spec, obs)
+        if estimating is not None:
+            wait = wait_seconds(status, bld.now)
+            if estimating.get("retryAfter") is None and wait > 0:  # not asked: Together's Retry-After holds
+                d.retry_after = wait
+            else:
+                d.retry_after = retry_after_fields(tg, estimating.get("retryAfter"), bld.now)
+                set_tg()
+            bld.phase(st.PENDING, estimating["reason"], f"estimating the price: {estimating['message']}")
+            return _finish(bld, extra)
+        assert estimate is not None
+        if st.cost_refused(bld, spec, estimate):
+            return _finish(bld, extra)
         if not tg.get("suffix"):
             tg["suffix"] = _suffix(body, spec)
             set_tg()
@@ -484,6 +554,30 @@ def reconcile_together(
             d.retry_after = wait
     tstatus = tg.get("status") or "pending"
     extra = extra + mirrored
+
+    # --- cost: the actual price at the end; cancel a job whose price passed spec.maxCostUSD
+    job_cost = dict(status.get("cost") or {})
+    if tstatus in T.TERMINAL_STATES and tg.get("costUSD") is not None:
+        job_cost["actualUSD"] = tg["costUSD"]
+    over = C.over_limit_while_running(spec.max_cost_usd, tg.get("costUSD"))
+    if job_cost.get("cancelledOverLimit") or (over and tstatus not in T.TERMINAL_STATES):
+        job_cost["cancelledOverLimit"] = True
+        status["cost"] = job_cost
+        msg = f"{over or 'its cost passed spec.maxCostUSD'}: {_job_label(tg)}"
+        if tstatus == "cancelled":
+            bld.cond(st.COST_LIMIT_COND, True, st.COST_LIMIT_EXCEEDED, f"{msg} cancelled")
+            return _finish_fail(bld, extra, st.COST_LIMIT_EXCEEDED, f"{msg} cancelled")
+        if tstatus not in T.TERMINAL_STATES:
+            if tstatus != "cancel_requested":
+                d.calls.append({"op": "cancel", "jobId": job_id, "stale": False})
+            bld.cond(st.COST_LIMIT_COND, True, st.COST_LIMIT_EXCEEDED, f"{msg} being cancelled")
+            bld.cond(st.RUNNING_COND, False, st.COST_LIMIT_EXCEEDED, f"{msg} being cancelled")
+            bld.phase(st.RUNNING if bld.old.get("phase") == st.RUNNING else st.PENDING,
+                      st.COST_LIMIT_EXCEEDED, f"{msg} being cancelled")
+            d.retry_after = POLL_RETRY_SECONDS
+            return _finish(bld, extra)
+    if job_cost:
+        status["cost"] = job_cost
 
     # --- suspend: cancel at Together (a cancelled job cannot be resumed: a new one is created)
     if spec.suspend and tstatus not in ("completed", "error", "user_error"):
