@@ -21,6 +21,7 @@ from .api.crdgen import all_crds, render_yaml
 from .api.reference import render as render_reference
 from .backends import registered as backends
 from .dataset import check_file
+from .finetunejob.builders import tracking_env
 from .jobconfig import local_pvc_resolver, resolve
 from .manifests import ManifestError, format_validation_error, load_documents, load_finetunejob
 from .quickstart import write as write_quickstart
@@ -242,6 +243,18 @@ def summary_table(events: dict[str, dict[str, Any]], wall_seconds: float) -> str
     return "\n".join(out)
 
 
+def local_secret_notes(spec: Any, environ: dict[str, str]) -> list[str]:
+    """`tuneop run` has no Secrets: each Secret reference of spec.tracking is read from the environment
+    variable the pod would get it as. One note per variable that is not set (names only, never values)."""
+    notes = []
+    for entry in tracking_env(spec):
+        ref = entry["valueFrom"]["secretKeyRef"]
+        if not environ.get(entry["name"]):
+            notes.append(f"spec.tracking: {entry['name']} is not set; tuneop run reads it from the environment "
+                         f"(in a cluster: Secret {ref['name']}, key {ref['key']})")
+    return notes
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
@@ -266,6 +279,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = resolved["paths"]["output"]
     print(f"tuneop: running FineTuneJob {name} locally; output in {out}", file=sys.stderr)
     env = dict(os.environ)
+    for note in local_secret_notes(spec, env):
+        print(f"tuneop: {note}", file=sys.stderr)
     # the trainer shares our stderr: a bar on a terminal, plain lines in a file or CI log (no \r redraws)
     env.setdefault("TUNEOP_PROGRESS", progress_mode(env, sys.stderr))
     env["TUNEOP_TERMINATION_LOG"] = str(run_dir / "termination-log")

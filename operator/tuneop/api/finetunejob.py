@@ -19,6 +19,7 @@ from .common import (
     SecretKeyRef,
     Toleration,
 )
+from .tracking import TrackingSpec, TrackingStatus
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -357,6 +358,9 @@ class FineTuneJobSpec(Model):
         default=False, description="Stop the job (its pods are deleted); unset to resume."
     )
     together: Optional[TogetherSpec] = Field(default=None, description="backend: together only.")
+    tracking: Optional[TrackingSpec] = Field(
+        default=None, description="Experiment tracking (MLflow, Weights & Biases) of the training run."
+    )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
         (
@@ -521,6 +525,7 @@ class FineTuneJobStatus(Model):
     evaluation: Optional[EvaluationStatus] = None
     job_name: Optional[str] = None
     together: Optional[TogetherStatus] = Field(default=None, description="backend: together only.")
+    tracking: Optional[TrackingStatus] = Field(default=None, description="Where the run was tracked.")
     start_time: Optional[str] = None
     completion_time: Optional[str] = None
 

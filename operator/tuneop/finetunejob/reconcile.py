@@ -863,7 +863,7 @@ def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     st = bld.status
     if st.get("specHash") == h:
         return
-    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName"):
+    for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName", "tracking"):
         st.pop(key, None)
     bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
     st["specHash"] = h
@@ -1047,6 +1047,9 @@ def reconcile_kubernetes(
             evaluation = {k: ev[k] for k in ("metric", "samples", "base", "adapter") if k in ev}
             if evaluation:
                 bld.status["evaluation"] = evaluation
+        tracked = tracking_status(message)
+        if tracked:
+            bld.status["tracking"] = tracked
         progress = dict(bld.status.get("progress") or {})
         if progress.get("totalSteps") is not None:
             progress["step"] = progress["totalSteps"]
@@ -1105,6 +1108,27 @@ def reconcile_kubernetes(
         bld.cond(RUNNING_COND, True, TRAINING_STARTED, f"Job {tname} is running")
         bld.phase(RUNNING, TRAINING_STARTED, f"training with Job {tname}")
     return bld.finish()
+
+
+TRACKING_FIELDS = (
+    ("mlflow", "runId", "mlflowRunId"), ("mlflow", "experimentId", "mlflowExperimentId"),
+    ("mlflow", "url", "mlflowRunUrl"), ("wandb", "runId", "wandbRunId"), ("wandb", "url", "wandbRunUrl"),
+    ("wandb", "mode", "wandbMode"),
+)
+
+
+def tracking_status(message: dict[str, Any]) -> dict[str, Any]:
+    """status.tracking from the ``tracking`` of the trainer's ``done`` message (strings only, bounded)."""
+    raw = message.get("tracking")
+    out: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        return out
+    for system, key, name in TRACKING_FIELDS:
+        part = raw.get(system)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value:
+            out[name] = value[:1024]
+    return out
 
 
 def adapter_status(location: str, message: dict[str, Any]) -> dict[str, Any]:

@@ -193,6 +193,8 @@ def unsupported(spec: FineTuneJobSpec) -> list[str]:
         out.append("adapter.type: qlora is not offered by Together; use lora or full")
     if spec.adapter.layers:
         out.append("adapter.layers: Together adapts every layer; remove adapter.layers")
+    if spec.tracking is not None:
+        out.append("tracking: experiment tracking needs the training to run here (backend kubernetes); remove tracking")
     from_checkpoint = spec.together.from_checkpoint if spec.together else None
     if not from_checkpoint and together_model(spec) is None:
         if _is_local_model(spec.base_model):

@@ -1,0 +1,211 @@
+"""spec.tracking for real: a real MLflow tracking server on loopback (the `mlflow` package, sqlite
+store, served artifacts) and W&B in offline mode, with a tiny training run through the trainer
+command exactly as the pod runs it. The run is read back with MlflowClient and from W&B's offline
+run directory; a distinctive fake credential passed as the pod would get it (environment from a
+Secret) appears nowhere it must not."""
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import struct
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from trainer_harness import make_config, run_trainer
+
+pytestmark = pytest.mark.slow
+
+FAKE_TOKEN = "tuneop-fake-mlflow-token-7f3c9a1e5d"
+FAKE_WANDB_KEY = "tuneop-fake-wandb-key-0123456789abcdef0123"
+SECRETS = (FAKE_TOKEN, FAKE_WANDB_KEY)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 (a free port), sqlite backend, artifacts served from a tmp dir."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=str(root), start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # until /health answers (bounded), or the server exits
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                proc_wait(proc, 0.5)
+        else:
+            raise AssertionError("mlflow server did not answer /health")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def proc_wait(proc: subprocess.Popen, seconds: float) -> None:
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def wandb_records(run_file: Path) -> list[Any]:
+    """The records of a W&B run file (what `wandb sync` would upload): a 7-byte header (":W&B", magic,
+    version), then LevelDB-log framing: 32 KiB blocks of chunks, each with a 7-byte header (crc32c,
+    length, type: 1 full, 2 first, 3 middle, 4 last) holding a protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # the rest of a block too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending + chunk)
+            out.append(rec)
+            pending = b""
+        else:
+            pending = chunk if kind == 2 else pending + chunk
+    return out
+
+
+def item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def test_mlflow_and_wandb_offline_get_the_run_and_no_secret_leaks(mlflow_server, tiny_model, datasets, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    tracking = {
+        "mlflow": {"trackingUri": mlflow_server, "experiment": "tuneop-process-test", "runName": "tiny-run",
+                   "credentialsSecretRef": {"name": "mlflow-creds", "tokenKey": "token"}},
+        "wandb": {"project": "tuneop-test", "mode": "offline", "apiKeySecretRef": {"name": "wandb", "key": "key"}},
+    }
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
+                      hyperparameters={"maxSteps": 12}, evaluation={"maxSamples": 8, "maxNewTokens": 4},
+                      tracking=tracking)
+    home = tmp_path / "home"
+    # the credentials as the pod gets them (env from secretKeyRef); W&B's own dirs kept in tmp
+    env = {"MLFLOW_TRACKING_TOKEN": FAKE_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY, "HOME": str(home),
+           "WANDB_CONFIG_DIR": str(home / "wandb-config"), "WANDB_CACHE_DIR": str(home / "wandb-cache"),
+           "WANDB_DATA_DIR": str(home / "wandb-data")}
+    run = run_trainer(cfg, env=env, timeout=600)
+    assert run.rc == 0, run.stderr[-4000:]
+    done = run.termination
+    assert done is not None and done == run.one("done")
+    announced = run.one("tracking")
+    assert announced == {"event": "tracking", **done["tracking"]}
+    manifest_path = out / "adapter" / "tuneop-manifest.json"
+    adapter_sha = done["adapter"]["sha256"]
+    assert adapter_sha == sha256(out / "adapter" / "adapter_model.safetensors")
+
+    # ---- MLflow: read the run back from the server
+    run_id = done["tracking"]["mlflow"]["runId"]
+    client = MlflowClient(mlflow_server)
+    mrun = client.get_run(run_id)
+    assert mrun.info.status == "FINISHED"
+    assert mrun.info.run_name == "tiny-run"
+    experiment = client.get_experiment(mrun.info.experiment_id)
+    assert experiment.name == "tuneop-process-test"
+    assert done["tracking"]["mlflow"]["url"] == f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+    params = mrun.data.params
+    assert params["tuneop.baseModel"] == str(tiny_model)
+    assert params["tuneop.hyperparameters.maxSteps"] == "12"
+    assert params["learning_rate"] == str(5e-3)  # transformers' own reporting: the training arguments
+    assert not [k for k in params if "SecretRef" in k]
+    losses = client.get_metric_history(run_id, "loss")
+    assert len(losses) > 1
+    assert [m.step for m in losses] == sorted(m.step for m in losses)
+    progress_losses = [e["loss"] for e in run.of("progress") if e.get("loss") is not None]
+    assert sorted(m.value for m in losses) == pytest.approx(sorted(progress_losses))
+    metrics = mrun.data.metrics
+    evaluation = done["evaluation"]
+    assert metrics["test_base_exact_match"] == pytest.approx(evaluation["base"])
+    assert metrics["test_adapter_exact_match"] == pytest.approx(evaluation["adapter"])
+    assert metrics["test_samples"] == 8
+    assert metrics["final_steps"] == 12
+    tags = mrun.data.tags
+    manifest = json.loads(manifest_path.read_text())
+    assert tags["tuneop.adapter.sha256"] == adapter_sha == manifest["files"]["adapter_model.safetensors"]
+    assert tags["tuneop.adapter.manifestSha256"] == sha256(manifest_path)
+    assert tags["tuneop.trainingFingerprint"] == manifest["trainingFingerprint"]
+    artifacts = [a.path for a in client.list_artifacts(run_id, "adapter")]
+    assert artifacts == ["adapter/tuneop-manifest.json"]
+    fetched = Path(client.download_artifacts(run_id, "adapter/tuneop-manifest.json", str(tmp_path / "dl")))
+    assert sha256(fetched) == sha256(manifest_path)
+
+    # ---- W&B offline: the run directory holds the history and the summary
+    assert done["tracking"]["wandb"]["mode"] == "offline" and "url" not in done["tracking"]["wandb"]
+    wandb_id = done["tracking"]["wandb"]["runId"]
+    run_dirs = list((out / "tracking" / "wandb").glob(f"offline-run-*-{wandb_id}"))
+    assert len(run_dirs) == 1, list((out / "tracking").rglob("*"))
+    records = wandb_records(run_dirs[0] / f"run-{wandb_id}.wandb")
+    history_losses = [json.loads(item.value_json) for rec in records if rec.HasField("history")
+                      for item in rec.history.item if item_key(item) == "train/loss"]
+    assert len(history_losses) > 1
+    assert sorted(history_losses) == pytest.approx(sorted(progress_losses))
+    summary = {item_key(item): json.loads(item.value_json) for rec in records if rec.HasField("summary")
+               for item in rec.summary.update}
+    assert summary["tuneop.adapter.sha256"] == adapter_sha
+    assert summary["test_adapter_exact_match"] == pytest.approx(evaluation["adapter"])
+    assert summary["test_base_exact_match"] == pytest.approx(evaluation["base"])
+    assert any(rec.HasField("exit") and rec.exit.exit_code == 0 for rec in records)  # finished
+
+    # ---- status.tracking as the operator writes it from the termination message
+    from tuneop.finetunejob import reconcile as s
+
+    status = s.tracking_status(done)
+    assert status["mlflowRunId"] == run_id and status["wandbRunId"] == wandb_id and status["wandbMode"] == "offline"
+
+    # ---- no secret anywhere: the trainer's output, the job config, the results, the tracked run
+    searched: dict[str, str] = {
+        "stdout": run.stdout, "stderr": run.stderr, "job config": cfg.read_text(),
+        "termination": json.dumps(done), "status": json.dumps(status),
+        "mlflow params/tags": json.dumps([mrun.data.params, mrun.data.tags]),
+    }
+    for path in out.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            searched[str(path)] = path.read_bytes().decode("utf-8", "replace")
+    for where, text in searched.items():
+        for secret in SECRETS:
+            assert secret not in text, f"a secret is in {where}"
