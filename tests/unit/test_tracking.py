@@ -214,3 +214,25 @@ def test_tuneop_run_names_the_unset_variables_never_values() -> None:
     assert not any("alice-secret-value" in n for n in notes)
     assert local_secret_notes(spec, {"MLFLOW_TRACKING_USERNAME": "a", "MLFLOW_TRACKING_PASSWORD": "b",
                                      "WANDB_API_KEY": "c"}) == []
+
+
+def test_progress_poller_shows_the_run_while_training() -> None:
+    status = {"phase": "Running", "progress": {"step": 1}}
+    log = "\n".join([
+        json.dumps({"event": "start", "rows": 10}),
+        json.dumps({"event": "tracking", "mlflow": {"runId": "r1", "experimentId": "2", "url": "http://m/r1"},
+                    "wandb": {"runId": "k1", "mode": "offline"}}),
+        json.dumps({"event": "progress", "step": 2, "total_steps": 9, "loss": 0.5}),
+    ])
+    patch, events = s.progress_update(status, log, now="2026-01-01T00:00:00Z")
+    assert events == [] and patch is not None
+    assert patch["status"]["tracking"] == {"mlflowRunId": "r1", "mlflowExperimentId": "2",
+                                           "mlflowRunUrl": "http://m/r1", "wandbRunId": "k1", "wandbMode": "offline"}
+    assert patch["status"]["progress"]["step"] == 2
+    # once in the status, the same line changes nothing
+    again = {**status, "tracking": patch["status"]["tracking"], "progress": patch["status"]["progress"]}
+    assert s.progress_update(again, log, now="2026-01-01T01:00:00Z") == (None, [])
+    # a tail without it keeps what the status has
+    tail = json.dumps({"event": "progress", "step": 3, "total_steps": 9, "loss": 0.4})
+    patch, _ = s.progress_update(again, tail, now="2026-01-01T01:00:00Z")
+    assert patch is not None and "tracking" not in patch["status"]

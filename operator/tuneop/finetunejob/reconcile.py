@@ -349,11 +349,12 @@ def progress_update(
     """What the training pod's log tail changes in the status of a Running (or Evaluating) job:
     (status merge patch or None, Events). The newest ``progress`` line gives status.progress, the
     newest ``checkpoint`` line ``lastCheckpointStep``; an ``evaluating`` line after the last
-    progress line moves the phase to Evaluating (one Event) with ``progress.evaluation``."""
+    progress line moves the phase to Evaluating (one Event) with ``progress.evaluation``; a
+    ``tracking`` line (spec.tracking: the runs the trainer opened) gives status.tracking."""
     old = dict(status or {})
     if old.get("phase") not in (RUNNING, EVALUATING):
         return None, []
-    found = newest_events(log_text, ("progress", "evaluating", "checkpoint"))
+    found = newest_events(log_text, ("progress", "evaluating", "checkpoint", "tracking"))
     old_progress = dict(old.get("progress") or {})
     progress = dict(old_progress)
     if "progress" in found:
@@ -367,6 +368,9 @@ def progress_update(
     evaluating = "evaluating" in found and found["evaluating"][0] > found.get("progress", (-1, {}))[0]
     new = copy.deepcopy(old)
     events: list[dict[str, str]] = []
+    tracked = tracking_status({"tracking": found["tracking"][1]}) if "tracking" in found else {}
+    if tracked:
+        new["tracking"] = tracked
     if evaluating:
         ev = evaluation_progress(found["evaluating"][1])
         progress["evaluation"] = ev
@@ -381,7 +385,7 @@ def progress_update(
                            "message": "training done: " + message})
     stripped = {k: v for k, v in progress.items() if k != "updatedAt"}
     if stripped == {k: v for k, v in old_progress.items() if k != "updatedAt"} and not events \
-            and new.get("message") == old.get("message"):
+            and new.get("message") == old.get("message") and new.get("tracking") == old.get("tracking"):
         return None, []
     progress["updatedAt"] = now
     new["progress"] = progress
