@@ -58,6 +58,8 @@ class MlflowTracking(Model):
         max_length=2048,
         description="http(s):// URL of the MLflow tracking server, without credentials "
         "(those go in credentialsSecretRef).",
+        # the API server refuses a user part too (the model says why, without echoing it)
+        json_schema_extra={"pattern": r"^https?://[^/@?#\s]+([/?#].*)?$"},
     )
     experiment: str = Field(min_length=1, max_length=500, description="Experiment name (created when missing).")
     run_name: Optional[str] = Field(
