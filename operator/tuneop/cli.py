@@ -255,6 +255,20 @@ def local_secret_notes(spec: Any, environ: dict[str, str]) -> list[str]:
     return notes
 
 
+def describe_tracking(event: dict[str, Any]) -> list[str]:
+    """The runs spec.tracking opened, for a person (the trainer's `tracking` event)."""
+    out = []
+    mlflow = event.get("mlflow")
+    if isinstance(mlflow, dict) and mlflow.get("runId"):
+        out.append(f"MLflow run {mlflow['runId']}" + (f": {mlflow['url']}" if mlflow.get("url") else ""))
+    wandb = event.get("wandb")
+    if isinstance(wandb, dict) and wandb.get("runId"):
+        where = wandb.get("url") or ("offline; `wandb sync` it from <output>/tracking/wandb"
+                                     if wandb.get("mode") == "offline" else "")
+        out.append(f"W&B run {wandb['runId']}" + (f": {where}" if where else ""))
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
@@ -313,6 +327,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             elif kind == "interrupted":
                 where = f"; run it again to resume from {ev['checkpoint']}" if ev.get("checkpoint") else ""
                 print(f"tuneop: interrupted by {ev.get('signal')}{where}", file=sys.stderr)
+            elif kind == "tracking":
+                for line in describe_tracking(ev):
+                    print(f"tuneop: {line}", file=sys.stderr)
             elif kind == "done" and ev.get("reused"):
                 print("tuneop: the adapter already trained for this spec and data was kept (not trained again)",
                       file=sys.stderr)

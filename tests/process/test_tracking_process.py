@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -17,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from trainer_harness import make_config, run_trainer
+from trainer_harness import make_config, run_trainer, trainer_env
 
 pytestmark = pytest.mark.slow
 
@@ -209,3 +211,96 @@ def test_mlflow_and_wandb_offline_get_the_run_and_no_secret_leaks(mlflow_server,
     for where, text in searched.items():
         for secret in SECRETS:
             assert secret not in text, f"a secret is in {where}"
+
+
+def test_a_resumed_pod_continues_the_same_runs(mlflow_server, tiny_model, datasets, tmp_path):
+    """SIGTERM mid-training (the pod is evicted): the MLflow run ends KILLED; the next pod resumes from the
+    checkpoint and continues that very run (same id, transformers' parameters logged again without a
+    conflict), which ends FINISHED with the loss curve of both pods; W&B keeps the same run id."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    tracking = {"mlflow": {"trackingUri": mlflow_server, "experiment": "tuneop-resume-test"},
+                "wandb": {"project": "tuneop-test", "mode": "offline"}}
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out,
+                      hyperparameters={"maxSteps": 24, "batchSize": 4}, tracking=tracking)
+    home = tmp_path / "home"
+    extra = {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb-config"),
+             "WANDB_CACHE_DIR": str(home / "wandb-cache"), "WANDB_DATA_DIR": str(home / "wandb-data")}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneop.trainer", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=trainer_env(cfg.with_suffix(".termination"), **extra), start_new_session=True)
+    events = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if events[-1]["event"] == "progress" and events[-1]["step"] >= 4:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    events += [json.loads(x) for x in rest.splitlines() if x.strip()]
+    assert proc.returncode == 143, stderr[-3000:]
+    first = next(e for e in events if e["event"] == "tracking")
+    stopped = events[-1]["step"]
+    run_id = first["mlflow"]["runId"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    run = run_trainer(cfg, env=extra, timeout=600)
+    assert run.rc == 0, run.stderr[-4000:]
+    assert run.one("start")["resumed_from"]
+    assert run.termination["tracking"]["mlflow"]["runId"] == run_id
+    assert run.termination["tracking"]["wandb"]["runId"] == first["wandb"]["runId"]
+    mrun = client.get_run(run_id)
+    assert mrun.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert min(steps) <= stopped < max(steps) and max(steps) == 24
+    assert len(client.search_runs([mrun.info.experiment_id])) == 1
+
+
+def test_tuneop_run_tracks_into_mlflow_with_credentials_from_the_environment(mlflow_server, tiny_model, datasets,
+                                                                           tmp_path):
+    """`tuneop run` has no Secrets: the token comes from MLFLOW_TRACKING_TOKEN in the environment; the
+    run is announced; the token is printed nowhere, nor written into the job config it writes."""
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({
+        "apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "cli-tracked"},
+        "spec": {
+            "baseModel": str(tiny_model),
+            "dataset": {"train": {"pvc": {"claimName": "data", "path": datasets["pc_train"].name}}},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "hyperparameters": {"maxSteps": 6, "batchSize": 8, "maxSeqLength": 64},
+            "output": {"pvc": {"claimName": "out", "path": "job"}},
+            "tracking": {"mlflow": {"trackingUri": mlflow_server, "experiment": "tuneop-cli",
+                                    "credentialsSecretRef": {"name": "mlflow", "tokenKey": "token"}},
+                         "wandb": {"project": "p", "apiKeySecretRef": {"name": "wandb", "key": "k"}, "mode": "offline"}},
+        },
+    }))
+    home = tmp_path / "home"
+    env = trainer_env(tmp_path / "unused", TUNEOP_HOME=str(home), MLFLOW_TRACKING_TOKEN=FAKE_TOKEN, HOME=str(home),
+                      WANDB_CONFIG_DIR=str(home / "wandb-config"), WANDB_CACHE_DIR=str(home / "wandb-cache"),
+                      WANDB_DATA_DIR=str(home / "wandb-data"))
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneop.cli", "run", str(job), "--volume", f"data={datasets['pc_train'].parent}",
+         "--volume", f"out={tmp_path / 'out'}"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "spec.tracking: WANDB_API_KEY is not set" in proc.stderr
+    assert "MLFLOW_TRACKING_TOKEN is not set" not in proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("tuneop-cli").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == "cli-tracked"
+    assert f"tuneop: MLflow run {runs[0].info.run_id}: {mlflow_server}/#/experiments/" in proc.stderr
+    assert "W&B run " in proc.stderr and "offline" in proc.stderr
+    written = (home / "runs" / "cli-tracked" / "job.json").read_text()
+    for text in (proc.stdout, proc.stderr, written):
+        assert FAKE_TOKEN not in text
