@@ -1,5 +1,5 @@
 """spec.tracking for real: a real MLflow tracking server on loopback (the `mlflow` package, sqlite
-store, served artifacts) and W&B in offline mode, with a tiny training run through the trainer
+store, served artifacts, its basic-auth app: every request needs the user's password) and W&B in offline mode, with a tiny training run through the trainer
 command exactly as the pod runs it. The run is read back with MlflowClient and from W&B's offline
 run directory; a distinctive fake credential passed as the pod would get it (environment from a
 Secret) appears nowhere it must not."""
@@ -23,9 +23,11 @@ from trainer_harness import make_config, run_trainer, trainer_env
 
 pytestmark = pytest.mark.slow
 
-FAKE_TOKEN = "tuneop-fake-mlflow-token-7f3c9a1e5d"
+USER = "tuneop-trainer"
+FAKE_PASSWORD = "tuneop-fake-mlflow-password-7f3c9a1e5d"
 FAKE_WANDB_KEY = "tuneop-fake-wandb-key-0123456789abcdef0123"
-SECRETS = (FAKE_TOKEN, FAKE_WANDB_KEY)
+SECRETS = (FAKE_PASSWORD, FAKE_WANDB_KEY)
+CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": FAKE_PASSWORD}
 
 
 def free_port() -> int:
@@ -36,15 +38,23 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 (a free port), sqlite backend, artifacts served from a tmp dir."""
+    """`mlflow server --app-name basic-auth` on 127.0.0.1 (a free port), sqlite backend, artifacts served
+    from a tmp dir; its admin user (USER, FAKE_PASSWORD) is the only one, nothing is readable without it."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
+    (root / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{root}/auth.db\nadmin_username = {USER}\nadmin_password = {FAKE_PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     log = open(root / "server.log", "w")
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": hashlib.sha256(str(root).encode()).hexdigest()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(root), start_new_session=True,
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=str(root), start_new_session=True, env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -114,13 +124,21 @@ def item_key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def test_mlflow_and_wandb_offline_get_the_run_and_no_secret_leaks(mlflow_server, tiny_model, datasets, tmp_path):
+@pytest.fixture
+def client_credentials(monkeypatch) -> None:
+    """The test's own MlflowClient logs in like the trainer: from the environment."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_mlflow_and_wandb_offline_get_the_run_and_no_secret_leaks(mlflow_server, client_credentials, tiny_model,
+                                                                  datasets, tmp_path):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "out"
     tracking = {
         "mlflow": {"trackingUri": mlflow_server, "experiment": "tuneop-process-test", "runName": "tiny-run",
-                   "credentialsSecretRef": {"name": "mlflow-creds", "tokenKey": "token"}},
+                   "credentialsSecretRef": {"name": "mlflow-creds", "usernameKey": "u", "passwordKey": "p"}},
         "wandb": {"project": "tuneop-test", "mode": "offline", "apiKeySecretRef": {"name": "wandb", "key": "key"}},
     }
     cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out, test=datasets["pc_test"],
@@ -128,7 +146,7 @@ def test_mlflow_and_wandb_offline_get_the_run_and_no_secret_leaks(mlflow_server,
                       tracking=tracking)
     home = tmp_path / "home"
     # the credentials as the pod gets them (env from secretKeyRef); W&B's own dirs kept in tmp
-    env = {"MLFLOW_TRACKING_TOKEN": FAKE_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY, "HOME": str(home),
+    env = {**CREDENTIALS, "WANDB_API_KEY": FAKE_WANDB_KEY, "HOME": str(home),
            "WANDB_CONFIG_DIR": str(home / "wandb-config"), "WANDB_CACHE_DIR": str(home / "wandb-cache"),
            "WANDB_DATA_DIR": str(home / "wandb-data")}
     run = run_trainer(cfg, env=env, timeout=600)
@@ -213,7 +231,7 @@ def test_mlflow_and_wandb_offline_get_the_run_and_no_secret_leaks(mlflow_server,
             assert secret not in text, f"a secret is in {where}"
 
 
-def test_a_resumed_pod_continues_the_same_runs(mlflow_server, tiny_model, datasets, tmp_path):
+def test_a_resumed_pod_continues_the_same_runs(mlflow_server, client_credentials, tiny_model, datasets, tmp_path):
     """SIGTERM mid-training (the pod is evicted): the MLflow run ends KILLED; the next pod resumes from the
     checkpoint and continues that very run (same id, transformers' parameters logged again without a
     conflict), which ends FINISHED with the loss curve of both pods; W&B keeps the same run id."""
@@ -225,7 +243,7 @@ def test_a_resumed_pod_continues_the_same_runs(mlflow_server, tiny_model, datase
     cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out,
                       hyperparameters={"maxSteps": 24, "batchSize": 4}, tracking=tracking)
     home = tmp_path / "home"
-    extra = {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb-config"),
+    extra = {**CREDENTIALS, "HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb-config"),
              "WANDB_CACHE_DIR": str(home / "wandb-cache"), "WANDB_DATA_DIR": str(home / "wandb-data")}
     proc = subprocess.Popen([sys.executable, "-m", "tuneop.trainer", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -263,10 +281,10 @@ def test_a_resumed_pod_continues_the_same_runs(mlflow_server, tiny_model, datase
     assert len(client.search_runs([mrun.info.experiment_id])) == 1
 
 
-def test_tuneop_run_tracks_into_mlflow_with_credentials_from_the_environment(mlflow_server, tiny_model, datasets,
-                                                                           tmp_path):
-    """`tuneop run` has no Secrets: the token comes from MLFLOW_TRACKING_TOKEN in the environment; the
-    run is announced; the token is printed nowhere, nor written into the job config it writes."""
+def test_tuneop_run_tracks_into_mlflow_with_credentials_from_the_environment(mlflow_server, client_credentials,
+                                                                           tiny_model, datasets, tmp_path):
+    """`tuneop run` has no Secrets: the password comes from MLFLOW_TRACKING_PASSWORD in the environment;
+    the run is announced; the password is printed nowhere, nor written into the job config it writes."""
     job = tmp_path / "job.yaml"
     job.write_text(json.dumps({
         "apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "cli-tracked"},
@@ -277,12 +295,13 @@ def test_tuneop_run_tracks_into_mlflow_with_credentials_from_the_environment(mlf
             "hyperparameters": {"maxSteps": 6, "batchSize": 8, "maxSeqLength": 64},
             "output": {"pvc": {"claimName": "out", "path": "job"}},
             "tracking": {"mlflow": {"trackingUri": mlflow_server, "experiment": "tuneop-cli",
-                                    "credentialsSecretRef": {"name": "mlflow", "tokenKey": "token"}},
+                                    "credentialsSecretRef": {"name": "mlflow", "usernameKey": "u",
+                                                             "passwordKey": "p"}},
                          "wandb": {"project": "p", "apiKeySecretRef": {"name": "wandb", "key": "k"}, "mode": "offline"}},
         },
     }))
     home = tmp_path / "home"
-    env = trainer_env(tmp_path / "unused", TUNEOP_HOME=str(home), MLFLOW_TRACKING_TOKEN=FAKE_TOKEN, HOME=str(home),
+    env = trainer_env(tmp_path / "unused", TUNEOP_HOME=str(home), **CREDENTIALS, HOME=str(home),
                       WANDB_CONFIG_DIR=str(home / "wandb-config"), WANDB_CACHE_DIR=str(home / "wandb-cache"),
                       WANDB_DATA_DIR=str(home / "wandb-data"))
     env.pop("WANDB_API_KEY", None)
@@ -293,7 +312,7 @@ def test_tuneop_run_tracks_into_mlflow_with_credentials_from_the_environment(mlf
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "spec.tracking: WANDB_API_KEY is not set" in proc.stderr
-    assert "MLFLOW_TRACKING_TOKEN is not set" not in proc.stderr
+    assert "MLFLOW_TRACKING_PASSWORD is not set" not in proc.stderr
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -303,4 +322,22 @@ def test_tuneop_run_tracks_into_mlflow_with_credentials_from_the_environment(mlf
     assert "W&B run " in proc.stderr and "offline" in proc.stderr
     written = (home / "runs" / "cli-tracked" / "job.json").read_text()
     for text in (proc.stdout, proc.stderr, written):
-        assert FAKE_TOKEN not in text
+        assert FAKE_PASSWORD not in text
+
+
+def test_a_wrong_password_fails_the_run_before_training_and_is_echoed_nowhere(mlflow_server, tiny_model, datasets,
+                                                                             tmp_path):
+    """The server refuses the credentials: the trainer stops before training with a TrainingError (exit 1:
+    the Job retries, e.g. after the Secret is fixed) that does not carry the password it sent."""
+    wrong = "tuneop-wrong-password-5c2e8b"
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], tmp_path / "out",
+                      hyperparameters={"maxSteps": 4},
+                      tracking={"mlflow": {"trackingUri": mlflow_server, "experiment": "tuneop-refused"}})
+    run = run_trainer(cfg, env={"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": wrong}, timeout=300)
+    assert run.rc == 1, run.stderr[-3000:]
+    error = run.one("error")
+    assert error == run.termination and error["reason"] == "TrainingError"
+    assert error["message"].startswith("spec.tracking.mlflow: cannot open the run: ") and "401" in error["message"]
+    assert not run.of("progress") and not (tmp_path / "out" / "adapter").exists()
+    for text in (run.stdout, run.stderr, json.dumps(run.termination)):
+        assert wrong not in text and FAKE_PASSWORD not in text

@@ -24,6 +24,7 @@ import sys
 from typing import Any, Optional
 
 from ..api.tracking import TrackingSpec
+from .errors import TRAINING_ERROR, TrainerError
 from .events import shorten
 
 RUN_KEY_TAG = "tuneop.runKey"
@@ -136,11 +137,18 @@ class Tracker:
 
     # ------------------------------------------------------------------ start
     def start(self, params: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
-        """Open (or continue) the runs; returns what status.tracking shows."""
-        if self.tracking.mlflow is not None:
-            self._start_mlflow(params, tags)
-        if self.tracking.wandb is not None:
-            self._start_wandb(params, tags)
+        """Open (or continue) the runs; returns what status.tracking shows. A server that cannot be reached
+        or refuses the credentials stops the run before training: TrainingError (exit 1, the Job retries)
+        naming the field; the runs opened so far end FAILED."""
+        for field, start in (("mlflow", self._start_mlflow), ("wandb", self._start_wandb)):
+            if getattr(self.tracking, field) is None:
+                continue
+            try:
+                start(params, tags)
+            except Exception as e:  # noqa: BLE001 - any client error: reported with the field it concerns
+                self.close("FAILED")
+                raise TrainerError(TRAINING_ERROR, f"spec.tracking.{field}: cannot open the run: "
+                                   f"{type(e).__name__}: {shorten(str(e), 600)}") from None
         return self.info
 
     def _start_mlflow(self, params: dict[str, str], tags: dict[str, str]) -> None:
