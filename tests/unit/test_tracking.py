@@ -236,3 +236,17 @@ def test_progress_poller_shows_the_run_while_training() -> None:
     tail = json.dumps({"event": "progress", "step": 3, "total_steps": 9, "loss": 0.4})
     patch, _ = s.progress_update(again, tail, now="2026-01-01T01:00:00Z")
     assert patch is not None and "tracking" not in patch["status"]
+
+
+def test_the_tracking_secrets_are_dependencies_the_job_waits_for() -> None:
+    spec = FineTuneJobSpec.model_validate(ftj()["spec"])
+    deps = s.dependencies(spec)
+    assert ("Secret", "mlflow-creds", "user") in deps and ("Secret", "mlflow-creds", "pass") in deps
+    assert ("Secret", "wandb", "api-key") in deps
+    offline = FineTuneJobSpec.model_validate(ftj(tracking={"wandb": {"project": "p", "mode": "offline"}})["spec"])
+    assert not [d for d in s.dependencies(offline) if d[0] == "Secret"]
+    # a missing one: Pending, DependencyMissing naming the Secret and the key, nothing created
+    d = backends.reconcile(ftj(), s.Observed(missing=["Secret wandb (key api-key)"]), image="trainer:1",
+                           now="2026-01-01T00:00:00Z")
+    assert d.status["reason"] == "DependencyMissing" and "Secret wandb (key api-key)" in d.status["message"]
+    assert d.create == []

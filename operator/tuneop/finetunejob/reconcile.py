@@ -1201,6 +1201,9 @@ def dependencies(spec: FineTuneJobSpec) -> list[tuple[str, str, Optional[str]]]:
             out.append(("ConfigMap", src.config_map.name, src.config_map.key))
     if spec.hf_token_secret_ref is not None:
         out.append(("Secret", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
+    for env in b.tracking_env(spec):  # spec.tracking's credentials
+        ref = env["valueFrom"]["secretKeyRef"]
+        out.append(("Secret", ref["name"], ref["key"]))
     return list(dict.fromkeys(out))
 
 
