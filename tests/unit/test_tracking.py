@@ -189,6 +189,14 @@ def test_spec_params_leave_out_secret_references_and_tracking() -> None:
     assert all(isinstance(v, str) for v in params.values())
 
 
+def test_spec_params_drop_the_query_and_user_part_of_urls() -> None:
+    spec = FineTuneJobSpec.model_validate({**ftj()["spec"], "dataset": {"train": {
+        "url": "https://bob:bobs-pw-77@data.example:8443/news/train.jsonl?X-Amz-Signature=sig-secret&X-Amz-Credential=c"}}})
+    params = T.spec_params(spec.to_dict())
+    assert params["tuneop.dataset.train.url"] == "https://data.example:8443/news/train.jsonl"
+    assert not any("sig-secret" in v or "bobs-pw-77" in v for v in params.values())
+
+
 def test_final_metrics_and_tags() -> None:
     metrics = {"train_loss": 0.5, "final_loss": 0.25, "steps": 12, "stopped_by_time_budget": False, "resumed_from": "/x",
                "tokens_per_second": float("nan")}

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 from ..api.tracking import TrackingSpec
 from .errors import TRAINING_ERROR, TrainerError
@@ -66,15 +67,28 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def spec_params(spec: dict[str, Any]) -> dict[str, str]:
     """The resolved spec (camelCase) as run parameters ``tuneop.<path>``. Leaves out the tracking
-    settings and every Secret reference (names of Secrets are nobody's business in a tracking server)."""
+    settings, every Secret reference (names of Secrets are nobody's business in a tracking server) and
+    the query and user part of URLs."""
     kept = {k: v for k, v in spec.items() if k not in ("tracking", "together") and not k.endswith("SecretRef")}
     out = {}
     for key, value in sorted(flatten(kept).items()):
         if any(part.endswith("SecretRef") for part in key.split(".")):
             continue
-        text = value if isinstance(value, str) else _json(value)
+        text = _without_url_secrets(value) if isinstance(value, str) else _json(value)
         out[PARAM_PREFIX + key] = text[:MLFLOW_PARAM_LIMIT]
     return out
+
+
+def _without_url_secrets(text: str) -> str:
+    """A dataset URL may be a signed one (a token in its query) or carry a user part: neither leaves
+    for a tracking server; the scheme, host and path do."""
+    if not text.startswith(("http://", "https://")):
+        return text
+    parts = urlsplit(text)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _json(value: Any) -> str:
