@@ -341,3 +341,28 @@ def test_a_wrong_password_fails_the_run_before_training_and_is_echoed_nowhere(ml
     assert not run.of("progress") and not (tmp_path / "out" / "adapter").exists()
     for text in (run.stdout, run.stderr, json.dumps(run.termination)):
         assert wrong not in text and FAKE_PASSWORD not in text
+
+
+def test_torchrun_two_ranks_track_one_run(mlflow_server, client_credentials, tiny_model, datasets, tmp_path):
+    """Under DDP (gloo, 2 ranks) rank 0 alone opens the runs; one MLflow run, one W&B run, one announcement."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    tracking = {"mlflow": {"trackingUri": mlflow_server, "experiment": "tuneop-ddp"},
+                "wandb": {"project": "tuneop-test", "mode": "offline"}}
+    cfg = make_config(tmp_path / "job.json", tiny_model, datasets["pc_train"], out,
+                      hyperparameters={"maxSteps": 8, "batchSize": 4}, tracking=tracking)
+    home = tmp_path / "home"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "tuneop.trainer"]
+    run = run_trainer(cfg, cmd=cmd, timeout=600,
+                      env={**CREDENTIALS, "CUDA_VISIBLE_DEVICES": "", "HOME": str(home),
+                           "WANDB_CONFIG_DIR": str(home / "wandb-config"), "WANDB_CACHE_DIR": str(home / "wandb-cache"),
+                           "WANDB_DATA_DIR": str(home / "wandb-data")})
+    assert run.rc == 0, run.stderr[-4000:]
+    assert run.one("start")["worldSize"] == 2 and len(run.of("tracking")) == 1
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("tuneop-ddp").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == run.termination["tracking"]["mlflow"]["runId"]
+    assert runs[0].info.status == "FINISHED" and len(client.get_metric_history(runs[0].info.run_id, "loss")) > 1
+    assert len(list((out / "tracking" / "wandb").glob("offline-run-*"))) == 1
