@@ -23,6 +23,7 @@ from .api.crdgen import all_crds, render_yaml
 from .api.reference import render as render_reference
 from .backends import registered as backends
 from .dataset import check_file
+from .finetunejob.builders import tracking_env
 from .jobconfig import local_pvc_resolver, resolve
 from .manifests import ManifestError, format_validation_error, load_documents, load_finetunejob
 from .quickstart import write as write_quickstart
@@ -270,6 +271,31 @@ def _local_cost(spec: Any, resolved: dict[str, Any], price_text: str) -> Optiona
         return 2
     return None
 
+def local_secret_notes(spec: Any, environ: dict[str, str]) -> list[str]:
+    """`tuneop run` has no Secrets: each Secret reference of spec.tracking is read from the environment
+    variable the pod would get it as. One note per variable that is not set (names only, never values)."""
+    notes = []
+    for entry in tracking_env(spec):
+        ref = entry["valueFrom"]["secretKeyRef"]
+        if not environ.get(entry["name"]):
+            notes.append(f"spec.tracking: {entry['name']} is not set; tuneop run reads it from the environment "
+                         f"(in a cluster: Secret {ref['name']}, key {ref['key']})")
+    return notes
+
+
+def describe_tracking(event: dict[str, Any]) -> list[str]:
+    """The runs spec.tracking opened, for a person (the trainer's `tracking` event)."""
+    out = []
+    mlflow = event.get("mlflow")
+    if isinstance(mlflow, dict) and mlflow.get("runId"):
+        out.append(f"MLflow run {mlflow['runId']}" + (f": {mlflow['url']}" if mlflow.get("url") else ""))
+    wandb = event.get("wandb")
+    if isinstance(wandb, dict) and wandb.get("runId"):
+        where = wandb.get("url") or ("offline; `wandb sync` it from <output>/tracking/wandb"
+                                     if wandb.get("mode") == "offline" else "")
+        out.append(f"W&B run {wandb['runId']}" + (f": {where}" if where else ""))
+    return out
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.file)
@@ -302,6 +328,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = resolved["paths"]["output"]
     print(f"tuneop: running FineTuneJob {name} locally; output in {out}", file=sys.stderr)
     env = dict(os.environ)
+    for note in local_secret_notes(spec, env):
+        print(f"tuneop: {note}", file=sys.stderr)
     # the trainer shares our stderr: a bar on a terminal, plain lines in a file or CI log (no \r redraws)
     env.setdefault("TUNEOP_PROGRESS", progress_mode(env, sys.stderr))
     env["TUNEOP_TERMINATION_LOG"] = str(run_dir / "termination-log")
@@ -338,6 +366,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             elif kind == "interrupted":
                 where = f"; run it again to resume from {ev['checkpoint']}" if ev.get("checkpoint") else ""
                 print(f"tuneop: interrupted by {ev.get('signal')}{where}", file=sys.stderr)
+            elif kind == "tracking":
+                for line in describe_tracking(ev):
+                    print(f"tuneop: {line}", file=sys.stderr)
             elif kind == "done" and ev.get("reused"):
                 print("tuneop: the adapter already trained for this spec and data was kept (not trained again)",
                       file=sys.stderr)

@@ -502,7 +502,8 @@ def test_tenant_namespace_has_what_the_examples_need():
         text = path.read_text()
         for claim in re.findall(r"claimName: ([a-z0-9-]+)", text):
             assert ("PersistentVolumeClaim", claim) in have, (path.name, claim)
-        for secret in re.findall(r"(?:hfTokenSecretRef|apiKeySecretRef): \{name: ([a-z0-9-]+)", text):
+        for secret in re.findall(r"(?:hfTokenSecretRef|apiKeySecretRef|credentialsSecretRef): \{name: ([a-z0-9-]+)",
+                                 text):
             assert ("Secret", secret) in have, (path.name, secret)
     quota = next(d for d in docs if d["kind"] == "ResourceQuota")
     assert "requests.nvidia.com/gpu" in quota["spec"]["hard"]

@@ -83,6 +83,13 @@ BAD = {
     "split too large": [("dataset.validationSplit", 0.9)],
     "layers with full": [("adapter", {"type": "full", "layers": [0]})],
     "layer index out of range": [("adapter", {"layers": [5000]})],
+    "wandb online without a key": [("tracking", {"wandb": {"project": "p"}})],
+    "mlflow username without password": [("tracking", {"mlflow": {
+        "trackingUri": "http://m", "experiment": "e", "credentialsSecretRef": {"name": "c", "usernameKey": "u"}}})],
+    "mlflow credentials without keys": [("tracking", {"mlflow": {
+        "trackingUri": "http://m", "experiment": "e", "credentialsSecretRef": {"name": "c"}}})],
+    "mlflow uri with credentials": [("tracking", {"mlflow": {"trackingUri": "https://u:p@m", "experiment": "e"}})],
+    "mlflow uri not http": [("tracking", {"mlflow": {"trackingUri": "file:///mlruns", "experiment": "e"}})],
 }
 
 

@@ -23,7 +23,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[2] / "operator"
 PACKAGE = ROOT / "tuneop"
 HEAVY = {"torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "liger_kernel", "accelerate",
-         "together", "httpx", "vllm", "zstandard", "celpy", "jsonschema", "tqdm"}
+         "together", "httpx", "vllm", "zstandard", "celpy", "jsonschema", "tqdm",
+         "mlflow", "wandb"}
 # Optional where a module runs: the guard is shipped into any vLLM image and needs only the standard library.
 OPTIONAL_IN = {"tuneop.serving.guard": {"prometheus_client"}}
 LAYERS: list[tuple[str, tuple[str, ...]]] = [

@@ -21,6 +21,7 @@ from .common import (
 )
 from .cost import CostStatus
 from .startfrom import StartedFrom, StartFrom
+from .tracking import TrackingSpec, TrackingStatus
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -377,6 +378,9 @@ class FineTuneJobSpec(Model):
             "it does not restart anything."
         ),
     )
+    tracking: Optional[TrackingSpec] = Field(
+        default=None, description="Experiment tracking (MLflow, Weights & Biases) of the training run."
+    )
 
     cel_rules: ClassVar[list[tuple[str, str]]] = [
         (
@@ -571,6 +575,7 @@ class FineTuneJobStatus(Model):
         default=None, description="What the job started from (spec.startFrom), pinned with its sha256."
     )
     cost: Optional[CostStatus] = Field(default=None, description="Estimated and actual cost.")
+    tracking: Optional[TrackingStatus] = Field(default=None, description="Where the run was tracked.")
     start_time: Optional[str] = None
     completion_time: Optional[str] = None
 

@@ -248,6 +248,30 @@ def _env(spec: FineTuneJobSpec, *, hf_home: str) -> list[dict[str, Any]]:
     return env
 
 
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def tracking_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """spec.tracking's credentials as the environment MLflow and W&B read, each from its Secret key
+    (never a value: the job config holds only the non-secret settings)."""
+    env: list[dict[str, Any]] = []
+    tracking = spec.tracking
+    if tracking is None:
+        return env
+    creds = tracking.mlflow.credentials_secret_ref if tracking.mlflow is not None else None
+    if creds is not None:
+        if creds.token_key is not None:
+            env.append(_secret_env("MLFLOW_TRACKING_TOKEN", creds.name, creds.token_key))
+        if creds.username_key is not None and creds.password_key is not None:
+            env.append(_secret_env("MLFLOW_TRACKING_USERNAME", creds.name, creds.username_key))
+            env.append(_secret_env("MLFLOW_TRACKING_PASSWORD", creds.name, creds.password_key))
+    wandb = tracking.wandb
+    if wandb is not None and wandb.api_key_secret_ref is not None:
+        env.append(_secret_env("WANDB_API_KEY", wandb.api_key_secret_ref.name, wandb.api_key_secret_ref.key))
+    return env
+
+
 def _exit_code_2_fails_job(container: str, *, sigterm_ignored: bool = False, gang: bool = False) -> dict[str, Any]:
     """Exit code 2 = user error (bad data/config/hardware): fail at once, don't retry.
     Evictions and preemptions (DisruptionTarget) don't count against backoffLimit, nor (training)
@@ -408,6 +432,7 @@ def build_training_job(
     nodes = spec.resources.nodes
     env = _env(spec, hf_home=posixpath.join(output_dir(spec), ".hf-home"))
     env.append({"name": GRACE_ENV, "value": str(grace_seconds(spec))})
+    env.extend(tracking_env(spec))
     if nodes > 1:
         env.insert(
             0,

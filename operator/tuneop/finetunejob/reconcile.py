@@ -366,11 +366,12 @@ def progress_update(
     """What the training pod's log tail changes in the status of a Running (or Evaluating) job:
     (status merge patch or None, Events). The newest ``progress`` line gives status.progress, the
     newest ``checkpoint`` line ``lastCheckpointStep``; an ``evaluating`` line after the last
-    progress line moves the phase to Evaluating (one Event) with ``progress.evaluation``."""
+    progress line moves the phase to Evaluating (one Event) with ``progress.evaluation``; a
+    ``tracking`` line (spec.tracking: the runs the trainer opened) gives status.tracking."""
     old = dict(status or {})
     if old.get("phase") not in (RUNNING, EVALUATING):
         return None, []
-    found = newest_events(log_text, ("progress", "evaluating", "checkpoint"))
+    found = newest_events(log_text, ("progress", "evaluating", "checkpoint", "tracking"))
     old_progress = dict(old.get("progress") or {})
     progress = dict(old_progress)
     if "progress" in found:
@@ -384,6 +385,9 @@ def progress_update(
     evaluating = "evaluating" in found and found["evaluating"][0] > found.get("progress", (-1, {}))[0]
     new = copy.deepcopy(old)
     events: list[dict[str, str]] = []
+    tracked = tracking_status({"tracking": found["tracking"][1]}) if "tracking" in found else {}
+    if tracked:
+        new["tracking"] = tracked
     if evaluating:
         ev = evaluation_progress(found["evaluating"][1])
         progress["evaluation"] = ev
@@ -398,7 +402,7 @@ def progress_update(
                            "message": "training done: " + message})
     stripped = {k: v for k, v in progress.items() if k != "updatedAt"}
     if stripped == {k: v for k, v in old_progress.items() if k != "updatedAt"} and not events \
-            and new.get("message") == old.get("message"):
+            and new.get("message") == old.get("message") and new.get("tracking") == old.get("tracking"):
         return None, []
     progress["updatedAt"] = now
     new["progress"] = progress
@@ -910,7 +914,7 @@ def _reset_for_new_spec(bld: StatusBuilder, h: str) -> None:
     if st.get("specHash") == h:
         return
     for key in ("adapter", "evaluation", "progress", "dataset", "startTime", "completionTime", "jobName",
-                "restarts", "startedFrom", "cost"):
+                "restarts", "startedFrom", "cost", "tracking"):
         st.pop(key, None)
     bld.drop(VALIDATED, RUNNING_COND, SUCCEEDED_COND, FAILED_COND, COST_LIMIT_COND)
     st["specHash"] = h
@@ -1175,6 +1179,9 @@ def reconcile_kubernetes(
             evaluation = {k: ev[k] for k in ("metric", "samples", "base", "adapter") if k in ev}
             if evaluation:
                 bld.status["evaluation"] = evaluation
+        tracked = tracking_status(message)
+        if tracked:
+            bld.status["tracking"] = tracked
         progress = dict(bld.status.get("progress") or {})
         if progress.get("totalSteps") is not None:
             progress["step"] = progress["totalSteps"]
@@ -1251,6 +1258,27 @@ def reconcile_kubernetes(
     return bld.finish()
 
 
+TRACKING_FIELDS = (
+    ("mlflow", "runId", "mlflowRunId"), ("mlflow", "experimentId", "mlflowExperimentId"),
+    ("mlflow", "url", "mlflowRunUrl"), ("wandb", "runId", "wandbRunId"), ("wandb", "url", "wandbRunUrl"),
+    ("wandb", "mode", "wandbMode"),
+)
+
+
+def tracking_status(message: dict[str, Any]) -> dict[str, Any]:
+    """status.tracking from the ``tracking`` of the trainer's ``done`` message (strings only, bounded)."""
+    raw = message.get("tracking")
+    out: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        return out
+    for system, key, name in TRACKING_FIELDS:
+        part = raw.get(system)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value:
+            out[name] = value[:1024]
+    return out
+
+
 def adapter_status(location: str, message: dict[str, Any]) -> dict[str, Any]:
     """status.adapter from the trainer's ``done`` termination message."""
     raw = message.get("adapter")
@@ -1317,6 +1345,9 @@ def dependencies(spec: FineTuneJobSpec) -> list[tuple[str, str, Optional[str]]]:
             out.append(("ConfigMap", src.config_map.name, src.config_map.key))
     if spec.hf_token_secret_ref is not None:
         out.append(("Secret", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
+    for env in b.tracking_env(spec):  # spec.tracking's credentials
+        ref = env["valueFrom"]["secretKeyRef"]
+        out.append(("Secret", ref["name"], ref["key"]))
     return list(dict.fromkeys(out))
 
 

@@ -672,7 +672,7 @@ FINGERPRINT_VERSION = 1  # bumped when the meaning of the fingerprint changes
 FINGERPRINT_IGNORED = (
     # where the data and the output live (data are hashed by content), how the pod runs, evaluation
     "suspend", "evaluation", "activeDeadlineSeconds", "maxRetries", "image", "hfTokenSecretRef", "output",
-    "terminationGracePeriodSeconds", "backend", "together", "modelVolume", "maxCostUSD",
+    "terminationGracePeriodSeconds", "backend", "together", "modelVolume", "maxCostUSD", "tracking",
     "startFrom",  # where the starting adapter is: it counts by the sha256 of its weights (start_sha256)
 )
 FINGERPRINT_RESOURCES = ("gpus", "nodes")  # the world size changes the steps; the rest places the pods

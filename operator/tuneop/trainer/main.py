@@ -16,6 +16,7 @@ from . import evaluate as E
 from . import model as M
 from . import prefix as PF
 from . import startfrom as SF
+from . import tracking as T
 from .errors import TRAINING_ERROR, TrainerError
 from .events import Emitter, shorten
 from .manifest import (
@@ -98,20 +99,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         emitter.output_dir = cfg.paths.output
         return train(cfg, emitter, rank, world, termination=termination, context=context, progress=mode)
     except Interrupted as e:
+        close_tracking(context, "KILLED")
         print(f"tuneop: interrupted by {e.signal_name}"
               + (f"; resume point {context['checkpoint']}" if context["checkpoint"] else ""), file=sys.stderr)
         emitter.terminate(interrupted_event(e.signal_name, context["step"], context["checkpoint"]))
         return INTERRUPTED_EXIT_CODE
     except TrainerError as e:
+        close_tracking(context, "FAILED")
         event = {"event": "error", "reason": e.reason, "message": shorten(e.message)}
         event.update(e.details)
         emitter.terminate(event)
         return e.exit_code
     except KeyboardInterrupt:
+        close_tracking(context, "KILLED")
         emitter.terminate({"event": "error", "reason": TRAINING_ERROR, "message": "interrupted"})
         return 130
     except Exception as e:  # noqa: BLE001 - report anything as a TrainingError, exit 1 (retried)
         traceback.print_exc(file=sys.stderr)
+        close_tracking(context, "FAILED")
         emitter.terminate({"event": "error", "reason": TRAINING_ERROR, "message": shorten(f"{type(e).__name__}: {e}", 800)})
         return 1
     finally:
@@ -133,6 +138,13 @@ def interrupted_event(signal_name: str, step: Optional[int], checkpoint: Optiona
     if watchdog:
         event["watchdog"] = True  # the grace period ran out: the process left without finishing its step
     return event
+
+
+def close_tracking(context: dict[str, Any], status: str) -> None:
+    """End the tracking runs of a training that did not finish (KILLED: the next pod continues them)."""
+    tracker = context.pop("tracker", None)
+    if tracker is not None:
+        tracker.close(status)
 
 
 def last_complete(context: dict[str, Any]) -> tuple[Optional[int], Optional[str]]:
@@ -301,6 +313,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     callback = EventCallback(emitter, start_info, progress_bar=bar and rank == 0, budget=budget)
     marker = CheckpointMarker(fingerprint, budget)
     context["marker"] = marker
+    tracker = start_tracking(cfg, fingerprint, targs, output, emitter, rank, context)
 
     trainer_inputs = dict(
         model=model,
@@ -445,8 +458,34 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
         done: dict[str, Any] = {"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics}
         if started_from is not None:
             done["startedFrom"] = started_from
+        if tracker is not None:
+            context.pop("tracker", None)
+            tracker.finish(adapter, metrics, evaluation, fingerprint,
+                           os.path.join(output, "adapter", "tuneop-manifest.json"))
+            done["tracking"] = tracker.info
         emitter.terminate(done)
     return 0
+
+
+def start_tracking(cfg: C.JobConfig, fingerprint: str, targs: dict[str, Any], output: str, emitter: Emitter,
+                   rank: int, context: dict[str, Any]) -> Optional[T.Tracker]:
+    """spec.tracking: transformers' reporting on (every rank: its callbacks act on rank 0 only); rank 0
+    opens the runs they write into and announces them (event `tracking`)."""
+    tracking = cfg.spec.tracking
+    if tracking is None:
+        return None
+    targs["report_to"] = T.report_to(tracking)
+    targs["run_name"] = (tracking.mlflow.run_name if tracking.mlflow else None) or cfg.name
+    if rank != 0:
+        return None
+    meta = cfg.metadata
+    key = T.run_key(str(meta.get("namespace") or ""), cfg.name, str(meta.get("uid") or ""), fingerprint)
+    tracker = T.Tracker(tracking, key, targs["run_name"], output)
+    context["tracker"] = tracker
+    info = tracker.start(T.spec_params(cfg.spec.to_dict()), {"tuneop.trainingFingerprint": fingerprint,
+                                                             "tuneop.finetunejob": cfg.name})
+    emitter.emit({"event": "tracking", **info})
+    return tracker
 
 
 def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter) -> bool:

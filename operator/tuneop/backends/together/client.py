@@ -196,6 +196,8 @@ def unsupported(spec: FineTuneJobSpec) -> list[str]:
         out.append("adapter.type: qlora is not offered by Together; use lora or full")
     if spec.adapter.layers:
         out.append("adapter.layers: Together adapts every layer; remove adapter.layers")
+    if spec.tracking is not None:
+        out.append("tracking: experiment tracking needs the training to run here (backend kubernetes); remove tracking")
     from_checkpoint = bool(spec.together and spec.together.from_checkpoint) or bool(
         spec.start_from and (spec.start_from.together_checkpoint or spec.start_from.fine_tune_job))
     if not from_checkpoint and together_model(spec) is None:
