@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .common import Condition, Model, PvcRef, SecretKeyRef, Toleration
+from .storage import Storage
 
 KIND = "AdapterDeployment"
 PLURAL = "adapterdeployments"
@@ -39,9 +40,11 @@ class AdapterSource(Model):
     )
     url: Optional[str] = Field(
         default=None,
-        pattern=r"^https?://",
+        pattern=r"^(https?|s3)://",
         max_length=2048,
-        description="An HTTP(S) URL of a .tar.gz / .tar.zst archive of a PEFT adapter (extracted safely by an init container).",
+        description="An HTTP(S) URL of a .tar.gz / .tar.zst archive of a PEFT adapter (extracted safely by an init "
+        "container), or s3://bucket/prefix of an adapter tuneop uploaded (output.s3: every file checked against its "
+        "tuneop-manifest.json) or of such an archive (read with spec.storage.s3).",
     )
     sha256: Optional[str] = Field(
         default=None,
@@ -356,6 +359,7 @@ class AdapterDeploymentSpec(Model):
     )
     model_volume: Optional[PvcRef] = Field(default=None, description="PVC holding the base model.")
     hf_token_secret_ref: Optional[SecretKeyRef] = Field(default=None, description="Token for gated models.")
+    storage: Optional[Storage] = Field(default=None, description="Object storage of s3:// adapter sources.")
     adapters: list[AdapterRef] = Field(
         default_factory=list, max_length=256, description="Adapters to serve; add or remove them live."
     )

@@ -232,6 +232,7 @@ def _env(spec: FineTuneJobSpec, *, hf_home: str) -> list[dict[str, Any]]:
                 },
             }
         )
+    env += common.storage_env(spec.storage)
     return env
 
 

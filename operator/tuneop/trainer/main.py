@@ -8,13 +8,14 @@ import time
 import traceback
 from typing import IO, TYPE_CHECKING, Any, Optional
 
-from ..api.finetunejob import AdapterType, Method
+from .. import s3
+from ..api.finetunejob import AdapterType, FineTuneJobSpec, Method
 from . import config as C
 from . import data as D
 from . import evaluate as E
 from . import model as M
 from . import prefix as PF
-from .errors import TRAINING_ERROR, TrainerError
+from .errors import OUTPUT_UPLOAD_FAILED, TRAINING_ERROR, TrainerError
 from .events import Emitter, shorten
 from .manifest import (
     base_model_info,
@@ -172,7 +173,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     }
     fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256)
     checkpoints = os.path.join(output, "checkpoints")
-    if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter):
+    if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter, spec if rank == 0 else None):
         if rank == 0:
             remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
         return 0
@@ -412,11 +413,32 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
         )
         # the new adapter is complete: checkpoints of other specs or data (and of older trainers) go
         remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
-        emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
+    # outside the deferral: a SIGTERM during the upload leaves no manifest there; the next run reuses and uploads
+    adapter = publish_adapter(spec, adapter)
+    emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
     return 0
 
 
-def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter) -> bool:
+def publish_adapter(spec: FineTuneJobSpec, adapter: dict[str, Any]) -> dict[str, Any]:
+    """output.s3: upload the finished adapter (its files, then tuneop-manifest.json: the commit marker) and
+    add `uri` to the termination message's adapter block. Settings from the environment (tuneop.s3)."""
+    target = spec.output.s3
+    if target is None:
+        return adapter
+    print(f"tuneop: uploading the adapter to {target.uri}", file=sys.stderr)
+    try:
+        s3.upload_adapter(s3.Client(), adapter["path"], target.uri)
+    except s3.S3Error as e:
+        raise TrainerError(OUTPUT_UPLOAD_FAILED, f"cannot upload the adapter to output.s3.uri {target.uri}: {e}; "
+                           "its tuneop-manifest.json is not there: the upload counts as not done",
+                           user_error=e.client_error) from None
+    except OSError as e:
+        raise TrainerError(OUTPUT_UPLOAD_FAILED, f"cannot upload the adapter to output.s3.uri {target.uri}: {e}") from None
+    print(f"tuneop: uploaded the adapter to {target.uri}", file=sys.stderr)
+    return {**adapter, "uri": target.uri.rstrip("/")}
+
+
+def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter, spec: Optional[FineTuneJobSpec] = None) -> bool:
     """When <output>/adapter was trained for this very fingerprint and its files match its manifest: report
     it as this run's result (`done` with `reused: true`) without loading the model. Returns whether it did."""
 
@@ -430,6 +452,8 @@ def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter) -> bool:
         print(f"tuneop: not reusing {adapter_dir}: {decision['reason']}; training again", file=sys.stderr)
         return False
     adapter = describe_adapter(adapter_dir)
+    if spec is not None:  # output.s3 (rank 0): upload it again; a manifest already there is replaced last
+        adapter = publish_adapter(spec, adapter)
     print(f"tuneop: reused the adapter at {adapter_dir}: it was trained for this very spec and data (training "
           f"fingerprint {fingerprint}) and its files match its manifest; not training again", file=sys.stderr)
     emitter.terminate({"event": "done", "reused": True, "adapter": adapter,
