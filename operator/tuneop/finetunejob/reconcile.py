@@ -1059,6 +1059,8 @@ def reconcile_kubernetes(
         if progress:
             bld.status["progress"] = progress
         msg = f"adapter at {adapter['location']}"
+        if adapter.get("uri"):
+            msg += f", uploaded to {adapter['uri']}"
         if adapter["sha256"]:
             msg += f" (sha256 {adapter['sha256'][:12]})"
         else:
