@@ -236,3 +236,30 @@ def test_large_files_go_up_in_parts(server, client, tmp_path, monkeypatch):
     assert client.head(f"s3://{bucket}/big.bin")["etag"].strip('"').endswith("-3")  # three parts
     client.get_file(f"s3://{bucket}/big.bin", str(tmp_path / "back.bin"))
     assert (tmp_path / "back.bin").read_bytes() == data
+
+
+def test_tuneop_run_reads_an_s3_dataset_and_writes_an_s3_output(server, client, tiny_model, datasets, tmp_path):
+    """`tuneop run`: spec.storage.s3's endpoint from the YAML, the key pair from the shell's AWS_* env."""
+    bucket = make_bucket(client, "local-run")
+    client.put_file(f"s3://{bucket}/train.jsonl", str(datasets["pc_train"]))
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({  # JSON is YAML
+        "apiVersion": "tuneop.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "cli-s3"},
+        "spec": {
+            "baseModel": str(tiny_model),
+            "dataset": {"train": {"url": f"s3://{bucket}/train.jsonl"}},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "hyperparameters": {"maxSteps": 3, "batchSize": 8, "maxSeqLength": 64},
+            "output": {"pvc": {"claimName": "out", "path": "job"}, "s3": {"uri": f"s3://{bucket}/adapters/cli"}},
+            "storage": {"s3": {"endpoint": server.endpoint, "credentialsSecretRef": {"name": "unused-locally"}}},
+        },
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(OMP_NUM_THREADS="1", TUNEOP_PROGRESS="0", TUNEOP_HOME=str(tmp_path / "home"),
+               AWS_ACCESS_KEY_ID=server.access_key_id, AWS_SECRET_ACCESS_KEY=server.secret_access_key)
+    proc = subprocess.run([sys.executable, "-m", "tuneop.cli", "run", str(job), "--volume", f"out={tmp_path / 'out'}"],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"uploaded to: s3://{bucket}/adapters/cli" in proc.stdout + proc.stderr
+    local = tmp_path / "out" / "job" / "adapter" / s3.MANIFEST
+    assert client.get_bytes(f"s3://{bucket}/adapters/cli/{s3.MANIFEST}") == local.read_bytes()

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from test_podcauses import CRASHLOOP, crashed, cstatus, deployment
+from test_podcauses import pod as vllm_pod
 from test_status import LATER, SHA, cond, job, pod, run, running_ftj
 
-from tuneop import s3
+from tuneop import podcauses, s3
 from tuneop.adapterdeployment import builders as adb
 from tuneop.api.adapterdeployment import AdapterDeploymentSpec
 from tuneop.api.finetunejob import FineTuneJobSpec
@@ -169,3 +171,21 @@ def test_tuneop_run_takes_endpoint_and_region_from_the_spec_unless_the_shell_set
     # s3:// datasets are the trainer's to read: not a missing local file
     problems = local_problems(spec, {"model": "Qwen/Qwen3-8B", "train": "s3://datasets/news/train.jsonl"})
     assert not any(p.startswith("dataset.") for p in problems)
+
+
+def test_a_refused_s3_adapter_keeps_the_pod_from_starting_with_the_reason_in_the_status() -> None:
+    """fetch exits 2 before vLLM starts: the pod crash-loops in its init container, and the
+    AdapterDeployment's cause carries fetch's message naming the URI (nothing reached /adapters)."""
+    message = json.dumps({"event": "error", "reason": "AdapterRefused", "message":
+                          "s3://adapters/news: Incomplete: no tuneop-manifest.json: the upload did not finish, or "
+                          "this is not an adapter tuneop wrote"})
+    p = vllm_pod(init=[cstatus("fetch-web", state=CRASHLOOP, restarts=3, last=crashed(2, "Error", message),
+                               image="ghcr.io/tuneop/trainer:1")],
+                 containers=[cstatus(state=waiting_init())])
+    c = podcauses.pod_cause([p], workload=deployment())
+    assert c is not None and c["reason"] == "CrashLoop" and c["container"] == "fetch-web"
+    assert "s3://adapters/news: Incomplete" in c["message"] and "last exit code 2" in c["message"]
+
+
+def waiting_init() -> dict[str, Any]:
+    return {"waiting": {"reason": "PodInitializing"}}
