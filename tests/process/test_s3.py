@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,15 @@ def test_validate_only_reads_s3_and_names_the_uri_when_it_cannot(server, client,
         assert term["reason"] == "DatasetInvalid" and code in term["message"] and uri in term["message"], term
         assert server.secret_access_key not in run.stdout + run.stderr
         assert [p.name for p in (tmp_path / f"out{i}" / ".data").iterdir()] == []  # no partial file
+
+    # no server answering: the same report, but exit 1 (the Job retries it; a wrong bucket or key it does not)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    cfg = make_config(tmp_path / "down.json", tiny_model, train, tmp_path / "down", dataset={"train": {"url": train}})
+    run = run_trainer(cfg, "--validate-only", env=server.env(AWS_ENDPOINT_URL_S3=closed))
+    assert run.rc == 1 and run.termination["reason"] == "DatasetInvalid", run.stderr[-2000:]
+    assert "Unreachable" in run.termination["message"] and train in run.termination["message"]
 
 
 def test_training_uploads_the_adapter_manifest_last_and_fetch_verifies_it(server, client, tiny_model, datasets,
@@ -223,6 +234,15 @@ def test_fetch_refuses_a_missing_bucket_a_missing_key_and_bad_credentials(server
         assert not dest.exists() and list(dest.parent.iterdir()) == [], uri
     rc, msg = fetch(server, f"s3://{bucket}/ok", tmp_path / "good" / "a")
     assert rc == 0 and msg["adapter"]["sha256"] == hashlib.sha256(b"weights").hexdigest(), msg
+
+    # an archive key is downloaded and extracted like an https archive, its manifest checked
+    archive = tmp_path / "adapter.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="adapter")
+    client.put_file(f"s3://{bucket}/archives/adapter.tar.gz", str(archive))
+    rc, msg = fetch(server, f"s3://{bucket}/archives/adapter.tar.gz", tmp_path / "arch" / "a")
+    assert rc == 0 and msg["adapter"]["sha256"] == hashlib.sha256(b"weights").hexdigest(), msg
+    assert (tmp_path / "arch" / "a" / "adapter_model.safetensors").read_bytes() == b"weights"
 
 
 def test_large_files_go_up_in_parts(server, client, tmp_path, monkeypatch):

@@ -146,8 +146,8 @@ def download_s3(uri: str, target: str) -> str:
     environment (tuneop.s3: AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, ...)."""
     try:
         s3.Client().get_file(uri, target)
-    except s3.S3Error as e:
-        raise TrainerError(DATASET_INVALID, f"cannot download {e}") from None
+    except s3.S3Error as e:  # a missing bucket/key or bad credentials: not retried; no answer, 5xx: retried
+        raise TrainerError(DATASET_INVALID, f"cannot download {e}", user_error=e.client_error) from None
     print(f"tuneop: downloaded {uri}", file=sys.stderr)
     return target
 
