@@ -201,6 +201,9 @@ class Client:
                 time.sleep(min(2 ** attempt, 8))
                 if body is not None and not isinstance(body, bytes):
                     body.seek(start)
+                if sink is not None:  # a body cut short on the previous try: start the file again
+                    sink.seek(0)
+                    sink.truncate()
             extra = dict(headers or {})
             if body is not None or method in ("PUT", "POST"):
                 extra["content-length"] = str(length if not isinstance(body, bytes) else len(body))
@@ -213,11 +216,16 @@ class Client:
                 rsp = conn.getresponse()
                 status = rsp.status
                 if 200 <= status < 300:
+                    expected = rsp.getheader("content-length")
                     if sink is not None:
-                        shutil.copyfileobj(rsp, sink, CHUNK)
+                        got = _copy(rsp, sink)
                         data = b""
                     else:
                         data = rsp.read()
+                        got = len(data)
+                    if method != "HEAD" and expected is not None and expected.isdigit() and got != int(expected):
+                        # http.client returns a body cut short without an error when read in blocks
+                        raise http.client.IncompleteRead(b"", int(expected) - got)
                     return status, {k.lower(): v for k, v in rsp.getheaders()}, data
                 data = rsp.read()
             except (OSError, http.client.HTTPException) as e:
@@ -312,6 +320,16 @@ class Client:
             except S3Error:
                 pass
             raise
+
+
+def _copy(src: Any, dst: IO[bytes]) -> int:
+    n = 0
+    while True:
+        block = src.read(CHUNK)
+        if not block:
+            return n
+        dst.write(block)
+        n += len(block)
 
 
 class _Limited:

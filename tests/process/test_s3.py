@@ -283,3 +283,37 @@ def test_tuneop_run_reads_an_s3_dataset_and_writes_an_s3_output(server, client, 
     assert f"uploaded to: s3://{bucket}/adapters/cli" in proc.stdout + proc.stderr
     local = tmp_path / "out" / "job" / "adapter" / s3.MANIFEST
     assert client.get_bytes(f"s3://{bucket}/adapters/cli/{s3.MANIFEST}") == local.read_bytes()
+
+
+def test_a_download_cut_short_is_retried_from_the_start(tmp_path):
+    """A server that drops the connection half-way through the first answer: the client retries and the
+    file holds the object once, complete (never the first half twice)."""
+    import http.server
+    import threading
+
+    payload = os.urandom(300_000)
+    calls: list[int] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            calls.append(1)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload if len(calls) > 1 else payload[:100_000])
+            if len(calls) == 1:
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c = s3.Client(s3.Settings(endpoint=f"http://127.0.0.1:{srv.server_address[1]}"))
+        n = c.get_file("s3://bucket/object.bin", str(tmp_path / "object.bin"))
+    finally:
+        srv.shutdown()
+    assert len(calls) == 2 and n == len(payload)
+    assert (tmp_path / "object.bin").read_bytes() == payload
+    assert [p.name for p in tmp_path.iterdir()] == ["object.bin"]
