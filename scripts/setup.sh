@@ -13,7 +13,11 @@ HASH=$(cat pyproject.toml constraints.txt scripts/setup.sh tests/s3server/requir
 STAMP="$VENV/.tuneop-setup-$HASH"
 # A full (--serving) environment also satisfies the quickstart.
 FULL="$VENV/.tuneop-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh tests/s3server/requirements.txt <(echo "trainer,together,test,serving") | sha256sum | cut -c1-16)"
-if [ -f "$STAMP" ] || [ -f "$FULL" ]; then exit 0; fi
+S3VENV=${TUNEOP_S3_VENV:-.venv-s3server}
+if [ -f "$STAMP" ] || [ -f "$FULL" ]; then
+  # a test environment also needs the S3 test server's venv (below): made again when it was removed
+  if [[ "$EXTRAS" != *serving* ]] || [ -x "$S3VENV/bin/python" ]; then exit 0; fi
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,7 +35,6 @@ if [[ "$EXTRAS" == *serving* ]]; then
   python -c "import vllm, kmock, pytest"
   # A real S3 API server for the tests (moto, tests/s3server/): a venv of its own, since moto needs
   # botocore, which needs python-dateutil < 3, and the Kubernetes client 37 above needs >= 3.
-  S3VENV=${TUNEOP_S3_VENV:-.venv-s3server}
   [ -x "$S3VENV/bin/python" ] || "$PY" -m venv "$S3VENV"
   "$S3VENV/bin/python" -m pip install -q -r tests/s3server/requirements.txt 2>&1 | quiet
   "$S3VENV/bin/python" -c "import moto.server, boto3"
