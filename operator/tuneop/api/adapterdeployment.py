@@ -9,8 +9,8 @@ from typing import Annotated, Any, ClassVar, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from . import storage as storage_api
 from .common import Condition, Model, PvcRef, SecretKeyRef, Toleration
-from .storage import Storage
 
 KIND = "AdapterDeployment"
 PLURAL = "adapterdeployments"
@@ -359,7 +359,7 @@ class AdapterDeploymentSpec(Model):
     )
     model_volume: Optional[PvcRef] = Field(default=None, description="PVC holding the base model.")
     hf_token_secret_ref: Optional[SecretKeyRef] = Field(default=None, description="Token for gated models.")
-    storage: Optional[Storage] = Field(default=None, description="Object storage of s3:// adapter sources.")
+    storage: Optional[storage_api.Storage] = Field(default=None, description="Object storage of s3:// adapter sources.")
     adapters: list[AdapterRef] = Field(
         default_factory=list, max_length=256, description="Adapters to serve; add or remove them live."
     )
