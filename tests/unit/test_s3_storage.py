@@ -189,3 +189,16 @@ def test_a_refused_s3_adapter_keeps_the_pod_from_starting_with_the_reason_in_the
 
 def waiting_init() -> dict[str, Any]:
     return {"waiting": {"reason": "PodInitializing"}}
+
+
+def test_where_the_data_and_adapter_live_in_s3_does_not_change_the_training_fingerprint() -> None:
+    from tuneop.trainer.config import training_fingerprint
+
+    data = {"train": "a" * 64, "validation": None}
+    on_s3 = FineTuneJobSpec.model_validate(ftj()["spec"]).to_dict()
+    plain = dict(on_s3, storage=None, output={"pvc": {"claimName": "adapters", "path": "news"}},
+                 dataset={**on_s3["dataset"], "train": {"pvc": {"claimName": "d", "path": "train.jsonl"}}})
+    plain = {k: v for k, v in plain.items() if v is not None}
+    assert training_fingerprint(on_s3, data) == training_fingerprint(plain, data)
+    other_endpoint = dict(on_s3, storage={"s3": {"endpoint": "https://s3.example.com"}})
+    assert training_fingerprint(other_endpoint, data) == training_fingerprint(on_s3, data)
