@@ -67,7 +67,8 @@ class S3Error(Exception):
     def client_error(self) -> bool:
         """The request itself is wrong (missing bucket or key, bad credentials, refused): retrying
         changes nothing."""
-        return self.code in CLIENT_CODES or self.code in ("Incomplete", "ChecksumMismatch", "InvalidUri") or (
+        return self.code in CLIENT_CODES or self.code in ("Incomplete", "ChecksumMismatch", "InvalidUri",
+                                                          "InvalidEndpoint") or (
             400 <= self.status < 500 and self.status not in (408, 429))
 
 
@@ -158,8 +159,11 @@ def address(settings: Settings, bucket: str, key: str) -> tuple[str, str, str]:
     virtual-hosted style."""
     if settings.endpoint:
         p = urllib.parse.urlsplit(settings.endpoint)
+        if p.scheme not in ("http", "https") or not p.netloc:
+            raise S3Error(f"s3://{bucket}/{key}", "InvalidEndpoint",
+                          f"endpoint {settings.endpoint!r} is not http(s)://host[:port]")
         base = p.path.rstrip("/")
-        return p.scheme or "https", p.netloc, _quote(f"{base}/{bucket}/{key}", safe="/")
+        return p.scheme, p.netloc, _quote(f"{base}/{bucket}/{key}", safe="/")
     return "https", f"{bucket}.s3.{settings.region}.amazonaws.com", _quote(f"/{key}", safe="/")
 
 

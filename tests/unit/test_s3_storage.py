@@ -67,6 +67,9 @@ def test_uris_and_addresses() -> None:
     on_endpoint = s3.Settings(endpoint="http://127.0.0.1:9000")
     assert s3.address(on_endpoint, "b", "a b/c") == ("http", "127.0.0.1:9000", "/b/a%20b/c")
     assert s3.address(s3.Settings(region="eu-west-3"), "b", "k") == ("https", "b.s3.eu-west-3.amazonaws.com", "/k")
+    with pytest.raises(s3.S3Error) as e:
+        s3.address(s3.Settings(endpoint="minio:9000"), "b", "k")
+    assert e.value.code == "InvalidEndpoint" and "minio:9000" in str(e.value) and e.value.client_error
 
 
 def test_settings_from_the_environment_never_show_the_secret() -> None:
