@@ -8,14 +8,13 @@ import time
 import traceback
 from typing import IO, TYPE_CHECKING, Any, Optional
 
-from .. import s3
-from ..api.finetunejob import AdapterType, FineTuneJobSpec, Method
+from ..api.finetunejob import AdapterType, Method
 from . import config as C
 from . import data as D
 from . import evaluate as E
 from . import model as M
 from . import prefix as PF
-from .errors import OUTPUT_UPLOAD_FAILED, TRAINING_ERROR, TrainerError
+from .errors import TRAINING_ERROR, TrainerError
 from .events import Emitter, shorten
 from .manifest import (
     base_model_info,
@@ -36,6 +35,7 @@ from .paths import (
     resolve_model,
 )
 from .progress import EvalProgress, LinePrinter, progress_mode
+from .publish import publish_adapter
 from .termination import EXIT_CODE as INTERRUPTED_EXIT_CODE
 from .termination import Interrupted, Termination, grace_seconds
 
@@ -173,7 +173,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     }
     fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256)
     checkpoints = os.path.join(output, "checkpoints")
-    if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter, spec if rank == 0 else None):
+    if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter, upload_to(spec) if rank == 0 else None):
         if rank == 0:
             remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
         return 0
@@ -411,34 +411,20 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
                           "baseModelInfo": model_info},
             },
         )
+        # output.s3 (the files, then the manifest): a SIGTERM is deferred, the watchdog's kill leaves no manifest
+        adapter = publish_adapter(adapter, upload_to(spec))
         # the new adapter is complete: checkpoints of other specs or data (and of older trainers) go
         remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
-    # outside the deferral: a SIGTERM during the upload leaves no manifest there; the next run reuses and uploads
-    adapter = publish_adapter(spec, adapter)
-    emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
+        emitter.terminate({"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics})
     return 0
 
 
-def publish_adapter(spec: FineTuneJobSpec, adapter: dict[str, Any]) -> dict[str, Any]:
-    """output.s3: upload the finished adapter (its files, then tuneop-manifest.json: the commit marker) and
-    add `uri` to the termination message's adapter block. Settings from the environment (tuneop.s3)."""
-    target = spec.output.s3
-    if target is None:
-        return adapter
-    print(f"tuneop: uploading the adapter to {target.uri}", file=sys.stderr)
-    try:
-        s3.upload_adapter(s3.Client(), adapter["path"], target.uri)
-    except s3.S3Error as e:
-        raise TrainerError(OUTPUT_UPLOAD_FAILED, f"cannot upload the adapter to output.s3.uri {target.uri}: {e}; "
-                           "its tuneop-manifest.json is not there: the upload counts as not done",
-                           user_error=e.client_error) from None
-    except OSError as e:
-        raise TrainerError(OUTPUT_UPLOAD_FAILED, f"cannot upload the adapter to output.s3.uri {target.uri}: {e}") from None
-    print(f"tuneop: uploaded the adapter to {target.uri}", file=sys.stderr)
-    return {**adapter, "uri": target.uri.rstrip("/")}
+def upload_to(spec: Any) -> Optional[str]:
+    """output.s3.uri, where the finished adapter is also uploaded (None: nowhere)."""
+    return spec.output.s3.uri if spec.output.s3 is not None else None
 
 
-def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter, spec: Optional[FineTuneJobSpec] = None) -> bool:
+def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter, upload: Optional[str] = None) -> bool:
     """When <output>/adapter was trained for this very fingerprint and its files match its manifest: report
     it as this run's result (`done` with `reused: true`) without loading the model. Returns whether it did."""
 
@@ -452,8 +438,8 @@ def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter, spec: Op
         print(f"tuneop: not reusing {adapter_dir}: {decision['reason']}; training again", file=sys.stderr)
         return False
     adapter = describe_adapter(adapter_dir)
-    if spec is not None:  # output.s3 (rank 0): upload it again; a manifest already there is replaced last
-        adapter = publish_adapter(spec, adapter)
+    # output.s3 (rank 0): upload it again; a manifest already there is deleted first and written last
+    adapter = publish_adapter(adapter, upload)
     print(f"tuneop: reused the adapter at {adapter_dir}: it was trained for this very spec and data (training "
           f"fingerprint {fingerprint}) and its files match its manifest; not training again", file=sys.stderr)
     emitter.terminate({"event": "done", "reused": True, "adapter": adapter,
