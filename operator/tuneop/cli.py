@@ -115,6 +115,21 @@ def local_problems(spec: Any, paths: dict[str, Any]) -> list[str]:
     return out
 
 
+def local_storage_env(spec: Any, environ: dict[str, str]) -> dict[str, str]:
+    """`tuneop run`: spec.storage.s3's endpoint and region for the trainer, unless this shell sets its own
+    (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION). The access key pair comes
+    from this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: there is no Secret to read locally."""
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    out: dict[str, str] = {}
+    if s3 is None:
+        return out
+    if s3.endpoint and not (environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")):
+        out["AWS_ENDPOINT_URL_S3"] = s3.endpoint.rstrip("/")
+    if s3.region and not (environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")):
+        out["AWS_REGION"] = s3.region
+    return out
+
+
 # ---------------------------------------------------------------- render
 def cmd_render(args: argparse.Namespace) -> int:
 
@@ -242,21 +257,6 @@ def summary_table(events: dict[str, dict[str, Any]], wall_seconds: float) -> str
     if start.get("model"):
         out.insert(0, f"base model: {start['model']}")
     return "\n".join(out)
-
-
-def local_storage_env(spec: Any, environ: dict[str, str]) -> dict[str, str]:
-    """`tuneop run`: spec.storage.s3's endpoint and region for the trainer, unless this shell sets its own
-    (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION). The access key pair comes
-    from this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: there is no Secret to read locally."""
-    s3 = spec.storage.s3 if spec.storage is not None else None
-    out: dict[str, str] = {}
-    if s3 is None:
-        return out
-    if s3.endpoint and not (environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")):
-        out["AWS_ENDPOINT_URL_S3"] = s3.endpoint.rstrip("/")
-    if s3.region and not (environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")):
-        out["AWS_REGION"] = s3.region
-    return out
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, ClassVar, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from . import storage as storage_api
 from .common import (
     Condition,
     ConfigMapKeyRef,
@@ -19,7 +20,6 @@ from .common import (
     SecretKeyRef,
     Toleration,
 )
-from .storage import S3Output, Storage
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -258,7 +258,7 @@ class OutputSpec(Model):
     """Where the adapter is written: <path>/adapter in the volume, plus checkpoints and progress."""
 
     pvc: PvcRef = Field(description="Output volume and directory.")
-    s3: Optional[S3Output] = Field(
+    s3: Optional[storage_api.S3Output] = Field(
         default=None,
         description="Also upload the finished adapter here (with spec.storage.s3); the volume keeps checkpoints.",
     )
@@ -330,7 +330,7 @@ class FineTuneJobSpec(Model):
     dataset: Dataset = Field(description="Training, validation and test data.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     output: OutputSpec = Field(description="Where the adapter is written.")
-    storage: Optional[Storage] = Field(default=None, description="Object storage of s3:// URIs.")
+    storage: Optional[storage_api.Storage] = Field(default=None, description="Object storage of s3:// URIs.")
     resources: Resources = Field(default_factory=Resources)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     image: Optional[str] = Field(

@@ -644,7 +644,8 @@ def decide_shared_prefix(
 FINGERPRINT_VERSION = 1  # bumped when the meaning of the fingerprint changes
 FINGERPRINT_IGNORED = (
     # where the data and the output live (data are hashed by content), how the pod runs, evaluation
-    "suspend", "evaluation", "activeDeadlineSeconds", "maxRetries", "image", "hfTokenSecretRef", "output", "storage",
+    "storage",  # spec.storage: where s3:// data and output live
+    "suspend", "evaluation", "activeDeadlineSeconds", "maxRetries", "image", "hfTokenSecretRef", "output",
     "terminationGracePeriodSeconds", "backend", "together", "modelVolume",
 )
 FINGERPRINT_RESOURCES = ("gpus", "nodes")  # the world size changes the steps; the rest places the pods
