@@ -28,8 +28,9 @@ HEAVY = {"torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "li
 OPTIONAL_IN = {"tuneop.serving.guard": {"prometheus_client"}}
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("tuneop.api",)),
-    ("pure", ("tuneop.s3", "tuneop.dataset", "tuneop.archive", "tuneop.jobconfig", "tuneop.podcauses", "tuneop.workload_defaults",
+    ("pure", ("tuneop.dataset", "tuneop.archive", "tuneop.jobconfig", "tuneop.podcauses", "tuneop.workload_defaults",
               "tuneop.manifests", "tuneop.quickstart", "tuneop.objects", "tuneop.trainer", "tuneop.serving.guard",
+              "tuneop.s3",
               "tuneop.serving.fetch", "tuneop.serving.client")),
     ("decide", ("tuneop.finetunejob.builders", "tuneop.finetunejob.reconcile", "tuneop.adapterdeployment.builders",
                 "tuneop.adapterdeployment.reconcile", "tuneop.adapterdeployment.basemodel",
