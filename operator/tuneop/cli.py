@@ -78,7 +78,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed = True
         for split in ("train", "validation", "test"):
             p = resolved["paths"].get(split)
-            if not p or p.startswith(("http://", "https://")) or not Path(p).exists():
+            if not p or p.startswith(("http://", "https://", "s3://")) or not Path(p).exists():
                 continue
             report = check_file(p, declared)
             print(f"  {split}: {report.summary()}")
@@ -106,7 +106,7 @@ def local_problems(spec: Any, paths: dict[str, Any]) -> list[str]:
     for split in ("train", "validation", "test"):
         source = getattr(spec.dataset, split)
         p = paths.get(split)
-        if source is None or not p or str(p).startswith(("http://", "https://")):
+        if source is None or not p or str(p).startswith(("http://", "https://", "s3://")):
             continue
         if not Path(p).is_file():
             where = ""
@@ -115,6 +115,21 @@ def local_problems(spec: Any, paths: dict[str, Any]) -> list[str]:
             elif source.config_map is not None:
                 where = f" (configMap {source.config_map.name}; locally a file under $TUNEOP_HOME/configmaps/)"
             out.append(f"dataset.{split}: {p} does not exist{where}")
+    return out
+
+
+def local_storage_env(spec: Any, environ: dict[str, str]) -> dict[str, str]:
+    """`tuneop run`: spec.storage.s3's endpoint and region for the trainer, unless this shell sets its own
+    (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION). The access key pair comes
+    from this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: there is no Secret to read locally."""
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    out: dict[str, str] = {}
+    if s3 is None:
+        return out
+    if s3.endpoint and not (environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")):
+        out["AWS_ENDPOINT_URL_S3"] = s3.endpoint.rstrip("/")
+    if s3.region and not (environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")):
+        out["AWS_REGION"] = s3.region
     return out
 
 
@@ -242,6 +257,8 @@ def summary_table(events: dict[str, dict[str, Any]], wall_seconds: float) -> str
     adapter = done.get("adapter") or {}
     if adapter:
         out.append(f"adapter: {adapter.get('path')}  sha256 {str(adapter.get('sha256'))[:16]}…")
+        if adapter.get("uri"):
+            out.append(f"uploaded to: {adapter['uri']} (tuneop-manifest.json last)")
     if start.get("model"):
         out.insert(0, f"base model: {start['model']}")
     return "\n".join(out)
@@ -333,6 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the trainer shares our stderr: a bar on a terminal, plain lines in a file or CI log (no \r redraws)
     env.setdefault("TUNEOP_PROGRESS", progress_mode(env, sys.stderr))
     env["TUNEOP_TERMINATION_LOG"] = str(run_dir / "termination-log")
+    env.update(local_storage_env(spec, env))
     cmd = [sys.executable, "-m", "tuneop.trainer", "--config", str(config_path)]
     if args.gpus and args.gpus > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.gpus}",

@@ -33,3 +33,22 @@ def resource_requirements(requests: dict[str, Any], limits: dict[str, Any]) -> d
     if limits:
         out["limits"] = limits
     return out
+
+
+def storage_env(storage: Any) -> list[dict[str, Any]]:
+    """The environment a pod reads s3:// URIs with (``tuneop.s3``), from ``spec.storage``: endpoint and
+    region as values, the access key pair only as ``secretKeyRef`` (never a value)."""
+    s3 = getattr(storage, "s3", None)
+    if s3 is None:
+        return []
+    env: list[dict[str, Any]] = []
+    if s3.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint.rstrip("/")})
+    if s3.region:
+        env.append({"name": "AWS_REGION", "value": s3.region})
+    ref = s3.credentials_secret_ref
+    if ref is not None:
+        for name, key in (("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
+                          ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key)):
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
+    return env

@@ -305,7 +305,7 @@ def build_pod_template(
                 "name": f"fetch-{i}",
                 "image": trainer_image,
                 "command": fetch_command(aname, url, sha),
-                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, *common.storage_env(spec.storage)],
                 "resources": FETCH_RESOURCES,
                 "volumeMounts": [
                     {"name": "adapters", "mountPath": URL_ROOT},

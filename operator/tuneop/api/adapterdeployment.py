@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from . import storage as storage_api
 from .common import Condition, Model, PvcRef, SecretKeyRef, Toleration
 from .servingdefaults import VLLM_LORA_RANKS, ServingStatus
 
@@ -40,9 +41,11 @@ class AdapterSource(Model):
     )
     url: Optional[str] = Field(
         default=None,
-        pattern=r"^https?://",
+        pattern=r"^(https?|s3)://",
         max_length=2048,
-        description="An HTTP(S) URL of a .tar.gz / .tar.zst archive of a PEFT adapter (extracted safely by an init container).",
+        description="An HTTP(S) URL of a .tar.gz / .tar.zst archive of a PEFT adapter (extracted safely by an init "
+        "container), or s3://bucket/prefix of an adapter tuneop uploaded (output.s3: every file checked against its "
+        "tuneop-manifest.json) or of such an archive (read with spec.storage.s3).",
     )
     sha256: Optional[str] = Field(
         default=None,
@@ -373,6 +376,7 @@ class AdapterDeploymentSpec(Model):
     )
     model_volume: Optional[PvcRef] = Field(default=None, description="PVC holding the base model.")
     hf_token_secret_ref: Optional[SecretKeyRef] = Field(default=None, description="Token for gated models.")
+    storage: Optional[storage_api.Storage] = Field(default=None, description="Object storage of s3:// adapter sources.")
     adapters: list[AdapterRef] = Field(
         default_factory=list, max_length=256, description="Adapters to serve; add or remove them live."
     )

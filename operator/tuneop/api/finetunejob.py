@@ -11,6 +11,7 @@ from typing import Annotated, Any, ClassVar, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from . import storage as storage_api
 from .common import (
     Condition,
     ConfigMapKeyRef,
@@ -98,9 +99,9 @@ class DataSource(Model):
     pvc: Optional[PvcRef] = Field(default=None, description="A JSONL file inside a PVC.")
     url: Optional[str] = Field(
         default=None,
-        pattern=r"^https?://",
+        pattern=r"^(https?|s3)://",
         max_length=2048,
-        description="An HTTP(S) URL of a JSONL file.",
+        description="An HTTP(S) URL of a JSONL file, or s3://bucket/key (read with spec.storage.s3).",
     )
     config_map: Optional[ConfigMapKeyRef] = Field(
         default=None, description="A key of a ConfigMap holding JSONL (small datasets)."
@@ -260,6 +261,10 @@ class OutputSpec(Model):
     """Where the adapter is written: <path>/adapter in the volume, plus checkpoints and progress."""
 
     pvc: PvcRef = Field(description="Output volume and directory.")
+    s3: Optional[storage_api.S3Output] = Field(
+        default=None,
+        description="Also upload the finished adapter here (with spec.storage.s3); the volume keeps checkpoints.",
+    )
 
 
 class Resources(Model):
@@ -332,6 +337,7 @@ class FineTuneJobSpec(Model):
     dataset: Dataset = Field(description="Training, validation and test data.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     output: OutputSpec = Field(description="Where the adapter is written.")
+    storage: Optional[storage_api.Storage] = Field(default=None, description="Object storage of s3:// URIs.")
     resources: Resources = Field(default_factory=Resources)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     image: Optional[str] = Field(
@@ -481,6 +487,7 @@ class BaseModelInfo(Model):
 
 class AdapterStatus(Model):
     location: str = Field(description="Where the adapter is, e.g. pvc://adapters/news/adapter.")
+    uri: Optional[str] = Field(default=None, description="The s3:// prefix it was uploaded to (output.s3).")
     sha256: str = Field(description="sha256 of adapter_model.safetensors (or model weights).")
     manifest_sha256: Optional[str] = None
     size_bytes: Optional[int] = None

@@ -245,6 +245,7 @@ def _env(spec: FineTuneJobSpec, *, hf_home: str) -> list[dict[str, Any]]:
                 },
             }
         )
+    env += common.storage_env(spec.storage)
     return env
 
 

@@ -131,6 +131,9 @@ PLATFORM_ERRORS = PLATFORM_ERRORS + (
     TOGETHER_ERROR, TOGETHER_CANCELLED, TOGETHER_JOB_NOT_FOUND, TOGETHER_UNAVAILABLE,
     TOGETHER_RATE_LIMITED, ARCHIVE_INVALID,
 )
+# output.s3: the trainer could not upload the adapter (its manifest, the commit marker, is not there)
+OUTPUT_UPLOAD_FAILED = "OutputUploadFailed"
+PLATFORM_ERRORS = PLATFORM_ERRORS + (OUTPUT_UPLOAD_FAILED,)
 
 GANG_RESTART = gang.GANG_RESTART  # a rank of a multi-node training failed: every rank restarts
 # Failures a restart of a multi-node gang may cure (not a user error, not activeDeadlineSeconds).
@@ -156,6 +159,7 @@ _TRAINER_REASONS = {
     "ConfigInvalid": SPEC_INVALID,
     "UnsupportedHardware": UNSUPPORTED_HARDWARE,
     "TrainingError": TRAINING_FAILED,
+    "OutputUploadFailed": OUTPUT_UPLOAD_FAILED,
 }
 
 DEPENDENCY_RETRY_SECONDS = 30.0
@@ -1190,6 +1194,8 @@ def reconcile_kubernetes(
         if progress:
             bld.status["progress"] = progress
         msg = f"adapter at {adapter['location']}"
+        if adapter.get("uri"):
+            msg += f", uploaded to {adapter['uri']}"
         if adapter["sha256"]:
             msg += f" (sha256 {adapter['sha256'][:12]})"
         else:
@@ -1286,6 +1292,8 @@ def adapter_status(location: str, message: dict[str, Any]) -> dict[str, Any]:
     adapter: dict[str, Any] = {"location": location, "sha256": str(msg.get("sha256") or "")}
     if msg.get("manifestSha256"):
         adapter["manifestSha256"] = msg["manifestSha256"]
+    if isinstance(msg.get("uri"), str) and msg["uri"].startswith("s3://"):
+        adapter["uri"] = msg["uri"][:1024]
     if msg.get("sizeBytes") is not None:
         adapter["sizeBytes"] = msg["sizeBytes"]
     if isinstance(msg.get("baseModel"), str) and msg["baseModel"]:
@@ -1348,6 +1356,10 @@ def dependencies(spec: FineTuneJobSpec) -> list[tuple[str, str, Optional[str]]]:
     for env in b.tracking_env(spec):  # spec.tracking's credentials
         ref = env["valueFrom"]["secretKeyRef"]
         out.append(("Secret", ref["name"], ref["key"]))
+    s3 = spec.storage.s3 if spec.storage is not None else None
+    if s3 is not None and s3.credentials_secret_ref is not None:
+        ref = s3.credentials_secret_ref
+        out += [("Secret", ref.name, ref.access_key_id_key), ("Secret", ref.name, ref.secret_access_key_key)]
     return list(dict.fromkeys(out))
 
 

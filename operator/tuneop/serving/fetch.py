@@ -9,6 +9,13 @@ the sha256 of ``adapter_model.safetensors`` against ``--sha256``, else against t
 ``--sha256`` gets one listing every extracted file (the guard refuses an adapter without a
 manifest unless the AdapterDeployment allows it: ``allowUnverified``). Exit 0 on success, 2 for a bad archive or a sha256
 mismatch (the pod stays in Init:Error, visible in its termination message), 1 for download errors.
+
+``--url s3://bucket/key`` (settings from the environment: ``tuneop.s3``): a key ending in an archive
+suffix is downloaded and handled as above; any other is the prefix of an adapter ``output.s3`` uploaded:
+its ``tuneop-manifest.json`` first (none: an upload that did not finish, refused), then every file it
+lists, each checked against its sha256 and the weights against ``--sha256``, all in a directory beside
+``DIR`` renamed into place only when everything matched. Refusals (a missing bucket or key, bad
+credentials, an incomplete upload, a mismatch) exit 2 with a message naming the URI.
 """
 from __future__ import annotations
 
@@ -21,13 +28,17 @@ import tempfile
 import urllib.request
 from typing import Optional
 
+from .. import s3
 from ..archive import ArchiveError, find_adapter_dir, safe_extract
 from ..trainer.manifest import MANIFEST, file_hashes, sha256_file, weights_file
 
 CHUNK = 1 << 20
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst")
 
 
 def download(url: str, dest_file: str, *, timeout: float = 300.0) -> int:
+    if s3.is_s3(url):
+        return s3.Client().get_file(url, dest_file)
     n = 0
     with urllib.request.urlopen(url, timeout=timeout) as rsp, open(dest_file, "wb") as f:  # noqa: S310
         while True:
@@ -64,12 +75,14 @@ def write_manifest(adapter_dir: str, url: str, weights_sha256: str) -> None:
 
 
 def fetch(url: str, dest: str, sha256: Optional[str] = None) -> dict[str, Optional[str]]:
-    """Download + extract + verify; returns {"path", "sha256"}. Raises ArchiveError."""
+    """Download + extract + verify; returns {"path", "sha256"}. Raises ArchiveError (S3Error for s3://)."""
     dest = os.path.abspath(dest)
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}-fetch-", dir=parent)
     try:
+        if s3.is_s3(url) and not url.lower().endswith(ARCHIVE_SUFFIXES):
+            return _fetch_s3_adapter(url, dest, sha256, work)
         archive = os.path.join(work, "archive")
         download(url, archive)
         root = os.path.join(work, "x")
@@ -91,6 +104,21 @@ def fetch(url: str, dest: str, sha256: Optional[str] = None) -> dict[str, Option
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _fetch_s3_adapter(prefix: str, dest: str, sha256: Optional[str], work: str) -> dict[str, Optional[str]]:
+    staged = os.path.join(work, "adapter")
+    s3.download_adapter(s3.Client(), prefix, staged)
+    weights = weights_file(staged)
+    if weights is None:
+        raise s3.S3Error(prefix, "Incomplete", "the adapter has no adapter_model.safetensors")
+    got = sha256_file(os.path.join(staged, weights))
+    if sha256 and got != sha256.lower():
+        raise s3.S3Error(s3.join(prefix, weights), "ChecksumMismatch", f"sha256 {got}, expected {sha256.lower()}")
+    if os.path.lexists(dest):
+        shutil.rmtree(dest)
+    os.replace(staged, dest)
+    return {"path": dest, "sha256": got}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tuneop.serving.fetch", description=__doc__.split("\n")[0])
     p.add_argument("--url", required=True)
@@ -102,6 +130,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ArchiveError as e:
         print(json.dumps({"event": "error", "reason": "ArchiveInvalid", "message": str(e)}), flush=True)
         return 2
+    except s3.S3Error as e:
+        refused = e.client_error
+        print(json.dumps({"event": "error", "reason": "AdapterRefused" if refused else "DownloadFailed",
+                          "message": str(e)}), flush=True)
+        return 2 if refused else 1
     except OSError as e:  # urllib errors are OSErrors
         print(json.dumps({"event": "error", "reason": "DownloadFailed", "message": str(e)}), flush=True)
         return 1

@@ -671,6 +671,7 @@ def decide_shared_prefix(
 FINGERPRINT_VERSION = 1  # bumped when the meaning of the fingerprint changes
 FINGERPRINT_IGNORED = (
     # where the data and the output live (data are hashed by content), how the pod runs, evaluation
+    "storage",  # spec.storage: where s3:// data and output live
     "suspend", "evaluation", "activeDeadlineSeconds", "maxRetries", "image", "hfTokenSecretRef", "output",
     "terminationGracePeriodSeconds", "backend", "together", "modelVolume", "maxCostUSD", "tracking",
     "startFrom",  # where the starting adapter is: it counts by the sha256 of its weights (start_sha256)

@@ -38,6 +38,7 @@ from .paths import (
     resolve_model,
 )
 from .progress import EvalProgress, LinePrinter, progress_mode
+from .publish import publish_adapter
 from .termination import EXIT_CODE as INTERRUPTED_EXIT_CODE
 from .termination import Interrupted, Termination, grace_seconds
 
@@ -197,7 +198,7 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
     }
     fingerprint = C.training_fingerprint(spec.to_dict(), data_sha256, start_sha)
     checkpoints = os.path.join(output, "checkpoints")
-    if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter):
+    if reuse_adapter(os.path.join(output, "adapter"), fingerprint, emitter, upload_to(spec) if rank == 0 else None):
         if rank == 0:
             remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
         return 0
@@ -453,6 +454,8 @@ def train(cfg: C.JobConfig, emitter: Emitter, rank: int, world: int, termination
                           **({"startedFrom": started_from} if started_from is not None else {})},
             },
         )
+        # output.s3 (the files, then the manifest): a SIGTERM is deferred, the watchdog's kill leaves no manifest
+        adapter = publish_adapter(adapter, upload_to(spec))
         # the new adapter is complete: checkpoints of other specs or data (and of older trainers) go
         remove_checkpoints(checkpoints, plan_checkpoints(fingerprint, list_checkpoints(checkpoints, fingerprint))["stale"])
         done: dict[str, Any] = {"event": "done", "adapter": adapter, "evaluation": evaluation, "metrics": metrics}
@@ -488,7 +491,12 @@ def start_tracking(cfg: C.JobConfig, fingerprint: str, targs: dict[str, Any], ou
     return tracker
 
 
-def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter) -> bool:
+def upload_to(spec: Any) -> Optional[str]:
+    """output.s3.uri, where the finished adapter is also uploaded (None: nowhere)."""
+    return spec.output.s3.uri if spec.output.s3 is not None else None
+
+
+def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter, upload: Optional[str] = None) -> bool:
     """When <output>/adapter was trained for this very fingerprint and its files match its manifest: report
     it as this run's result (`done` with `reused: true`) without loading the model. Returns whether it did."""
 
@@ -502,6 +510,8 @@ def reuse_adapter(adapter_dir: str, fingerprint: str, emitter: Emitter) -> bool:
         print(f"tuneop: not reusing {adapter_dir}: {decision['reason']}; training again", file=sys.stderr)
         return False
     adapter = describe_adapter(adapter_dir)
+    # output.s3 (rank 0): upload it again; a manifest already there is deleted first and written last
+    adapter = publish_adapter(adapter, upload)
     print(f"tuneop: reused the adapter at {adapter_dir}: it was trained for this very spec and data (training "
           f"fingerprint {fingerprint}) and its files match its manifest; not training again", file=sys.stderr)
     emitter.terminate({"event": "done", "reused": True, "adapter": adapter,

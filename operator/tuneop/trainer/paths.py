@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
+from .. import s3
 from .errors import CONFIG_INVALID, DATASET_INVALID, TrainerError
 from .events import atomic_write_text
 
@@ -35,9 +36,10 @@ class ModelSource:
 
 
 def is_url(path: Optional[str]) -> bool:
+    """An http(s):// or s3:// dataset location (downloaded by the trainer and the validator)."""
     if not path:
         return False
-    return path.split("://", 1)[0].lower() in ("http", "https") and "://" in path
+    return path.split("://", 1)[0].lower() in ("http", "https", "s3") and "://" in path
 
 
 def resolve_pkg(ref: str) -> str:
@@ -117,6 +119,8 @@ def download(url: str, dest_dir: str, timeout: float = 60.0) -> str:
     target = os.path.join(dest_dir, url_filename(url))
     if os.path.isfile(target):
         return target
+    if s3.is_s3(url):
+        return download_s3(url, target)
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest_dir)
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "tuneop-trainer"})
@@ -134,6 +138,17 @@ def download(url: str, dest_dir: str, timeout: float = 60.0) -> str:
             reason = f"HTTP {code} {reason}"
         raise TrainerError(DATASET_INVALID, f"cannot download {redact_url(url)}: {reason}") from None
     print(f"tuneop: downloaded {redact_url(url)}", file=sys.stderr)
+    return target
+
+
+def download_s3(uri: str, target: str) -> str:
+    """An s3:// dataset -> target (through a temporary file: never a partial target). Settings from the
+    environment (tuneop.s3: AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, ...)."""
+    try:
+        s3.Client().get_file(uri, target)
+    except s3.S3Error as e:  # a missing bucket/key or bad credentials: not retried; no answer, 5xx: retried
+        raise TrainerError(DATASET_INVALID, f"cannot download {e}", user_error=e.client_error) from None
+    print(f"tuneop: downloaded {uri}", file=sys.stderr)
     return target
 
 

@@ -213,6 +213,12 @@ def unsupported(spec: FineTuneJobSpec) -> list[str]:
                 f"baseModel: no known Together model for {spec.base_model!r}; set together.model "
                 "to the Together model name"
             )
+    if spec.output.s3 is not None:
+        out.append("output.s3: the Together backend writes the adapter to output.pvc only; remove output.s3")
+    for split in ("train", "validation", "test"):
+        src = getattr(spec.dataset, split)
+        if src is not None and (src.url or "").lower().startswith("s3://"):
+            out.append(f"dataset.{split}.url: the Together backend reads no s3:// data; use pvc, url (https) or configMap")
     hp = spec.hyperparameters
     if hp.max_steps is not None:
         out.append("hyperparameters.maxSteps: Together trains whole epochs; remove maxSteps and set epochs")

@@ -1,0 +1,1 @@
+"""A real S3 API server (moto) for the tests."""
