@@ -128,6 +128,10 @@ def test_cel_messages_name_the_problem():
     assert any("qlora requires backend kubernetes" in e for e in errors)
     errors = crdcheck.check(_apply(BAD["unknown field"]), FTJ_CRD)
     assert errors == ['spec.adapter.rank: unknown field "rank"']
+    # a CEL rule, not a pattern: the API server's message does not quote the URL's password
+    errors = crdcheck.check(_apply([("tracking", {"mlflow": {"trackingUri": "https://bob:hunter2@m", "experiment": "e"}})]),
+                            FTJ_CRD)
+    assert errors and all("hunter2" not in e for e in errors) and any("without credentials" in e for e in errors)
 
 
 def test_crd_has_kubectl_niceties():

@@ -58,8 +58,6 @@ class MlflowTracking(Model):
         max_length=2048,
         description="http(s):// URL of the MLflow tracking server, without credentials "
         "(those go in credentialsSecretRef).",
-        # the API server refuses a user part too (the model says why, without echoing it)
-        json_schema_extra={"pattern": r"^https?://[^/@?#\s]+([/?#].*)?$"},
     )
     experiment: str = Field(min_length=1, max_length=500, description="Experiment name (created when missing).")
     run_name: Optional[str] = Field(
@@ -68,6 +66,15 @@ class MlflowTracking(Model):
     credentials_secret_ref: Optional[MlflowCredentials] = Field(
         default=None, description="Secret with a token or a username and password for the server."
     )
+
+    # The API server refuses a user part too, with a CEL rule: its message does not echo the value
+    # (a schema pattern's error would quote the URL, password and all).
+    cel_rules: ClassVar[list[tuple[str, str]]] = [
+        (
+            "self.trackingUri.matches('^https?://[^/@?#\\\\s]+([/?#].*)?$')",
+            "trackingUri must be an http:// or https:// URL without credentials (put them in credentialsSecretRef)",
+        ),
+    ]
 
     @field_validator("tracking_uri")
     @classmethod
