@@ -138,7 +138,7 @@ def estimate_kubernetes(
         out["basis"] = (f"{basis}; no USD estimate: the operator has no hourly price for "
                         f"{res.gpu_resource_name} (--gpu-hourly-price, chart gpuHourlyPriceUSD)")
         return out
-    out["estimateUSD"] = round(gpu_hours * price, 2)
+    out["estimateUSD"] = cents_up(gpu_hours * price)
     out["basis"] = f"{basis}; {gpu_hours:.3g} GPU-hours x {usd(price)}/h per {res.gpu_resource_name}"
     return out
 
@@ -148,7 +148,13 @@ def _size(params: float) -> str:
 
 
 def usd(value: float) -> str:
-    return f"${value:,.2f}"
+    return f"${value:,.2f}" if value == 0 or value >= 0.01 else f"${value:.2g}"
+
+
+def cents_up(value: float) -> float:
+    """An estimate in whole cents, rounded up: what spec.maxCostUSD is compared with never
+    understates it (a job of a fraction of a cent is $0.01, not $0)."""
+    return math.ceil(round(value * 100, 6)) / 100
 
 
 def estimate_together(reply: Optional[Mapping[str, Any]], error: Optional[str] = None) -> dict[str, Any]:
@@ -165,7 +171,7 @@ def estimate_together(reply: Optional[Mapping[str, Any]], error: Optional[str] =
     if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
         out["basis"] = f"no estimate: Together's estimate-price has no estimated_total_price ({price!r})"
         return out
-    out["estimateUSD"] = round(float(price), 2)
+    out["estimateUSD"] = cents_up(float(price))
     tokens = 0.0
     for key in ("estimated_train_token_count", "estimated_eval_token_count"):
         v = reply.get(key)

@@ -69,8 +69,18 @@ def test_kubernetes_estimate_tokens_epochs_throughput_price() -> None:
     assert out["source"] == "throughput"
     assert out["estimatedTokens"] == 20_000_000
     assert out["estimatedGpuHours"] == pytest.approx(hours, rel=1e-3)
-    assert out["estimateUSD"] == pytest.approx(round(hours * 2.0, 2))
+    assert out["estimateUSD"] == C.cents_up(hours * 2.0) and 0 <= out["estimateUSD"] - hours * 2.0 < 0.01
     assert "measured on" in out["basis"] and "$2.00/h" in out["basis"]
+
+
+def test_a_fraction_of_a_cent_is_a_cent_and_a_tiny_limit_refuses_it() -> None:
+    """Seen on kube-apiserver: a two-row dataset estimated at $0.0000019 was written as $0 and
+    started under spec.maxCostUSD 0.000001. Estimates are rounded up to the cent."""
+    out = C.estimate_kubernetes(spec(), {"estimatedTokens": 5, "trainRows": 2}, PRICES)
+    assert out["estimateUSD"] == 0.01
+    msg = C.refusal(0.000001, out)
+    assert msg is not None and "$0.01" in msg and "$1e-06" in msg
+    assert C.cents_up(0.0) == 0.0 and C.cents_up(1.5) == 1.5 and C.cents_up(1.501) == 1.51
 
 
 def test_gpu_hours_do_not_depend_on_the_gpu_count_but_dpo_and_full_cost_more() -> None:
