@@ -153,6 +153,14 @@ def capture_warnings() -> Iterator[list[str]]:
         _captured.reset(token)
 
 
+class _Read:
+    """A GET in flight and how many callers wait for it."""
+
+    def __init__(self, task: asyncio.Future[str]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
 class KubeClient:
     """One aiohttp session against one API server. Use within one event loop."""
 
@@ -177,7 +185,7 @@ class KubeClient:
         self._session: Optional[aiohttp.ClientSession] = None
         self._warned: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         # GETs in flight: (path, params, raw) -> the task sending it (see the module's docstring)
-        self._reads: dict[tuple[str, tuple[tuple[str, str], ...], bool], asyncio.Future[str]] = {}
+        self._reads: dict[tuple[str, tuple[tuple[str, str], ...], bool], _Read] = {}
         self.last_warnings: list[str] = []  # of the latest request of this client (any task)
 
     def _note_warnings(self, method: str, subject: str, texts: list[str]) -> None:
@@ -227,6 +235,11 @@ class KubeClient:
         return self._session
 
     async def close(self) -> None:
+        reads = [read.task for read in self._reads.values()]
+        self._reads.clear()
+        for task in reads:
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
@@ -257,16 +270,25 @@ class KubeClient:
         self, path: str, params: Optional[dict[str, Any]], raw: bool, subject: Optional[str],
     ) -> str:
         key = (path, tuple(sorted((str(k), str(v)) for k, v in (params or {}).items())), raw)
-        task = self._reads.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._send("GET", path, params=params, raw=raw, subject=subject))
-            self._reads[key] = task
-            task.add_done_callback(functools.partial(self._read_done, key))
-        # shielded: a caller that is cancelled does not cancel the read of the others
-        return await asyncio.shield(task)
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = _Read(
+                asyncio.ensure_future(self._send("GET", path, params=params, raw=raw, subject=subject)))
+            read.task.add_done_callback(functools.partial(self._read_done, key, read))
+        read.waiters += 1
+        try:
+            # shielded: a caller that is cancelled does not cancel the read of the others ...
+            return await asyncio.shield(read.task)
+        finally:
+            read.waiters -= 1
+            if read.waiters == 0 and not read.task.done():
+                # ... but the last one does: nobody waits for the answer (and nobody joins it now)
+                if self._reads.get(key) is read:
+                    del self._reads[key]
+                read.task.cancel()
 
-    def _read_done(self, key: tuple[str, tuple[tuple[str, str], ...], bool], task: asyncio.Future[str]) -> None:
-        if self._reads.get(key) is task:
+    def _read_done(self, key: tuple[str, tuple[tuple[str, str], ...], bool], read: "_Read", task: asyncio.Future[str]) -> None:
+        if self._reads.get(key) is read:
             del self._reads[key]
         if not task.cancelled():
             task.exception()  # retrieved: every waiter that is left gets it raised

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import multidict
@@ -94,6 +95,27 @@ def test_identical_reads_in_flight_are_one_request_and_a_write_starts_fresh_ones
             assert (await kc.get("v1", "ConfigMap", "c2", NS)) is not None
             await early
             assert server_gets("c2") == 2
+            # A caller that gives up does not cancel the read of the others; the last one does, and
+            # a caller after it starts a read of its own.
+            first = asyncio.ensure_future(kc.get("v1", "ConfigMap", "c1", NS))
+            second = asyncio.ensure_future(kc.get("v1", "ConfigMap", "c1", NS))
+            await asyncio.sleep(0)
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            assert (await second)["data"] == {"k": "new"}
+            lone = asyncio.ensure_future(kc.get("v1", "ConfigMap", "c1", NS))
+            await asyncio.sleep(0)
+            lone.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lone
+            assert kc._reads == {}  # nothing left in flight for a later caller to join
+            assert (await kc.get("v1", "ConfigMap", "c1", NS))["data"] == {"k": "new"}
+            # close() leaves no read running
+            left = asyncio.ensure_future(kc.get("v1", "ConfigMap", "c1", NS))
+            await asyncio.sleep(0)
+            await kc.close()
+            assert kc._reads == {} and left.done()
         finally:
             await kc.close()
 
