@@ -25,6 +25,22 @@ def owner_reference(owner: Mapping[str, Any], *, api_version: str, kind: str) ->
     return ref
 
 
+def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    """Environment variable `name` from key `key` of Secret `secret`: how every secret reaches a pod
+    (never a value in a spec, a ConfigMap or a log)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def secret_key_refs(env: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(Secret name, key) of each variable of `env` that comes from a Secret."""
+    out = []
+    for entry in env:
+        ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            out.append((ref["name"], ref["key"]))
+    return out
+
+
 def resource_requirements(requests: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
     """A container's ``resources``, with only the parts that have something in them."""
     out: dict[str, Any] = {}
@@ -50,5 +66,5 @@ def storage_env(storage: Any) -> list[dict[str, Any]]:
     if ref is not None:
         for name, key in (("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
                           ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key)):
-            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
+            env.append(secret_env(name, ref.name, key))
     return env

@@ -216,10 +216,6 @@ def _resources(spec: AdapterDeploymentSpec) -> dict[str, Any]:
     return common.resource_requirements(requests, limits)
 
 
-def _secret_env(name: str, ref: Any) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-
-
 def fetch_command(name: str, url: str, sha256: Optional[str]) -> list[str]:
     cmd = ["python", "-m", "tuneop.serving.fetch", "--url", url, "--dest", posixpath.join(URL_ROOT, name)]
     if sha256:
@@ -264,9 +260,9 @@ def build_pod_template(
     ftjs = finetunejobs or {}
     env = [{"name": k, "value": v} for k, v in sorted({**vllm.server_env(spec), **CACHE_ENV}.items())]
     if spec.hf_token_secret_ref is not None:
-        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+        env.append(common.secret_env("HF_TOKEN", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
     if spec.auth.api_key_secret_ref is not None:
-        env.append(_secret_env("VLLM_API_KEY", spec.auth.api_key_secret_ref))
+        env.append(common.secret_env("VLLM_API_KEY", spec.auth.api_key_secret_ref.name, spec.auth.api_key_secret_ref.key))
 
     volumes: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},

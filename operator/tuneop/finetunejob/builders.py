@@ -234,23 +234,15 @@ def _env(spec: FineTuneJobSpec, *, hf_home: str) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": hf_home},
     ]
     if spec.hf_token_secret_ref is not None:
-        env.append(
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {
-                    "secretKeyRef": {
-                        "name": spec.hf_token_secret_ref.name,
-                        "key": spec.hf_token_secret_ref.key,
-                    }
-                },
-            }
-        )
+        env.append(common.secret_env("HF_TOKEN", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
     env += common.storage_env(spec.storage)
     return env
 
 
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+def secret_key_refs(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    """(Secret, key) of every secret the pods' environment reads (the training pod's is the whole of
+    it): the HF token, spec.storage's and spec.tracking's credentials."""
+    return common.secret_key_refs(_env(spec, hf_home="") + tracking_env(spec))
 
 
 def tracking_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
@@ -263,13 +255,13 @@ def tracking_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     creds = tracking.mlflow.credentials_secret_ref if tracking.mlflow is not None else None
     if creds is not None:
         if creds.token_key is not None:
-            env.append(_secret_env("MLFLOW_TRACKING_TOKEN", creds.name, creds.token_key))
+            env.append(common.secret_env("MLFLOW_TRACKING_TOKEN", creds.name, creds.token_key))
         if creds.username_key is not None and creds.password_key is not None:
-            env.append(_secret_env("MLFLOW_TRACKING_USERNAME", creds.name, creds.username_key))
-            env.append(_secret_env("MLFLOW_TRACKING_PASSWORD", creds.name, creds.password_key))
+            env.append(common.secret_env("MLFLOW_TRACKING_USERNAME", creds.name, creds.username_key))
+            env.append(common.secret_env("MLFLOW_TRACKING_PASSWORD", creds.name, creds.password_key))
     wandb = tracking.wandb
     if wandb is not None and wandb.api_key_secret_ref is not None:
-        env.append(_secret_env("WANDB_API_KEY", wandb.api_key_secret_ref.name, wandb.api_key_secret_ref.key))
+        env.append(common.secret_env("WANDB_API_KEY", wandb.api_key_secret_ref.name, wandb.api_key_secret_ref.key))
     return env
 
 

@@ -1351,15 +1351,8 @@ def dependencies(spec: FineTuneJobSpec) -> list[tuple[str, str, Optional[str]]]:
     for src in (spec.dataset.train, spec.dataset.validation, spec.dataset.test):
         if src is not None and src.config_map is not None:
             out.append(("ConfigMap", src.config_map.name, src.config_map.key))
-    if spec.hf_token_secret_ref is not None:
-        out.append(("Secret", spec.hf_token_secret_ref.name, spec.hf_token_secret_ref.key))
-    for env in b.tracking_env(spec):  # spec.tracking's credentials
-        ref = env["valueFrom"]["secretKeyRef"]
-        out.append(("Secret", ref["name"], ref["key"]))
-    s3 = spec.storage.s3 if spec.storage is not None else None
-    if s3 is not None and s3.credentials_secret_ref is not None:
-        ref = s3.credentials_secret_ref
-        out += [("Secret", ref.name, ref.access_key_id_key), ("Secret", ref.name, ref.secret_access_key_key)]
+    # the Secrets the pods' environment reads: the HF token, spec.tracking's and spec.storage's credentials
+    out += [("Secret", name, key) for name, key in b.secret_key_refs(spec)]
     return list(dict.fromkeys(out))
 
 

@@ -52,7 +52,7 @@ def _env(spec: FineTuneJobSpec, base_url: Optional[str]) -> list[dict[str, Any]]
         {"name": "TUNEOP_TERMINATION_LOG", "value": b.TERMINATION_LOG},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
-        {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}},
+        common.secret_env(API_KEY_ENV, ref.name, ref.key),
     ]
     if base_url:
         env.append({"name": BASE_URL_ENV, "value": base_url})
