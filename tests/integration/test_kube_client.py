@@ -122,6 +122,56 @@ def test_identical_reads_in_flight_are_one_request_and_a_write_starts_fresh_ones
     asyncio.run(main())
 
 
+def test_recent_reads_come_from_the_watch_cache_absence_from_etcd_and_a_read_ahead_is_joined(api: KMockThread) -> None:
+    cm_path = f"/api/v1/namespaces/{NS}/configmaps"
+
+    def server_gets(name: str) -> list[dict[str, str]]:
+        """The parameters of each GET of ConfigMap `name` the API server got."""
+        return [dict(r.params) for r in api.requests("GET", f"{cm_path}/{name}") if r.url.path == f"{cm_path}/{name}"]
+
+    async def main() -> None:
+        kc = kube.KubeClient(api.url, timeout=5)
+        try:
+            cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c1", "namespace": NS}, "data": {"k": "v"}}
+            await kc.create(cm)
+            assert (await kc.get_recent("v1", "ConfigMap", "c1", NS))["data"] == {"k": "v"}
+            assert server_gets("c1") == [{"resourceVersion": "0"}]  # served by the watch cache
+            # absent in the cache: asked again without resourceVersion (etcd) before it counts
+            assert await kc.get_recent("v1", "ConfigMap", "nope", NS) is None
+            assert server_gets("nope") == [{"resourceVersion": "0"}, {}]
+            # a read ahead is the request the next get_recent joins: one GET for both
+            kc.read_ahead("v1", "ConfigMap", "c1", NS)
+            await asyncio.sleep(0)  # sent
+            assert (await kc.get_recent("v1", "ConfigMap", "c1", NS))["data"] == {"k": "v"}
+            assert len(server_gets("c1")) == 2
+            # one nobody joins finishes and is dropped: a later read asks again
+            kc.read_ahead("v1", "ConfigMap", "c1", NS)
+            while kc._reads:
+                await asyncio.sleep(0.01)
+            assert len(server_gets("c1")) == 3
+            await kc.get_recent("v1", "ConfigMap", "c1", NS)
+            assert len(server_gets("c1")) == 4
+            # a write of the object in between: the read ahead (older than the write) is not joined
+            kc.read_ahead("v1", "ConfigMap", "c1", NS)
+            await asyncio.sleep(0)
+            await kc.patch("v1", "ConfigMap", "c1", NS, {"data": {"k": "new"}})
+            assert (await kc.get_recent("v1", "ConfigMap", "c1", NS))["data"] == {"k": "new"}
+            assert len(server_gets("c1")) == 6
+            # the error (404) of a read ahead nobody joined is dropped with it
+            kc.read_ahead("v1", "ConfigMap", "gone", NS)
+            while kc._reads:
+                await asyncio.sleep(0.01)
+            assert server_gets("gone") == [{"resourceVersion": "0"}]
+            # close() leaves no read ahead running
+            kc.read_ahead("v1", "ConfigMap", "c1", NS)
+            await kc.close()
+            assert kc._reads == {}
+        finally:
+            await kc.close()
+
+    asyncio.run(main())
+
+
 def test_resource_paths() -> None:
     assert kube.resource_path("v1", "Pod", "ns", "p", "log") == "/api/v1/namespaces/ns/pods/p/log"
     assert kube.resource_path("batch/v1", "Job", "ns") == "/apis/batch/v1/namespaces/ns/jobs"
