@@ -413,3 +413,60 @@ def test_jobs_made_next_to_a_config_of_another_spec_or_owner_are_made_again() ->
     assert h.created_next_to_a_foreign_config([job, svc], obj("ConfigMap", "h0"), "u1") == [job]
     assert h.created_next_to_a_foreign_config([job, svc], obj("ConfigMap", "h1", owner="u0"), "u1") == [job]
     assert h.created_next_to_a_foreign_config([svc], obj("ConfigMap", "h0"), "u1") == []
+
+
+def test_the_watch_event_of_a_new_kubernetes_job_starts_its_dependency_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a FineTuneJob nothing reconciled yet (no status), with a valid spec of a backend that
+    reads ahead (kubernetes: its PVCs, dataset ConfigMaps and Secrets); nothing else is started."""
+    started: list[tuple[str, str, str, str]] = []
+
+    class Client:
+        def read_ahead(self, api_version: str, kind: str, name: str, namespace: str) -> None:
+            started.append((api_version, kind, name, namespace))
+
+    monkeypatch.setattr(kube, "client", lambda: Client())
+    spec = {
+        "backend": "kubernetes", "baseModel": "Qwen/Qwen3-8B",
+        "dataset": {"train": {"configMap": {"name": "data", "key": "train.jsonl"}}},
+        "output": {"pvc": {"claimName": "adapters", "path": "x"}},
+        "hfTokenSecretRef": {"name": "hf", "key": "token"},
+    }
+
+    def event(**body: Any) -> list[tuple[str, str, str, str]]:
+        started.clear()
+        asyncio.run(h.read_ahead({"metadata": {"name": "x", "namespace": "ns"}, **body}))
+        return sorted(started)
+
+    assert event(spec=spec) == [("v1", "ConfigMap", "data", "ns"), ("v1", "PersistentVolumeClaim", "adapters", "ns"),
+                                ("v1", "Secret", "hf", "ns")]
+    assert event(spec=spec, status={"phase": "Pending"}) == []  # reconciled before: it reads its children first
+    assert event(spec={**spec, "baseModel": None}) == []  # invalid: the reconcile says SpecInvalid
+    assert event(spec={**spec, "backend": "together"}) == []  # no reads ahead
+    assert event(spec={**spec, "backend": "nope"}) == []
+
+
+def test_watch_only_kinds_have_no_handler_that_reads_their_essence() -> None:
+    """GenerationDiffBase hands kopf an empty essence for WATCH_ONLY_KINDS: true only while nothing
+    but on.event handlers watch them (a create/update handler, timer or daemon there would see no diff)."""
+    import kopf
+    from kopf._cogs.structs import bodies
+
+    from tuneop.adapterdeployment import handlers as ad
+
+    registry = kopf.OperatorRegistry()
+    configs = h.CONFIG, ad.CONFIG
+    try:
+        h.register(registry, h.OperatorConfig(image="trainer:test"))
+        ad.register(registry, ad.AdapterConfig(vllm_image="vllm:test", trainer_image="trainer:test"))
+    finally:
+        h.CONFIG, ad.CONFIG = configs
+    plurals = {"Job": "jobs", "Deployment": "deployments"}
+    assert set(plurals) == set(h.WATCH_ONLY_KINDS)
+    reading = {sel.plural or sel.any_name for sub in (registry._changing, registry._spawning) for sel in sub.get_all_selectors()}
+    watched = {sel.plural or sel.any_name for sel in registry._watching.get_all_selectors()}
+    assert reading == {"finetunejobs", "adapterdeployments"}
+    assert set(plurals.values()) <= watched
+    storage = h.GenerationDiffBase(_diffbase().fallback, kinds={"FineTuneJob"}, watch_only=h.WATCH_ONLY_KINDS)
+    job = bodies.Body({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {}}})
+    assert storage.build(body=job) == {}
+    assert storage.build(body=bodies.Body(ftj_body(1, 1)))["spec"]  # the FineTuneJob's as before

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, AsyncContextManager, Awaitable, Callable, Optional, Protocol
+from typing import Any, AsyncContextManager, Awaitable, Callable, Optional, Protocol, runtime_checkable
 
 import kopf
 
@@ -105,6 +105,15 @@ class FineTuneBackend(Protocol):
     ) -> None: ...
 
     def register(self, host: Host, registry: kopf.OperatorRegistry, resource: tuple[str, str, str]) -> None: ...
+
+
+@runtime_checkable
+class ReadsAhead(Protocol):
+    """A backend may also start, from the watch event of a FineTuneJob nothing has reconciled yet,
+    the reads its :meth:`FineTuneBackend.observe` will make first: the reconcile kopf runs next
+    joins them in flight (:meth:`tuneop.kube.KubeClient.read_ahead`). Nothing is decided there."""
+
+    def read_ahead(self, kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec) -> None: ...
 
 
 _REGISTRY: dict[str, FineTuneBackend] = {}

@@ -20,6 +20,14 @@ from ..finetunejob import reconcile as st
 from .base import Host, ReduceOptions, check_inline_dataset, gather
 
 
+def read_ahead(kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec) -> None:
+    """Start the reads :func:`observe` makes first for a FineTuneJob nothing has reconciled yet:
+    its dependencies (its children are assumed absent then: see the glue's first_reconcile)."""
+    ns = body["metadata"]["namespace"]
+    for kind, dep, _ in st.dependencies(spec):
+        kc.read_ahead("v1", kind, dep, ns)
+
+
 def read_children(kc: kube.KubeClient, ns: str, name: str) -> Any:
     """The ConfigMap, validation Job and training Job of a FineTuneJob (backend: kubernetes)."""
     return gather(
@@ -53,7 +61,9 @@ async def observe(
         reads.append(kc.list("v1", "Pod", ns, label_selector={b.OWNER_LABEL: name}))
     if spec.resources.nodes > 1:
         reads.append(kc.get("v1", "Service", b.service_name(name), ns))
-    results = await gather(*reads, *(kc.get("v1", kind, dep, ns) for kind, dep, _ in deps))
+    # the dependencies from the API server's watch cache (absence is read again from etcd): an
+    # object's existence and content a moment old, as any read is once used
+    results = await gather(*reads, *(kc.get_recent("v1", kind, dep, ns) for kind, dep, _ in deps))
     if list_pods:
         pods = results.pop(0)
         obs.validation_pods = st.pods_of(obs.validation_job, pods)
@@ -107,6 +117,9 @@ class KubernetesBackend:
         children: Optional[list[Any]] = None,
     ) -> st.Observed:
         return await observe(kc, body, spec, children)
+
+    def read_ahead(self, kc: kube.KubeClient, body: dict[str, Any], spec: FineTuneJobSpec) -> None:
+        read_ahead(kc, body, spec)
 
     def reconcile(self, start: st.Start, options: ReduceOptions) -> st.Decision:
         return st.reconcile_kubernetes(start, image=options.image, trainer_defaults=options.trainer_defaults,

@@ -7,10 +7,21 @@ Adding a backend: a module or package beside ``kubernetes.py`` implementing
 from __future__ import annotations
 
 from . import kubernetes
-from .base import FineTuneBackend, Host, ReduceOptions, children, get, names, reconcile, register, unregister
+from .base import (
+    FineTuneBackend,
+    Host,
+    ReadsAhead,
+    ReduceOptions,
+    children,
+    get,
+    names,
+    reconcile,
+    register,
+    unregister,
+)
 from .together import backend as together
 
 register(kubernetes.BACKEND)
 register(together.BACKEND)
 
-__all__ = ["FineTuneBackend", "Host", "ReduceOptions", "children", "get", "names", "reconcile", "register", "unregister"]
+__all__ = ["FineTuneBackend", "Host", "ReadsAhead", "ReduceOptions", "children", "get", "names", "reconcile", "register", "unregister"]
