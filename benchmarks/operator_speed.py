@@ -12,8 +12,12 @@ Three operators, each in its own process, against the same kind of API server:
   ``kubernetes`` client (kopf's default settings).
 - ``watch``: a bare ``kubernetes``-client watch loop creating one Job per ADDED object.
 
+The floors create the very Job tuneop creates for the object (built by tuneop's builder in the
+measuring process, handed to them as JSON): the same work at the API server.
+
 Measured for each: (a) create -> Job exists, p50/p95 over ``--seq`` sequential creates (each
-one after the previous has settled); (b) wall time from the first of ``--n`` FineTuneJobs
+one after the previous has settled; ``--rounds R``: R rounds per operator, the operators
+alternating, percentiles over all of them); (b) wall time from the first of ``--n`` FineTuneJobs
 created at once to the last Job (tuneop: also to the last status phase Running), with the
 number of Jobs created twice (must be 0); (c) the operator's RSS once ``--rss-objects``
 FineTuneJobs are reconciled. Ratios tuneop/floor are what matter: kmock is not kube-apiserver.
@@ -25,6 +29,7 @@ not kmock. With ``--cluster`` (``KUBECONFIG`` must point at a cluster where tune
 installed) the same runs go against that cluster in a fresh namespace whose ResourceQuota allows
 no pods; times then come from a watch in this process (less precise, includes watch latency).
 On a cluster the two watches (Jobs, FineTuneJobs) are independent: a run waits for both.
+"Settled" on a cluster: no watch event (FineTuneJobs, Jobs, Events) for 50 ms.
 
 tuneop on other Kubernetes client libraries (issue #17): operators ``tuneop-lightkube`` and
 ``tuneop-kubernetes_asyncio`` are the same real operator with ``tuneop.kube.KubeClient`` replaced
@@ -36,7 +41,9 @@ tuneop,tuneop-lightkube,tuneop-kubernetes_asyncio,kopf``; the table adds their r
 Results: a table on stdout and JSON in ``benchmarks/results/operator_speed-<time>.json``.
 ``BENCH_TRACE=FILE``: the tuneop and kopf processes write each HTTP request they make through aiohttp
 (start, end, method, URL), tuneop each reconcile's start and kopf each handler's Job create, to FILE:
-where a reconcile's time goes.
+where a reconcile's time goes. tuneop also writes each step (KOPF-EVENT: kopf's processing of a watch
+event; ON-EVENT, AD-ON-EVENT, ON-CHANGE: its handlers; OBSERVE, DECIDE, APPLY) and, on a cluster, this
+process each create call (CREATE) and each Job its watch sees (JOB-SEEN); times in ms since the epoch.
 Internal: ``operator_speed.py _child {tuneop|kopf|watch}`` is one operator process.
 """
 from __future__ import annotations
@@ -100,30 +107,39 @@ def ftj(name: str) -> dict[str, Any]:
     }
 
 
+# placeholders for the owner's name and uid in FLOOR_JOB_ENV's Job
+FLOOR_NAME, FLOOR_UID = "floorownername", "floorowneruid"
+FLOOR_JOB_ENV = "BENCH_FLOOR_JOB"
+
+
+def tuneop_training_job() -> str:
+    """The training Job tuneop creates for the benchmark's FineTuneJob (by tuneop's own builder, in
+    the measuring process), as JSON with placeholders for the owner: the Job the floors create too,
+    so that every operator asks the API server for the same work (2.7 KB; a Job's POST takes longer
+    the more there is to default and validate)."""
+    from tuneop.backends import registered as backends
+
+    owner = ftj(FLOOR_NAME)
+    owner["metadata"].update(namespace="ns", uid=FLOOR_UID)
+    job = next(c for c in backends.children(owner, image="ghcr.io/tuneop/trainer:latest")
+               if c["kind"] == "Job" and c["metadata"]["name"] == f"{FLOOR_NAME}-train")
+    job["metadata"].pop("namespace", None)
+    job["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "floor"
+    pod = job["spec"]["template"]["spec"]
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        for part in (c.get("resources") or {}).values():  # the kubernetes client takes quantities as strings only
+            part.update({k: str(v) for k, v in part.items()})
+    return json.dumps(job)
+
+
 def floor_job(name: str, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
-    """The Job the floors create: roughly the size of tuneop's training Job."""
+    """The Job the floors create for `owner`: tuneop's own (FLOOR_JOB_ENV, from
+    :func:`tuneop_training_job`), named for `owner`."""
     meta = owner.get("metadata") or {}
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {
-            "name": f"{name}-train", "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": "floor", "tuneop.dev/finetunejob": name},
-            "ownerReferences": [{
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "name": name,
-                "uid": meta.get("uid", ""), "controller": True, "blockOwnerDeletion": True,
-            }],
-        },
-        "spec": {
-            "backoffLimit": 2,
-            "template": {"spec": {
-                "restartPolicy": "Never",
-                "containers": [{
-                    "name": "trainer", "image": "ghcr.io/tuneop/trainer:latest",
-                    "command": ["python", "-m", "tuneop.trainer", "--config", "/etc/tuneop/job.json"],
-                }],
-            }},
-        },
-    }
+    job: dict[str, Any] = json.loads(
+        os.environ[FLOOR_JOB_ENV].replace(FLOOR_NAME, name).replace(FLOOR_UID, str(meta.get("uid", ""))))
+    job["metadata"]["namespace"] = namespace
+    return job
 
 
 # ---------------------------------------------------------------------------------- children
@@ -134,6 +150,13 @@ def settled(status: Any) -> bool:
     cannot start (on a cluster the benchmark's namespace allows no pods: a ResourceQuota of 0)."""
     st = status if isinstance(status, dict) else {}
     return st.get("phase") == "Running" or (st.get("phase") == "Pending" and st.get("reason") == "TrainingPending")
+
+
+def trace_line(line: str) -> None:
+    """With BENCH_TRACE=FILE: one line into it (the measuring process: creates and Jobs seen)."""
+    if os.environ.get("BENCH_TRACE"):
+        with open(os.environ["BENCH_TRACE"], "a") as f:
+            f.write(line + "\n")
 
 
 def trace_requests() -> None:
@@ -154,6 +177,56 @@ def trace_requests() -> None:
                 out.write(f"{t * 1000:.2f} {time.time() * 1000:.2f} {method} {url}\n")
 
         aiohttp.ClientSession._request = traced  # type: ignore[method-assign]
+
+
+def trace_steps(handlers: Any) -> None:
+    """With BENCH_TRACE: a line for each step of a reconcile (observe, decide, apply) and for the
+    watch events kopf hands to its processing, with the object's name."""
+    import inspect
+
+    from kopf._core.reactor import processing
+
+    def name_of(args: tuple[Any, ...], kw: dict[str, Any]) -> str:
+        if isinstance(kw.get("name"), str):
+            return str(kw["name"])
+        for v in (*args, *kw.values()):
+            meta = v.get("metadata") if isinstance(v, dict) else None
+            if isinstance(meta, dict) and "name" in meta:
+                return f"{v.get('kind', '')}/{meta['name']}"
+            raw = v.get("object") if isinstance(v, dict) else None
+            if isinstance(raw, dict):
+                return f"{raw.get('kind', '')}/{(raw.get('metadata') or {}).get('name')}"
+        return "-"
+
+    def wrap(module: Any, attr: str, label: str) -> None:
+        fn = getattr(module, attr, None)
+        if fn is None:  # an older tree (--base)
+            return
+        if inspect.iscoroutinefunction(fn):
+            async def traced(*a: Any, **kw: Any) -> Any:
+                t = time.time() * 1000
+                try:
+                    return await fn(*a, **kw)
+                finally:
+                    trace_line(f"{t:.2f} {time.time() * 1000:.2f} {label} {name_of(a, kw)}")
+        else:
+            def traced(*a: Any, **kw: Any) -> Any:  # type: ignore[misc]
+                t = time.time() * 1000
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    trace_line(f"{t:.2f} {time.time() * 1000:.2f} {label} {name_of(a, kw)}")
+        setattr(module, attr, traced)
+
+    wrap(handlers, "observe", "OBSERVE")
+    wrap(handlers, "_decide", "DECIDE")
+    wrap(handlers, "apply", "APPLY")
+    wrap(processing, "process_resource_event", "KOPF-EVENT")
+    from tuneop.adapterdeployment import handlers as ad_handlers
+
+    wrap(handlers, "on_ftj_event", "ON-EVENT")
+    wrap(handlers, "on_change", "ON-CHANGE")
+    wrap(ad_handlers, "on_ftj_event", "AD-ON-EVENT")
 
 
 def child_tuneop() -> None:
@@ -183,6 +256,7 @@ def child_tuneop() -> None:
             return await reconcile(namespace, name, **kw)
 
         handlers.reconcile_object = traced_reconcile  # type: ignore[assignment]
+        trace_steps(handlers)
     settings = kopf.OperatorSettings()
     # kmock cannot serve kopf's namespace/CRD scanning; the watched namespace is named anyway.
     settings.scanning.disabled = os.environ.get("BENCH_SCANNING") != "1"
@@ -431,6 +505,7 @@ class ClusterApi:
         c.create_namespaced_config_map(self.ns, {"metadata": {"name": DATA_CM}, "data": {"train.jsonl": ROWS}})
         threading.Thread(target=self._watch_jobs, daemon=True).start()
         threading.Thread(target=self._watch_ftjs, daemon=True).start()
+        threading.Thread(target=self._watch_events, daemon=True).start()
         time.sleep(1)
         self.rec.watching.update({PLURAL, "jobs"})
 
@@ -439,9 +514,12 @@ class ClusterApi:
         for ev in w.stream(self.batch.list_namespaced_job, self.ns, timeout_seconds=3600):
             if self._stop.is_set():
                 return
+            self._active()
             name = ev["object"].metadata.name
             if ev["type"] == "ADDED" and name.endswith("-train"):
                 owner = name[: -len("-train")]
+                now = f"{time.time() * 1000:.2f}"
+                trace_line(f"{now} {now} JOB-SEEN {owner}")
                 with self.rec.cond:
                     self.rec.job_created.setdefault(owner, time.monotonic())
                     self.rec.job_creates[owner] = self.rec.job_creates.get(owner, 0) + 1
@@ -452,27 +530,56 @@ class ClusterApi:
         for ev in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.ns, PLURAL, timeout_seconds=3600):
             if self._stop.is_set():
                 return
+            self._active()
             obj = ev["object"]
             if settled(obj.get("status")):
                 with self.rec.cond:
                     self.rec.running.setdefault(obj["metadata"]["name"], time.monotonic())
                     self.rec.cond.notify_all()
 
+    def _active(self) -> None:
+        """A write seen (any watch event): what `settle` waits on, as kmock's request count."""
+        with self.rec.cond:
+            self.rec.last_request = time.monotonic()
+
+    def _watch_events(self) -> None:
+        """Events: the last writes an operator makes for an object (tuneop posts its two after
+        the status); a sequential create waits until they are in too (`settle`)."""
+        w = self.k.watch.Watch()
+        for _ in w.stream(self.core.list_namespaced_event, self.ns, timeout_seconds=3600):
+            if self._stop.is_set():
+                return
+            self._active()
+
     def create_ftj(self, name: str) -> None:
         with self.rec.cond:
             self.rec.ftj_created[name] = time.monotonic()
+        started = time.time() * 1000
         self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, ftj(name))
+        trace_line(f"{started:.2f} {time.time() * 1000:.2f} CREATE {name}")
 
     def ready(self, operator: str, timeout: float = 60) -> bool:
         time.sleep(3)  # no way to see the operator's watch from here
         return True
 
     def stop(self) -> None:
+        """Delete the namespace and wait until it is gone: its teardown (the garbage collector and
+        the namespace controller deleting every object of the phase) would otherwise load the API
+        server during the next phase, another operator's."""
         self._stop.set()
         try:
             self.core.delete_namespace(self.ns)
         except Exception:  # noqa: BLE001
-            pass
+            return
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                self.core.read_namespace(self.ns)
+            except self.k.client.ApiException as e:
+                if e.status == 404:
+                    return
+            time.sleep(0.5)
+        print(f"namespace {self.ns} still there after 180 s", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------- one operator
@@ -486,6 +593,7 @@ class Child:
         env["BENCH_NS"] = api.ns
         env["PYTHONPATH"] = os.pathsep.join([str((source or ROOT) / "operator"), env.get("PYTHONPATH", "")])
         env.setdefault("OMP_NUM_THREADS", "1")
+        env[FLOOR_JOB_ENV] = tuneop_training_job()
         if profile is not None:
             env["BENCH_PROFILE"] = str(profile)
         if operator in KUBE_CLIENT_VARIANTS:
@@ -573,10 +681,8 @@ def run_operator_phase(operator: str, phase: str, count: int, args: argparse.Nam
                 if name in rec.running:
                     full.append(rec.running[name] - rec.ftj_created[name])
                 settle(rec)
-            out.update(p50_ms=1000 * percentile(lat, 0.5), p95_ms=1000 * percentile(lat, 0.95),
-                       mean_ms=1000 * statistics.fmean(lat))
-            if full:
-                out.update(status_p50_ms=1000 * percentile(full, 0.5), status_p95_ms=1000 * percentile(full, 0.95))
+            out.update(seq_stats(lat, full), latencies_ms=[round(1000 * x, 2) for x in lat],
+                       status_latencies_ms=[round(1000 * x, 2) for x in full])
         else:
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(api.create_ftj, names))
@@ -615,6 +721,27 @@ def fmt(v: Any, unit: str = "") -> str:
     if isinstance(v, float):
         return f"{v:.1f}{unit}" if v >= 10 or unit == " MB" else f"{v:.2f}{unit}"
     return f"{v}{unit}"
+
+
+def seq_stats(lat: list[float], full: list[float]) -> dict[str, float]:
+    """p50/p95/mean of sequential create -> Job latencies (s), and of create -> status."""
+    out = {"p50_ms": 1000 * percentile(lat, 0.5), "p95_ms": 1000 * percentile(lat, 0.95),
+           "mean_ms": 1000 * statistics.fmean(lat)}
+    if full:
+        out.update(status_p50_ms=1000 * percentile(full, 0.5), status_p95_ms=1000 * percentile(full, 0.95))
+    return out
+
+
+def pooled_seq(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seq phase of several rounds as one: percentiles over every latency of every round
+    (the rounds of the operators alternate, so that each sees the same drift of the machine)."""
+    lat = [x / 1000 for r in rounds for x in r["latencies_ms"]]
+    full = [x / 1000 for r in rounds for x in r["status_latencies_ms"]]
+    return {**seq_stats(lat, full), "rounds": len(rounds),
+            "latencies_ms": [x for r in rounds for x in r["latencies_ms"]],
+            "round_p50_ms": [round(r["p50_ms"], 2) for r in rounds],
+            "cpu_s": round(sum(r["cpu_s"] for r in rounds), 2), "rss_idle_mb": rounds[-1]["rss_idle_mb"],
+            "requests_per_object": rounds[-1]["requests_per_object"]}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -664,6 +791,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200, help="FineTuneJobs created at once (b)")
     p.add_argument("--seq", type=int, default=None, help="sequential creates for p50/p95 (a); default --n")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="(a) in this many rounds per operator, the operators alternating; percentiles over all")
     p.add_argument("--rss-objects", type=int, default=1000, help="FineTuneJobs for the RSS figure (c); 0 skips")
     p.add_argument("--operators", default="tuneop,kopf,watch",
                    help="which of tuneop,base,kopf,watch," + ",".join(KUBE_CLIENT_VARIANTS))
@@ -689,10 +818,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, dict[str, Any]] = {o: {} for o in operators}
     t0 = time.monotonic()
     for phase, count in phases:
+        rounds: dict[str, list[dict[str, Any]]] = {op: [] for op in operators}
+        for _ in range(args.rounds if phase == "seq" else 1):
+            for op in operators:
+                t = time.monotonic()
+                rounds[op].append(run_operator_phase(op, phase, count, args, workdir))
+                print(f"  {op:6s} {phase:5s} n={count}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
         for op in operators:
-            t = time.monotonic()
-            results[op][phase] = run_operator_phase(op, phase, count, args, workdir)
-            print(f"  {op:6s} {phase:5s} n={count}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+            results[op][phase] = pooled_seq(rounds[op]) if phase == "seq" else rounds[op][0]
     import kopf
 
     libraries = {}
@@ -709,7 +842,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(), "platform": platform.platform()},
         "kopf": kopf.__version__ if hasattr(kopf, "__version__") else "",
         **({"kube_client_libraries": libraries} if libraries else {}),
-        "args": {"n": args.n, "seq": args.seq or args.n, "rss_objects": args.rss_objects},
+        "args": {"n": args.n, "seq": args.seq or args.n, "rounds": args.rounds, "rss_objects": args.rss_objects},
         "goals_real_apiserver": GOALS,
         "results": results,
         "wall_s": round(time.monotonic() - t0, 1),
