@@ -41,6 +41,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import IO, Any, Mapping, Optional, Union
 
+from .files import atomic_file
+
 SCHEME = "s3://"
 MANIFEST = "tuneop-manifest.json"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -250,23 +252,10 @@ class Client:
 
     def get_file(self, uri: str, dest: str) -> int:
         """Download to ``dest`` through a temporary file beside it (never a partial ``dest``)."""
-        d = os.path.dirname(os.path.abspath(dest))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                self.request("GET", uri, sink=f)
-                f.flush()
-                os.fsync(f.fileno())
-                n = f.tell()
-            os.replace(tmp, dest)
-            return n
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_file(dest) as f:
+            self.request("GET", uri, sink=f)
+            n = f.tell()
+        return n
 
     def get_bytes(self, uri: str) -> bytes:
         return self.request("GET", uri)[2]

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("tuneop.api",)),
     ("pure", ("tuneop.dataset", "tuneop.cost", "tuneop.archive", "tuneop.jobconfig", "tuneop.podcauses", "tuneop.workload_defaults",
               "tuneop.manifests", "tuneop.quickstart", "tuneop.objects", "tuneop.trainer", "tuneop.serving.guard",
-              "tuneop.s3",
+              "tuneop.s3", "tuneop.files",
               "tuneop.serving.fetch", "tuneop.serving.client")),
     ("decide", ("tuneop.finetunejob.builders", "tuneop.finetunejob.reconcile", "tuneop.finetunejob.gang",
                 "tuneop.finetunejob.startfrom", "tuneop.adapterdeployment.builders",
@@ -45,7 +45,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # Code that runs inside pods (training, upload/download, the vLLM guard and fetcher) imports nothing
 # of the operator's side: no kopf, no Kubernetes client, no handlers.
-POD_CODE = ("tuneop.trainer", "tuneop.serving.guard", "tuneop.serving.fetch", "tuneop.backends.together.pod", "tuneop.s3")
+POD_CODE = ("tuneop.trainer", "tuneop.serving.guard", "tuneop.serving.fetch", "tuneop.backends.together.pod", "tuneop.s3",
+            "tuneop.files")
 OPERATOR_SIDE = ("kopf", "tuneop.kube", "tuneop.handlers", "tuneop.glue", "tuneop.finetunejob.handlers",
                  "tuneop.adapterdeployment.handlers", "tuneop.backends.together.handlers", "tuneop.metrics")
 UNLAYERED = {"tuneop", "tuneop.serving", "tuneop.finetunejob", "tuneop.adapterdeployment"}  # bare packages

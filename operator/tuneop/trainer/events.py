@@ -5,9 +5,10 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
 from typing import IO, Any, Callable, Optional
+
+from ..files import atomic_file
 
 TERMINATION_ENV = "TUNEOP_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -38,22 +39,8 @@ def dumps(event: dict[str, Any]) -> str:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path, "w", prefix=".tmp-", permissions=0o644) as f:
+        f.write(text)
 
 
 def termination_log_path(environ: Optional[dict[str, str]] = None) -> Optional[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import s3
+from ..files import atomic_file
 from .errors import CONFIG_INVALID, DATASET_INVALID, TrainerError
 from .events import atomic_write_text
 
@@ -121,17 +122,11 @@ def download(url: str, dest_dir: str, timeout: float = 60.0) -> str:
         return target
     if s3.is_s3(url):
         return download_s3(url, target)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest_dir)
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "tuneop-trainer"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+        with urllib.request.urlopen(request, timeout=timeout) as response, atomic_file(target) as out:
             shutil.copyfileobj(response, out, length=1 << 20)
-        os.replace(tmp, target)
     except (OSError, ValueError) as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         code = getattr(e, "code", None)
         reason = getattr(e, "reason", None) or e
         if code is not None:
