@@ -659,8 +659,6 @@ async def on_ftj_event(
     type: Optional[str], name: str, namespace: str, status: Optional[Mapping[str, Any]], spec: kopf.Spec,
     body: kopf.Body, uid: Optional[str] = None, **_: Any,
 ) -> None:
-    if type != "DELETED":
-        await read_ahead(body)
     if type == "DELETED":
         _observed.forget(uid)
         METRICS.forget(namespace, name)
@@ -668,6 +666,7 @@ async def on_ftj_event(
         _seen_jobs.forget(namespace, name)
         _poller.forget(namespace, name)
     else:
+        await read_ahead(body)
         METRICS.set_phase(namespace, name, (status or {}).get("phase"))
         restore_metrics(namespace, name, status)
         _poller.track(namespace, name, status, spec)
